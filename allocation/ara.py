@@ -1,0 +1,359 @@
+"""ARA: ranks learned by training one probability vector per layer on the language-model loss.
+
+Xv et al., "ARA: Adaptive Rank Allocation for Efficient Large Language Model SVD Compression"
+(arXiv 2510.19389). Each target linear is factorized up to ``k_max`` = the rank at keep 1.2, so
+that its dense weight stays reachable. A layer holds logits over the kept fractions
+``c = 1.00, 0.99, …, 0.00`` of ``k_max``; ``p = softmax(logits)`` and the expected fraction is
+``ρ = cᵀp``. A staircase matrix (row ``i`` = ``⌊cᵢ·k_max⌋`` ones, then zeros) maps ``p`` to a soft
+mask over singular directions, ``maskⱼ = P(kept rank > j)``, which is non-increasing by
+construction. The forward pass uses the hard mask (the first ``round(ρ·k_max)`` directions) and
+the backward pass the soft mask's gradient (straight-through). A layer whose hard rank reaches
+break-even runs its original dense weight. Only the logits train, with
+
+    loss = CE(calibration text) + α·(R − keep)² + β·mean_l[(1 − r_l)·𝟙(1 − r_l < err_l(r_l))]
+
+where ``r_l = min(ρ_l·k_max(m+n)/(mn), 1)`` is a layer's parameter ratio, ``R`` their
+size-weighted mean, and ``err_l(r)`` the relative whitened truncation error at ratio ``r``: the
+guidance term pushes toward dense the layers whose parameter saving ``1 − r`` is smaller than the
+error it costs. At the end layers with ``r ≥ 0.99`` become dense, the others' fractions are
+rescaled so the total meets ``keep``, and the plan is repaired to the budget.
+
+Where this implementation deviates from the paper and its official code, and why:
+
+- **A CPU-sized schedule.** The official run trains 10 epochs over 256 × 512-token samples at
+  ``lr = 1e-3``; the defaults here (100 steps over 32 × 256 tokens, ``lr = 0.02``) fit a small
+  model on a few CPU cores in minutes; the larger learning rate makes up for the ~25× fewer
+  steps. ``α = 100``, ``β = 50`` and the 101 candidates are the official values.
+- **Exact error lookup.** ``err_l(r)`` is read at the rank ``⌊r·mn/(m+n)⌋`` itself, not at ``r``
+  rounded to the nearest 0.01 as in the official code.
+- **Exact final budget.** The official code rescales the kept fractions once (which lands near
+  the target); here the rescale is followed by the shared greedy repair
+  (:func:`~lowrank_infer.allocation.budget.fit_budget`, marginal value = captured whitened
+  energy per parameter), which also applies ``multiple_of``.
+- **keep = 1** returns the all-dense plan without training (nothing can be saved).
+- **Training tokens.** The calibration ids given (the ones used for whitening) are reused: the
+  first ``samples`` rows, cut to ``seq_len`` tokens. The official code draws separate training
+  samples (C4 by default).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowrank_infer.allocation.budget import captured_energy, fit_budget, spectra_shapes
+from lowrank_infer.allocation.plan import RankPlan, check_keep, plan_from_ranks
+from lowrank_infer.factorize import Spectrum
+from lowrank_infer.kernels import use_dense
+
+__all__ = ["ARATrainingError", "ara_plan"]
+
+# Candidate kept fractions 1.00, 0.99, …, 0.00 of k_max: 101 of them, as in the paper.
+RESOLUTION = 100
+
+
+class ARATrainingError(ValueError):
+    """ARA's loss became NaN or infinite; ``last_good_plan`` is the plan from the last finite step."""
+
+    def __init__(self, message: str, last_good_plan: RankPlan, step: int):
+        super().__init__(message)
+        self.last_good_plan = last_good_plan
+        self.step = step
+
+
+def _candidates(resolution: int = RESOLUTION) -> torch.Tensor:
+    return torch.arange(resolution, -1, -1, dtype=torch.float64) / resolution
+
+
+def _staircase(resolution: int, k_max: int) -> torch.Tensor:
+    """``[resolution+1, k_max]``: row ``i`` keeps the first ``⌊cᵢ·k_max⌋`` directions (integer math)."""
+    kept = (torch.arange(resolution, -1, -1) * k_max) // resolution
+    return (torch.arange(k_max)[None, :] < kept[:, None]).to(torch.float32)
+
+
+def _init_logits(fraction: float, resolution: int = RESOLUTION) -> torch.Tensor:
+    """Two-level logits whose softmax has expectation ``fraction`` over the candidates.
+
+    Candidates at or above the target share one logit ``δ``, the rest 0; ``δ`` solves
+    ``(e^δ·S₁ + S₂) / (e^δ·n₁ + n₂) = fraction`` (the official initialization).
+    """
+    c = _candidates(resolution)
+    fraction = min(max(fraction, 0.5 / resolution), 1 - 0.5 / resolution)
+    above = c >= fraction
+    s1, n1 = float(c[above].sum()), int(above.sum())
+    s2, n2 = float(c[~above].sum()), int((~above).sum())
+    delta = math.log((s2 - fraction * n2) / (fraction * n1 - s1))
+    return torch.where(above, delta, 0.0).to(torch.float32)
+
+
+class _MaskedLinear(nn.Module):
+    """A target linear during ARA training: masked factors, or its own dense weight past break-even."""
+
+    def __init__(self, linear: nn.Linear, spectrum: Spectrum, init_fraction: float):
+        super().__init__()
+        self.linear = linear
+        weight = linear.weight
+        self.register_buffer("left", spectrum.left.to(weight.device, weight.dtype), persistent=False)
+        self.register_buffer("right", spectrum.right.to(weight.device, weight.dtype), persistent=False)
+        self.register_buffer("candidates", _candidates().to(weight.device, torch.float32), persistent=False)
+        self.register_buffer("stair", _staircase(RESOLUTION, spectrum.max_rank).to(weight.device), persistent=False)
+        self.logits = nn.Parameter(_init_logits(init_fraction).to(weight.device))
+
+    @property
+    def k_max(self) -> int:
+        return self.left.shape[1]
+
+    def fraction(self) -> torch.Tensor:
+        """Expected kept fraction ``ρ = cᵀ softmax(logits)`` of ``k_max`` (differentiable)."""
+        return self.logits.softmax(-1) @ self.candidates
+
+    def mask(self) -> tuple[torch.Tensor, int]:
+        """Straight-through mask (hard forward, soft backward) and the hard rank."""
+        probs = self.logits.softmax(-1)
+        rank = int(torch.round(probs.detach() @ self.candidates * self.k_max))
+        soft = probs @ self.stair
+        hard = (torch.arange(self.k_max, device=soft.device) < rank).to(soft.dtype)
+        return hard + soft - soft.detach(), rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask, rank = self.mask()
+        if use_dense(self.linear.out_features, self.linear.in_features, rank):
+            return self.linear(x)
+        return F.linear((x @ self.right) * mask.to(x.dtype), self.left, self.linear.bias)
+
+
+def ara_plan(
+    lm: nn.Module,
+    spectra: Mapping[str, Spectrum],
+    calib_ids: torch.Tensor,
+    keep: float,
+    *,
+    model_id: str = "",
+    progress: bool = True,
+    steps: int = 100,
+    lr: float = 0.02,
+    alpha: float = 100.0,
+    beta: float = 50.0,
+    samples: int = 32,
+    seq_len: int = 256,
+    batch_size: int = 1,
+    dense_threshold: float = 0.99,
+    multiple_of: int = 1,
+    seed: int = 0,
+) -> RankPlan:
+    """ARA allocation: train per-layer kept-fraction distributions on the LM loss, then finalize.
+
+    The target linears named in ``spectra`` are swapped for trainable masked modules for the
+    duration of training; the original modules, ``requires_grad`` flags and train/eval mode are
+    restored before returning, also on error.
+
+    Args:
+        lm: the dense causal LM (e.g. ``LlamaForCausalLM``); it returns ``.logits``.
+        spectra: name → whitened :class:`Spectrum` with factors up to ``k_max`` (rank at keep 1.2).
+        calib_ids: ``[samples, seq_len]`` calibration token ids.
+        keep: fraction of target-linear parameters kept, in (0, 1].
+        model_id: recorded in the plan.
+        progress: show a progress bar with the loss and the parameter ratio ``R``.
+        steps: optimizer steps.
+        lr: AdamW learning rate of the logits.
+        alpha: weight of ``(R − keep)²``.
+        beta: weight of the guidance loss toward dense layers.
+        samples: calibration rows used (the first ones).
+        seq_len: tokens per row used (the first ones).
+        batch_size: rows per step.
+        dense_threshold: a layer whose learned parameter ratio reaches this stays dense.
+        multiple_of: low-rank ranks are multiples of this.
+        seed: order of the training rows.
+
+    Raises:
+        PlanError: ``keep`` outside (0, 1].
+        ValueError: empty spectra, NaN in them, a spectrum naming no linear of ``lm`` (or of
+            another shape), bad hyper-parameters.
+        ARATrainingError: the loss became NaN; carries ``last_good_plan``.
+    """
+    keep = check_keep(keep)
+    shapes = spectra_shapes(spectra)
+    linears = _check_linears(lm, spectra)
+    ids = _training_ids(calib_ids, samples, seq_len, batch_size, steps)
+    params = {
+        "steps": steps, "lr": lr, "alpha": alpha, "beta": beta, "samples": ids.shape[0],
+        "seq_len": ids.shape[1], "batch_size": batch_size, "dense_threshold": dense_threshold,
+        "multiple_of": multiple_of, "seed": seed,
+    }
+
+    def finalize(fractions: Mapping[str, float]) -> RankPlan:
+        ranks = _final_ranks(spectra, fractions, keep, dense_threshold, multiple_of)
+        return plan_from_ranks(shapes, ranks, keep=keep, method="ara", model=model_id, params=params)
+
+    if keep == 1.0:
+        return finalize({name: 1.0 for name in spectra})
+    masked = {name: _MaskedLinear(linears[name], spectra[name], keep / _headroom(s)) for name, s in spectra.items()}
+    with _swapped(lm, masked):
+        fractions = _train(lm, masked, shapes, spectra, ids, keep, finalize, params, progress)
+    return finalize(fractions)
+
+
+def _check_linears(lm: nn.Module, spectra: Mapping[str, Spectrum]) -> dict[str, nn.Linear]:
+    linears = {}
+    for name, spectrum in spectra.items():
+        try:
+            module = lm.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"spectrum {name!r} names no module of the model") from None
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"spectrum {name!r} names a {type(module).__name__}, not an nn.Linear")
+        if (module.out_features, module.in_features) != (spectrum.out_features, spectrum.in_features):
+            raise ValueError(
+                f"layer {name!r} is {module.out_features}x{module.in_features} but its spectrum is "
+                f"{spectrum.out_features}x{spectrum.in_features}"
+            )
+        if not (torch.isfinite(spectrum.left).all() and torch.isfinite(spectrum.right).all()):
+            raise ValueError(f"layer {name!r}: its spectrum's factors contain NaN or Inf")
+        linears[name] = module
+    return linears
+
+
+def _training_ids(calib_ids: torch.Tensor, samples: int, seq_len: int, batch_size: int, steps: int) -> torch.Tensor:
+    if calib_ids.ndim != 2 or calib_ids.shape[1] < 2:
+        raise ValueError(f"calib_ids must be [samples, seq_len >= 2] token ids, got shape {tuple(calib_ids.shape)}")
+    for label, number in (("samples", samples), ("seq_len", seq_len), ("batch_size", batch_size), ("steps", steps)):
+        if number < 1:
+            raise ValueError(f"ARA needs {label} >= 1, got {number}")
+    return calib_ids[:samples, :seq_len]
+
+
+def _headroom(spectrum: Spectrum) -> float:
+    """Parameter ratio of a layer at ``k_max``: ``k_max(m+n)/(mn)`` (about 1.2)."""
+    m, n = spectrum.out_features, spectrum.in_features
+    return spectrum.max_rank * (m + n) / (m * n)
+
+
+@contextmanager
+def _swapped(lm: nn.Module, masked: Mapping[str, _MaskedLinear]):
+    """Masked modules in, the model frozen and in eval mode; all of it undone on exit."""
+    from lowrank_infer.surgery import replace_module  # surgery imports this package: no cycle at import time
+
+    flags = [(p, p.requires_grad) for p in lm.parameters()]
+    training = lm.training
+    try:
+        lm.requires_grad_(False).eval()
+        for name, module in masked.items():
+            replace_module(lm, name, module)
+        yield
+    finally:
+        for name, module in masked.items():
+            replace_module(lm, name, module.linear)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        lm.train(training)
+
+
+def _train(lm, masked, shapes, spectra, ids, keep, finalize, params, progress) -> dict[str, float]:
+    """AdamW on the logits; returns each layer's final expected fraction ``ρ``."""
+    layers = list(masked.values())
+    for layer in layers:
+        layer.logits.requires_grad_(True)
+    regularizer = _Regularizer(shapes, spectra, layers, keep)
+    optimizer = torch.optim.AdamW([layer.logits for layer in layers], lr=params["lr"], weight_decay=0.0)
+    device = layers[0].logits.device
+    order = _row_order(ids.shape[0], params["steps"] * params["batch_size"], params["seed"])
+    last_good = [layer.logits.detach().clone() for layer in layers]
+    bar = tqdm(range(params["steps"]), desc="ARA", unit="step", disable=not progress)
+    with torch.enable_grad():
+        for step in bar:
+            batch = ids[order[step * params["batch_size"] : (step + 1) * params["batch_size"]]].to(device)
+            logits = lm(input_ids=batch, use_cache=False).logits[:, :-1].float()
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+            ratio, compression, guidance = regularizer()
+            loss = ce + params["alpha"] * compression + params["beta"] * guidance
+            if not torch.isfinite(loss):
+                fractions = {name: _fraction_of(logits_) for name, logits_ in zip(masked, last_good)}
+                raise ARATrainingError(
+                    f"ARA loss became {float(loss)} at step {step} (cross-entropy {float(ce)}); "
+                    "the plan from the last finite step is in .last_good_plan",
+                    finalize(fractions),
+                    step,
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            last_good = [layer.logits.detach().clone() for layer in layers]
+            bar.set_postfix(loss=f"{loss.item():.3f}", ce=f"{ce.item():.3f}", R=f"{ratio.item():.3f}")
+    return {name: _fraction_of(layer.logits.detach()) for name, layer in masked.items()}
+
+
+def _row_order(rows: int, needed: int, seed: int) -> torch.Tensor:
+    """Row indices for ``needed`` draws: shuffled epochs, concatenated."""
+    generator = torch.Generator().manual_seed(seed)
+    epochs = -(-needed // rows)
+    return torch.cat([torch.randperm(rows, generator=generator) for _ in range(epochs)])[:needed]
+
+
+def _fraction_of(logits: torch.Tensor) -> float:
+    return float(logits.float().softmax(-1).cpu() @ _candidates().float())
+
+
+class _Regularizer:
+    """``R``, the compression loss ``(R − keep)²`` and the guidance loss, from the layers' logits."""
+
+    def __init__(self, shapes, spectra, layers: list[_MaskedLinear], keep: float):
+        device = layers[0].logits.device
+        self.layers = layers
+        self.keep = keep
+        self.shapes = list(shapes.values())
+        self.dense = torch.tensor([m * n for m, n in self.shapes], dtype=torch.float64, device=device)
+        self.headroom = torch.tensor([_headroom(s) for s in spectra.values()], dtype=torch.float64, device=device)
+        # err[l][k]: relative whitened truncation error of layer l kept at rank k.
+        self.errors = [
+            [math.sqrt(max(0.0, 1.0 - e)) for e in captured_energy(s.sigma)] for s in spectra.values()
+        ]
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rho = torch.stack([layer.fraction() for layer in self.layers]).to(torch.float64)
+        ratio = torch.clamp(rho * self.headroom, max=1.0)
+        total = (ratio * self.dense).sum() / self.dense.sum()
+        error = torch.tensor(
+            [self._error(i, float(r)) for i, r in enumerate(ratio.detach())], dtype=torch.float64, device=ratio.device
+        )
+        active = (1 - ratio.detach()) < error
+        guidance = ((1 - ratio) * active).mean()
+        return total, (total - self.keep) ** 2, guidance
+
+    def _error(self, i: int, ratio: float) -> float:
+        m, n = self.shapes[i]
+        table = self.errors[i]
+        return table[min(int(ratio * m * n / (m + n)), len(table) - 1)]
+
+
+def _final_ranks(
+    spectra: Mapping[str, Spectrum],
+    fractions: Mapping[str, float],
+    keep: float,
+    dense_threshold: float,
+    multiple_of: int,
+) -> dict[str, int | None]:
+    """Dense where the learned ratio reaches ``dense_threshold``; rescale the rest to the budget."""
+    shapes = {name: (s.out_features, s.in_features) for name, s in spectra.items()}
+    ratio = {name: fractions[name] * _headroom(s) for name, s in spectra.items()}
+    dense = {name for name, r in ratio.items() if r >= dense_threshold}
+    total = sum(m * n for m, n in shapes.values())
+    fixed = sum(m * n for name, (m, n) in shapes.items() if name in dense)
+    variable = sum(ratio[name] * m * n for name, (m, n) in shapes.items() if name not in dense)
+    scale = max(keep * total - fixed, 0.0) / variable if variable > 0 else 1.0
+    ranks = {
+        name: None if name in dense else max(1, math.floor(fractions[name] * scale * s.max_rank))
+        for name, s in spectra.items()
+    }
+    energy = {name: captured_energy(s.sigma) for name, s in spectra.items()}
+
+    def value(name: str, rank: int | None) -> float:
+        return 1.0 if rank is None else energy[name][min(rank, len(energy[name]) - 1)]
+
+    caps = {name: s.max_rank for name, s in spectra.items()}
+    return fit_budget(shapes, ranks, keep, value, caps=caps, multiple_of=multiple_of)

@@ -1,0 +1,15 @@
+"""Fused low-rank linear kernels and their dispatch (imported as ``lowrank_infer.kernels``)."""
+
+from lowrank_infer.kernels.lowrank_linear_op import lowrank_linear, triton_lowrank_linear
+from lowrank_infer.kernels.reference import torch_lowrank_linear
+
+
+def use_dense(m: int, n: int, k: int) -> bool:
+    """True when a rank-``k`` factorization of an ``m×n`` weight is not smaller.
+
+    That is ``k·(m+n) ≥ m·n``: such a layer keeps its dense weight.
+    """
+    return k * (m + n) >= m * n
+
+
+__all__ = ["lowrank_linear", "torch_lowrank_linear", "triton_lowrank_linear", "use_dense"]

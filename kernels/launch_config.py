@@ -1,0 +1,193 @@
+"""Path selection and launch configs for the Triton low-rank kernels.
+
+Pure Python (no Triton import), so the rules can be unit-tested anywhere. A config is a
+dict of the kernel's ``BLOCK_*`` constexprs plus ``num_warps``/``num_stages`` and, for the
+decode and fused prefill kernels, ``M_GROUPS``: into how many program groups the m axis is
+split (a count, not a width, so that it carries over to a nearby shape). Tuned configs
+come from ``configs/<GPU name>.json`` (written by ``benchmarks/tune_kernels.py``); a shape
+missing from the table uses the nearest tuned shape, and a GPU without a table uses the
+rule-of-thumb heuristics below.
+
+Table layout::
+
+    {"device": "...", "triton": "...",
+     "decode": {"T=1,m=4096,n=4096,k=1024": {"BLOCK_T": 16, ..., "num_warps": 4}},
+     "prefill": {...}, "shrink": {...}, "expand": {...}}
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+
+__all__ = [
+    "CONFIG_DIR",
+    "DECODE_MAX_TOKENS",
+    "FUSED_MAX_RANK",
+    "KERNELS",
+    "PATHS",
+    "bucket_key",
+    "config_file",
+    "get_config",
+    "m_groups",
+    "select_path",
+]
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+# Up to this many tokens the op is memory-bound on the weights (decode, small batches):
+# the decode path splits the rank over programs so that every SM streams weights.
+DECODE_MAX_TOKENS = 16
+# Largest rank the fused prefill kernel keeps on chip: its fp32 [BLOCK_T, next_pow2(k)]
+# intermediate lives in registers, and past 256 columns it spills even at BLOCK_T=32.
+FUSED_MAX_RANK = 256
+
+PATHS = ("decode", "prefill", "shrink_expand")
+# Tuned kernels: the shrink_expand path has two, tuned separately.
+KERNELS = ("decode", "prefill", "shrink", "expand")
+
+_REQUIRED_KEYS = {
+    "decode": ("BLOCK_T", "BLOCK_N", "BLOCK_K", "BLOCK_M", "M_GROUPS"),
+    "prefill": ("BLOCK_T", "BLOCK_N", "BLOCK_M", "M_GROUPS"),
+    "shrink": ("BLOCK_R", "BLOCK_C", "BLOCK_D", "GROUP_R"),
+    "expand": ("BLOCK_R", "BLOCK_C", "BLOCK_D", "GROUP_R"),
+}
+
+
+def select_path(num_tokens: int, rank: int) -> str:
+    """Pick the kernel path for ``num_tokens`` rows of activations and rank ``rank``."""
+    if num_tokens <= DECODE_MAX_TOKENS:
+        return "decode"
+    if rank <= FUSED_MAX_RANK:
+        return "prefill"
+    return "shrink_expand"
+
+
+def bucket_key(num_tokens: int, m: int, n: int, k: int) -> str:
+    """The JSON key of a shape: ``"T=..,m=..,n=..,k=.."``."""
+    return f"T={num_tokens},m={m},n={n},k={k}"
+
+
+def config_file(device_name: str) -> Path:
+    """Where the tuned table of GPU ``device_name`` lives (spaces become underscores)."""
+    return CONFIG_DIR / f"{device_name.replace(' ', '_')}.json"
+
+
+def get_config(
+    kernel: str, num_tokens: int, m: int, n: int, k: int, *, device_name: str, num_sms: int,
+    elem_bytes: int,
+) -> dict:
+    """Launch config of ``kernel`` for a shape: nearest tuned entry, else heuristics.
+
+    For ``shrink``/``expand`` the shape is still the layer's (T, m, n, k), so one table key
+    describes the whole op.
+    """
+    table = _load_table(str(config_file(device_name))).get(kernel)
+    if table:
+        return dict(_nearest(table, (num_tokens, m, n, k)))
+    return _HEURISTICS[kernel](num_tokens, m, n, k, num_sms=num_sms, elem_bytes=elem_bytes)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_table(path: str) -> dict:
+    """Parsed table ``{kernel: [((T, m, n, k), config), ...]}``; empty if no file."""
+    file = Path(path)
+    if not file.exists():
+        return {}
+    raw = json.loads(file.read_text())
+    return {kernel: [(_parse_key(key), _checked(kernel, key, cfg))
+                     for key, cfg in raw[kernel].items()]
+            for kernel in KERNELS if kernel in raw}
+
+
+def _parse_key(key: str) -> tuple[int, int, int, int]:
+    fields = dict(part.split("=") for part in key.split(","))
+    return tuple(int(fields[name]) for name in ("T", "m", "n", "k"))
+
+
+def _checked(kernel: str, key: str, cfg: dict) -> dict:
+    """Reject a malformed tuned entry at load time rather than at kernel compile time."""
+    required = (*_REQUIRED_KEYS[kernel], "num_warps", "num_stages")
+    missing = [name for name in required if name not in cfg]
+    if missing:
+        raise ValueError(f"tuned config {kernel}[{key}] lacks {missing}")
+    bad = [name for name, v in cfg.items() if name.startswith("BLOCK_") and (v < 16 or v & (v - 1))]
+    if bad:
+        raise ValueError(f"tuned config {kernel}[{key}]: {bad} must be powers of two >= 16")
+    return cfg
+
+
+def _nearest(table: list, shape: tuple[int, ...]) -> dict:
+    """Config of the entry closest in log2 space: shapes scale multiplicatively."""
+
+    def distance(entry):
+        return sum(abs(math.log2(a) - math.log2(b)) for a, b in zip(entry[0], shape))
+
+    return min(table, key=distance)[1]
+
+
+def _pow2_block(dim: int, cap: int) -> int:
+    """Power of two >= 16 (tl.dot's minimum on GPU), <= ``cap``, no wider than ``dim`` needs."""
+    return max(16, min(cap, 1 << (max(dim, 1) - 1).bit_length()))
+
+
+def _decode_heuristic(num_tokens, m, n, k, *, num_sms, elem_bytes):
+    # Each program owns a k-slice, so U and V come from HBM once. The price is the
+    # fp32 partials [k/BLOCK_K, T, m]: pick the narrowest slice (most programs, so more SMs
+    # stream weights) whose partials stay under a quarter of the weight bytes.
+    weight_bytes = k * (m + n) * elem_bytes
+    block_k = 16
+    while block_k < 64 and -(-k // block_k) * num_tokens * m * 4 > weight_bytes / 4:
+        block_k *= 2
+    block_k = _pow2_block(k, block_k)
+    # 8 KB weight tiles: enough bytes in flight per load without spilling registers.
+    tile = 8192 // (block_k * elem_bytes)
+    block_m = _pow2_block(m, tile)
+    block_t = _pow2_block(num_tokens, 64)  # 16 in the default T <= 16 range
+    # Up to 4 m-groups per slice when slices alone leave SMs idle; each group re-reads its
+    # V slice from L2, which bounds that extra traffic to 4x V.
+    slices = -(-k // block_k) * -(-num_tokens // block_t)
+    return {"BLOCK_T": block_t, "BLOCK_K": block_k, "BLOCK_N": _pow2_block(n, tile),
+            "BLOCK_M": block_m, "M_GROUPS": m_groups(m, block_m, slices, num_sms, 4),
+            "num_warps": 4, "num_stages": 3}
+
+
+def _prefill_heuristic(num_tokens, m, n, k, *, num_sms, elem_bytes):
+    k_pad = _pow2_block(k, FUSED_MAX_RANK)
+    # The fp32 [BLOCK_T, k_pad] intermediate stays in registers: 8K elements (32 KB) over 8
+    # warps compiles without spills on sm_90 for 16-bit inputs; fp32 inputs, with twice the
+    # bytes per x/V/U tile, get half.
+    budget = 8192 if elem_bytes == 2 else 4096
+    block_t = _pow2_block(num_tokens, max(16, min(64, budget // k_pad)))
+    block_m = _pow2_block(m, 64)
+    return {"BLOCK_T": block_t, "BLOCK_N": _pow2_block(n, 32 if k_pad > 128 else 64),
+            "BLOCK_M": block_m,
+            # Recomputing the intermediate costs a pass over x and V per program, so a
+            # program covers all of m unless too few token tiles occupy the SMs.
+            "M_GROUPS": m_groups(m, block_m, -(-num_tokens // block_t), num_sms),
+            "num_warps": 8 if block_t * k_pad >= 4096 else 4, "num_stages": 3}
+
+
+def m_groups(
+    m: int, block_m: int, programs: int, num_sms: int, max_groups: int | None = None
+) -> int:
+    """As many m-groups (at least 1, at most ``max_groups`` and the m-tile count) as fit in
+    one wave of ``num_sms`` beside ``programs`` programs along the other grid axes."""
+    m_tiles = -(-m // block_m)
+    return max(1, min(m_tiles, max_groups or m_tiles, num_sms // programs))
+
+
+def _gemm_heuristic(rows, cols, inner):
+    """Tutorial-style tiled GEMM config for c[rows, cols] = a[rows, inner] @ b[inner, cols]."""
+    return {"BLOCK_R": _pow2_block(rows, 64), "BLOCK_C": _pow2_block(cols, 128),
+            "BLOCK_D": _pow2_block(inner, 32), "GROUP_R": 8, "num_warps": 4, "num_stages": 3}
+
+
+_HEURISTICS = {
+    "decode": _decode_heuristic,
+    "prefill": _prefill_heuristic,
+    "shrink": lambda t, m, n, k, **_: _gemm_heuristic(t, k, n),
+    "expand": lambda t, m, n, k, **_: _gemm_heuristic(t, m, k),
+}

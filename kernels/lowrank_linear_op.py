@@ -1,0 +1,128 @@
+"""The ``lowrank_infer::lowrank_linear`` op: fake implementation, registration, public functions.
+
+vLLM's file-per-op order (kernel, launcher, fake, registration, public function) split in
+two: the ``@triton.jit`` kernels and their launcher live in ``triton_lowrank``, imported on
+first use, so that importing this package needs neither Triton nor a GPU.
+"""
+
+from typing import Optional
+
+import torch
+
+from lowrank_infer.kernels.reference import torch_lowrank_linear
+from lowrank_infer.kernels.validation import check_lowrank_inputs
+
+__all__ = ["lowrank_linear", "triton_lowrank_linear"]
+
+
+def _triton_launcher():
+    """The launcher module; a plain ImportError with the fix if Triton is not installed."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            "triton_lowrank_linear needs Triton: pip install 'lowrank-infer[triton]' "
+            "(lowrank_linear still runs the torch implementation on CPU)") from err
+    from lowrank_infer.kernels import triton_lowrank
+
+    return triton_lowrank
+
+
+def _lowrank_linear_fake(x, U, V, bias):
+    return x.new_empty((*x.shape[:-1], U.shape[0]))
+
+
+@torch.library.custom_op("lowrank_infer::lowrank_linear", mutates_args=())
+def _lowrank_linear_op(
+    x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    # Default implementation (CPU and any device without a registered kernel).
+    return torch_lowrank_linear(x, U, V, bias)
+
+
+@_lowrank_linear_op.register_kernel("cuda")
+def _lowrank_linear_cuda(x, U, V, bias):
+    return _triton_launcher().launch(x, U, V, bias)
+
+
+_lowrank_linear_op.register_fake(_lowrank_linear_fake)
+
+
+def _setup_context(ctx, inputs, output):
+    x, U, V, _ = inputs
+    ctx.save_for_backward(x, U, V)
+
+
+def _backward(ctx, grad_y):
+    # Plain torch math in fp32, like the forward's intermediate; z = x @ V is recomputed
+    # rather than saved because it is cheap next to the GEMMs below.
+    x, U, V = ctx.saved_tensors
+    need_x, need_u, need_v, need_bias = ctx.needs_input_grad
+    g = grad_y.reshape(-1, U.shape[0]).float()
+    x2d = x.reshape(-1, V.shape[0]).float()
+    grad_z = g @ U.float()
+    grad_x = (grad_z @ V.float().T).reshape(x.shape).to(x.dtype) if need_x else None
+    grad_u = (g.T @ (x2d @ V.float())).to(U.dtype) if need_u else None
+    grad_v = (x2d.T @ grad_z).to(V.dtype) if need_v else None
+    grad_bias = g.sum(0).to(grad_y.dtype) if need_bias else None
+    return grad_x, grad_u, grad_v, grad_bias
+
+
+_lowrank_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lowrank_linear(
+    x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``y = (x @ V) @ U.T + bias``: the Triton kernels on CUDA, torch elsewhere.
+
+    Registered as ``torch.ops.lowrank_infer.lowrank_linear`` with a fake implementation and
+    an autograd formula, so ``torch.compile(fullgraph=True)``, CUDA graphs and fine-tuning
+    work through it.
+
+    Args:
+        x: ``[..., n]`` activations (float16, bfloat16 or float32).
+        U: ``[m, k]`` left factor, same dtype and device as ``x``.
+        V: ``[n, k]`` right factor, same dtype and device as ``x``.
+        bias: optional ``[m]``, same dtype and device as ``x``.
+
+    Returns:
+        ``[..., m]`` in ``x``'s dtype.
+
+    Raises:
+        ValueError: shapes, dtypes or devices do not fit together.
+    """
+    check_lowrank_inputs(x, U, V, bias)
+    return _lowrank_linear_op(x, U, V, bias)
+
+
+def triton_lowrank_linear(
+    x: torch.Tensor,
+    U: torch.Tensor,
+    V: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    _path: Optional[str] = None,
+    _out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``y = (x @ V) @ U.T + bias`` with the Triton kernels, whatever the device.
+
+    CUDA tensors run compiled kernels; CPU tensors run under the Triton interpreter, which
+    needs ``TRITON_INTERPRET=1`` set before Triton is imported (tests). ``_path`` (one of
+    ``launch_config.PATHS``) and ``_out`` (a preallocated ``[..., m]`` result) are test hooks.
+
+    Args:
+        x: ``[..., n]`` activations (float16, bfloat16 or float32).
+        U: ``[m, k]`` left factor, same dtype and device as ``x``.
+        V: ``[n, k]`` right factor, same dtype and device as ``x``.
+        bias: optional ``[m]``, same dtype and device as ``x``.
+
+    Returns:
+        ``[..., m]`` in ``x``'s dtype.
+
+    Raises:
+        ValueError: shapes, dtypes or devices do not fit together.
+        ImportError: Triton is not installed.
+    """
+    check_lowrank_inputs(x, U, V, bias)
+    return _triton_launcher().launch(x, U, V, bias, path=_path, out=_out)

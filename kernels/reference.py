@@ -1,0 +1,25 @@
+"""Torch implementation of ``y = U·(Vᵀx) + b``: the CPU path and the test oracle's sibling."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["torch_lowrank_linear"]
+
+
+def torch_lowrank_linear(
+    x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``(x @ V) @ U.T + bias`` with the ``[..., k]`` intermediate kept in float32.
+
+    Args:
+        x: ``[..., n]`` activations.
+        U: ``[m, k]`` left factor.
+        V: ``[n, k]`` right factor.
+        bias: optional ``[m]``.
+    """
+    z = x.to(torch.float32) @ V.to(torch.float32)
+    y = z @ U.to(torch.float32).T
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype)

@@ -1,0 +1,74 @@
+"""Benchmark documents: the environment they were measured in, JSON files and markdown tables."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import sys
+from typing import Callable
+
+import torch
+
+from lowrank_infer.allocation.plan import atomic_write_text
+
+__all__ = ["Column", "command_line", "environment", "markdown_table", "write_outputs"]
+
+# (header, row key, format of a present value); a missing value prints as "-".
+Column = tuple[str, str, Callable[[object], str]]
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    """Machine, GPU and library versions, so that a result file says where it came from.
+
+    ``device_label`` is the GPU's name, or ``"CPU (<processor>)"``.
+    """
+    info = {
+        "host": platform.node(), "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+        "cuda": torch.version.cuda, "triton": _version("triton"), "transformers": _version("transformers"),
+        "lowrank_infer": _version("lowrank-infer"),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_sms=props.multi_processor_count, gpu_memory_bytes=props.total_memory,
+                    device_label=props.name)
+    else:
+        info["device_label"] = f"CPU ({info['processor']})"
+    return info
+
+
+def command_line() -> str:
+    """The command this process was started with, interpreter and ``-m`` included, quoted for a shell."""
+    return shlex.join(sys.orig_argv)
+
+
+def _cell(row: dict, key: str, fmt: Callable[[object], str]) -> str:
+    value = row.get(key)
+    return "-" if value is None else fmt(value)
+
+
+def markdown_table(rows: list[dict], columns: list[Column]) -> str:
+    """A GitHub markdown table of ``rows``, one column per ``(header, key, format)``."""
+    lines = ["| " + " | ".join(header for header, _, _ in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_cell(row, key, fmt) for _, key, fmt in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_outputs(document: dict, markdown: str, json_path: str | None, markdown_path: str | None) -> None:
+    """Print ``markdown`` and write the files asked for (each written whole, then renamed)."""
+    print(markdown, flush=True)
+    if json_path:
+        atomic_write_text(json_path, json.dumps(document, indent=1) + "\n")
+    if markdown_path:
+        atomic_write_text(markdown_path, markdown + "\n")

@@ -1,0 +1,170 @@
+"""Calibration statistics: float64 ``XᵀX`` of every target linear's inputs, one block at a time.
+
+The inputs of decoder block 0 are captured once; then each block is moved to the compute
+device, run on the cached inputs with hooks on its linears, and its outputs become the next
+block's inputs. Peak device memory is one block plus the cached hidden states and one block's
+statistics. Linears that read the same tensor (q/k/v, gate/up) share one statistic.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowrank_infer.surgery import decoder_blocks
+
+__all__ = ["calibrate"]
+
+
+class _StopForward(Exception):
+    """Raised by a hook on block 0 once its inputs are captured."""
+
+
+def _capture_block0_inputs(model: nn.Module, block: nn.Module, batches, device) -> list:
+    """Run the model up to block 0 for each batch and keep ``(args, kwargs)`` of that call."""
+    captured = []
+
+    def hook(_module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for ids in batches:
+            try:
+                model(input_ids=ids.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+class _GramCollector:
+    """Forward pre-hooks that add ``xᵀx`` (float64) of each linear's input into shared buffers."""
+
+    def __init__(self, linears: Mapping[str, nn.Linear], stat_device: torch.device):
+        self.linears = linears
+        self.stat_device = stat_device
+        self.grams: dict[str, torch.Tensor] = {}
+        self.alias: dict[str, str] = {}  # linear name -> owner of the statistic it shares
+        self._seen: dict[tuple, tuple[str, torch.Tensor]] = {}
+
+    def start_batch(self) -> None:
+        # Keeping the input tensors alive until the batch ends guarantees that an equal
+        # (pointer, shape, stride) key means the same tensor, not a reused address.
+        self._seen = {}
+
+    def hook_for(self, name: str):
+        def hook(_module, args):
+            x = args[0]
+            key = (x.data_ptr(), tuple(x.shape), x.stride())
+            owner = self._seen.get(key)
+            if owner is not None:
+                self.alias[name] = owner[0]
+                return
+            self._seen[key] = (name, x)
+            flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+            gram = (flat.T @ flat).to(self.stat_device)
+            if name in self.grams:
+                self.grams[name] += gram
+            else:
+                self.grams[name] = gram
+
+        return hook
+
+    def results(self) -> dict[str, torch.Tensor]:
+        out = dict(self.grams)
+        for name, owner in self.alias.items():
+            out[name] = self.grams[owner]
+        return {name: out[name] for name in self.linears}
+
+
+def _block_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    linears: Mapping[str, nn.Linear],
+    *,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """``XᵀX`` (float64, on the CPU) for each named linear, computed block by block.
+
+    Args:
+        model: a Hugging Face decoder-only model; its blocks may live on the CPU.
+        input_ids: ``[samples, seq_len]`` calibration token ids.
+        linears: name → module, all inside the decoder blocks (see ``target_linears``).
+        batch_size: samples per forward pass.
+        device: where each block runs (default: where the model's parameters are).
+        progress: show a progress bar over blocks.
+
+    Returns:
+        name → ``[in_features, in_features]`` float64 sum of ``x xᵀ`` over all calibration tokens;
+        linears that read the same input map to the same tensor object.
+    """
+    if input_ids.ndim != 2 or input_ids.numel() == 0:
+        raise ValueError(f"calibration input_ids must be a non-empty [samples, seq_len] tensor, got {tuple(input_ids.shape)}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    prefix, blocks = decoder_blocks(model)
+    batches = input_ids.split(batch_size)
+    home = next(model.parameters()).device
+    _move_all_but_blocks(model, blocks, device)
+    try:
+        cached = _capture_block0_inputs(model, blocks[0], batches, device)
+        grams = {}
+        for i, block in enumerate(tqdm(blocks, desc="calibration", unit="block", disable=not progress)):
+            block_home = next(block.parameters()).device
+            block.to(device)
+            mine = {n: m for n, m in linears.items() if n.startswith(f"{prefix}.{i}.")}
+            cached = _run_block(block, cached, mine, grams)
+            block.to(block_home)
+    finally:
+        _move_all_but_blocks(model, blocks, home)
+    missing = [n for n in linears if n not in grams]
+    if missing:
+        raise ValueError(f"calibration never reached {missing[0]} (is it used in the forward pass?)")
+    return {name: grams[name] for name in linears}
+
+
+def _move_all_but_blocks(model: nn.Module, blocks: nn.ModuleList, device) -> None:
+    """``model.to(device)`` for everything except the decoder blocks (they move one at a time)."""
+    originals = list(blocks)
+    for i in range(len(blocks)):
+        blocks[i] = nn.Module()
+    try:
+        model.to(device)
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+
+
+def _run_block(block: nn.Module, cached: list, linears: Mapping[str, nn.Linear], grams: dict) -> list:
+    collector = _GramCollector(linears, torch.device("cpu"))
+    handles = [m.register_forward_pre_hook(collector.hook_for(n)) for n, m in linears.items()]
+    outputs = []
+    try:
+        for args, kwargs in cached:
+            collector.start_batch()
+            hidden = _block_output(block(*args, **kwargs))
+            outputs.append(_with_hidden(args, kwargs, hidden))
+    finally:
+        for handle in handles:
+            handle.remove()
+    grams.update(collector.results())
+    return outputs
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """The same call with its hidden states replaced (passed positionally or by keyword)."""
+    if args:
+        return (hidden,) + tuple(args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}

@@ -1,0 +1,326 @@
+"""The ``lowrank-infer`` command: compress, plan, eval, info, generate, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+EXAMPLES = """\
+examples:
+  lowrank-infer compress --model smollm2-135m --keep 0.8 --calib-file valid.txt --out smol-0.8
+  lowrank-infer eval smol-0.8 --text-file test.raw.txt --seq-len 512 --max-windows 40
+  lowrank-infer info smol-0.8
+  lowrank-infer generate smol-0.8 --prompt "The capital of France is"
+"""
+
+# Errors a user can cause with bad input: reported in one line, without a traceback.
+USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, ImportError, NotADirectoryError)
+
+
+def _default_data_file(*parts: str) -> str | None:
+    from lowrank_infer.data import shared_data_file
+
+    path = shared_data_file(*parts)
+    return str(path) if path else None
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available, else cpu)")
+    p.add_argument(
+        "--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+        help="parameter dtype (default: as stored; GGUF models load as float32)",
+    )
+
+
+def _add_calibration_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--calib-file", default=_default_data_file("wikitext2", "valid.tokens.txt"),
+        help="calibration text file, or 'wikitext2' (training split via the datasets package); "
+        "default: $LOWRANK_INFER_DATA/wikitext2/valid.tokens.txt when that exists",
+    )
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed for picking calibration windows")
+
+
+def _add_allocation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="alias (smollm2-135m), .gguf file, model directory or hub id")
+    p.add_argument("--keep", type=float, default=0.8, help="fraction of target-linear parameters kept, in (0, 1] (default 0.8)")
+    p.add_argument("--method", default="uniform", choices=["uniform", "drank", "ara"], help="rank allocation (default uniform)")
+    p.add_argument(
+        "--param", action="append", default=[], metavar="NAME=VALUE",
+        help="allocation hyper-parameter, e.g. --param beta=0.3 (repeatable)",
+    )
+    p.add_argument("--no-whiten", action="store_true", help="plain SVD instead of data-whitened SVD")
+    p.add_argument("--include", action="append", help="regex: only linears whose name matches (repeatable)")
+    p.add_argument("--exclude", action="append", help="regex: skip linears whose name matches (repeatable)")
+    _add_calibration_options(p)
+    _add_model_options(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lowrank-infer",
+        description="Compress Hugging Face LLMs by whitened SVD under a parameter budget, save them as "
+        "HF checkpoints, and run/evaluate/benchmark them. 'keep' = parameters kept ÷ parameters "
+        "of the target linears (every nn.Linear inside the decoder blocks).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("compress", help="compress a model and save it", description="Calibrate, factorize, allocate ranks, swap layers, save a checkpoint.")
+    _add_allocation_options(p)
+    p.add_argument("--plan", help="apply this rank-plan JSON instead of running --method")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--eval-file", help="also report perplexity before and after on this text file")
+    p.add_argument("--eval-windows", type=int, default=8, help="windows of --seq-len for --eval-file (default 8)")
+    p.set_defaults(run=cmd_compress)
+
+    p = sub.add_parser("plan", help="compute a rank plan (JSON) without compressing", description="Run an allocation method and write its rank plan.")
+    _add_allocation_options(p)
+    p.add_argument("--out", required=True, help="rank-plan JSON file to write")
+    p.set_defaults(run=cmd_plan)
+
+    p = sub.add_parser("eval", help="perplexity of a model or checkpoint", description="Perplexity: non-overlapping windows, exp(mean token NLL).")
+    p.add_argument("model", help="checkpoint directory, alias, .gguf file or hub id")
+    p.add_argument("--text-file", default=None, help="evaluation text file, or 'wikitext2' (test split via datasets); default: $LOWRANK_INFER_DATA/wikitext2/test.raw.txt when set")
+    p.add_argument("--seq-len", type=int, default=2048, help="window length (default 2048)")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first W windows")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_model_options(p)
+    p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("info", help="ranks and sizes of a compressed checkpoint", description="Per-layer ranks, dense fallbacks, parameters and bytes before/after.")
+    p.add_argument("checkpoint", help="directory written by 'compress'")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(run=cmd_info)
+
+    p = sub.add_parser("generate", help="generate text", description="Greedy generation from a prompt.")
+    p.add_argument("model", help="checkpoint directory, alias, .gguf file or hub id")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    _add_model_options(p)
+    p.set_defaults(run=cmd_generate)
+
+    return parser
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _device(args) -> str:
+    import torch
+
+    if args.device:
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device} requested but no CUDA GPU is available")
+        return args.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dtype(args):
+    import torch
+
+    return getattr(torch, args.dtype) if args.dtype else None
+
+
+def _load(spec: str, args):
+    from lowrank_infer.models import load_model
+
+    return load_model(spec, dtype=_dtype(args), device=_device(args))
+
+
+def _parse_params(pairs: list[str]) -> dict:
+    params = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--param expects NAME=VALUE, got {pair!r}")
+        try:
+            params[name] = json.loads(value)
+        except json.JSONDecodeError:
+            params[name] = value
+    return params
+
+
+def _calibration_ids(args, tokenizer, needed: bool):
+    from lowrank_infer.data import calibration_ids, load_text, tokenize_text
+
+    if not needed:
+        return None
+    if not args.calib_file:
+        raise ValueError("calibration text needed: pass --calib-file FILE (or 'wikitext2'), or set LOWRANK_INFER_DATA")
+    tokens = tokenize_text(tokenizer, load_text(args.calib_file, split="calib"))
+    return calibration_ids(tokens, args.calib_samples, args.seq_len, seed=args.seed)
+
+
+def _config(args, device: str):
+    from lowrank_infer.compress import CompressConfig
+
+    return CompressConfig(
+        keep=args.keep, method=args.method, whiten=not args.no_whiten, include=args.include,
+        exclude=args.exclude, batch_size=args.batch_size, device=device, method_params=_parse_params(args.param),
+    )
+
+
+def _check_out_dir(path: str, overwrite: bool) -> None:
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
+
+
+def _eval_tokens(path: str, tokenizer):
+    from lowrank_infer.data import load_text, tokenize_text
+
+    return tokenize_text(tokenizer, load_text(path, split="eval"))
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_compress(args) -> int:
+    from lowrank_infer.allocation import RankPlan, check_keep
+    from lowrank_infer.compress import compress
+    from lowrank_infer.evaluate import perplexity
+    from lowrank_infer.io import save_compressed
+    from lowrank_infer.report import model_size
+
+    check_keep(args.keep)  # fail before the slow model load
+    _check_out_dir(args.out, args.overwrite)
+    plan = RankPlan.load(args.plan) if args.plan else None
+    start = time.perf_counter()
+    device = _device(args)
+    model, tokenizer, model_id = _load(args.model, args)
+    config = _config(args, device)
+    calib = _calibration_ids(args, tokenizer, needed=config.whiten or (plan is None and config.method == "ara"))
+    eval_tokens = _eval_tokens(args.eval_file, tokenizer) if args.eval_file else None
+    before = model_size(model)
+    ppl_before = perplexity(model, eval_tokens, seq_len=args.seq_len, max_windows=args.eval_windows) if args.eval_file else None
+    result = compress(model, config, calib_ids=calib, plan=plan, model_id=model_id)
+    ppl_after = perplexity(model, eval_tokens, seq_len=args.seq_len, max_windows=args.eval_windows) if args.eval_file else None
+    save_compressed(model, args.out, tokenizer, overwrite=args.overwrite)
+    after = model_size(model)
+    summary = result.plan.summary()
+    _say(f"compressed {model_id} with {result.plan.method} in {time.perf_counter() - start:.1f} s "
+         f"({', '.join(f'{k} {v:.1f} s' for k, v in result.seconds.items())})")
+    _say(f"  keep target {result.plan.keep_target:.4f}, achieved {summary['keep_achieved']:.4f} "
+         f"({summary['layers']} target linears, {summary['dense_layers']} kept dense)")
+    _say(f"  target-linear params {summary['params_before']:,} -> {summary['params_after']:,}")
+    _say(f"  whole-model params   {before['params']:,} -> {after['params']:,}; "
+         f"bytes {before['bytes'] / 2**20:.1f} MiB -> {after['bytes'] / 2**20:.1f} MiB")
+    if ppl_before is not None:
+        _say(f"  perplexity ({ppl_after['windows']} windows x {args.seq_len} tokens of {args.eval_file}): "
+             f"{ppl_before['perplexity']:.3f} dense -> {ppl_after['perplexity']:.3f} compressed")
+    _say(f"  saved to {args.out}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from lowrank_infer.allocation import check_keep
+    from lowrank_infer.compress import analyze
+
+    check_keep(args.keep)
+    device = _device(args)
+    model, tokenizer, model_id = _load(args.model, args)
+    config = _config(args, device)
+    calib = _calibration_ids(args, tokenizer, needed=config.whiten or config.method == "ara")
+    plan, _, seconds = analyze(model, config, calib_ids=calib, model_id=model_id)
+    plan.save(args.out)
+    summary = plan.summary()
+    _say(f"{plan.method} plan for {model_id}: keep {plan.keep_target} -> achieved {summary['keep_achieved']:.4f}, "
+         f"{summary['dense_layers']} dense layers, allocation {seconds.get('allocation', 0.0):.1f} s; wrote {args.out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from lowrank_infer.evaluate import perplexity
+
+    text_file = args.text_file or _default_data_file("wikitext2", "test.raw.txt")
+    if not text_file:
+        raise ValueError("no evaluation text: pass --text-file FILE (or 'wikitext2'), or set LOWRANK_INFER_DATA")
+    model, tokenizer, model_id = _load(args.model, args)
+    tokens = _eval_tokens(text_file, tokenizer)
+    result = perplexity(model, tokens, seq_len=args.seq_len, max_windows=args.max_windows, batch_size=args.batch_size)
+    result.update(model=model_id, text_file=text_file)
+    if args.json:
+        _say(json.dumps(result, indent=1))
+    else:
+        _say(f"{model_id}: perplexity {result['perplexity']:.4f} over {result['windows']} windows x "
+             f"{result['seq_len']} tokens ({result['seconds']:.1f} s)")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from lowrank_infer.allocation import RankPlan
+    from lowrank_infer.io import PLAN_FILE, is_compressed_checkpoint
+    from lowrank_infer.report import checkpoint_info
+
+    path = Path(args.checkpoint)
+    if not is_compressed_checkpoint(path):
+        raise ValueError(f"{path} is not a lowrank_infer checkpoint")
+    plan = RankPlan.load(path / PLAN_FILE)
+    info = checkpoint_info(path, plan)
+    if args.json:
+        _say(json.dumps({"summary": info, "plan": plan.to_dict()}, indent=1))
+        return 0
+    _say(f"{path}: {plan.method} plan for {plan.model or 'unknown model'}, keep target {plan.keep_target}, "
+         f"achieved {info['keep_achieved']:.4f}")
+    _say(f"{'layer':<48} {'shape':>11} {'rank':>6} {'kept':>7}")
+    for layer in plan.layers:
+        rank = "dense" if layer.rank is None else str(layer.rank)
+        _say(f"{layer.name:<48} {layer.out_features:>5}x{layer.in_features:<5} {rank:>6} {layer.params / layer.dense_params:>7.3f}")
+    _say(f"target linears: {info['layers']} ({info['dense_layers']} dense), params "
+         f"{info['target_params_before']:,} -> {info['target_params_after']:,}")
+    _say(f"whole model: params {info['params_before']:,} -> {info['params_after']:,}; bytes "
+         f"~{info['bytes_before_estimate'] / 2**20:.1f} MiB -> {info['bytes_after'] / 2**20:.1f} MiB")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    model, tokenizer, _ = _load(args.model, args)
+    if args.chat:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt",
+            return_dict=True,
+        )["input_ids"]
+    else:
+        ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    ids = ids.to(next(model.parameters()).device)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    _say(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except USER_ERRORS as err:
+        if os.environ.get("LOWRANK_INFER_DEBUG"):
+            raise
+        print(f"lowrank-infer {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Text for calibration and evaluation: files, or Hugging Face datasets when reachable."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+__all__ = ["DATASETS", "calibration_ids", "load_text", "shared_data_file", "tokenize_text"]
+
+# name -> (datasets args, split for evaluation, split for calibration, text column)
+DATASETS = {
+    "wikitext2": (("wikitext", "wikitext-2-raw-v1"), "test", "train", "text"),
+}
+
+
+def shared_data_file(*parts: str) -> Path | None:
+    """A file under ``$LOWRANK_INFER_DATA`` (e.g. ``wikitext2/test.raw.txt``), if set and present."""
+    root = os.environ.get("LOWRANK_INFER_DATA")
+    if not root:
+        return None
+    path = Path(root, *parts)
+    return path if path.is_file() else None
+
+
+def load_text(source: str, *, split: str = "eval") -> str:
+    """Raw text from a file path or a dataset name (``wikitext2``), rows joined with ``"\\n\\n"``.
+
+    Args:
+        source: a text file, or a name in :data:`DATASETS` (needs ``datasets`` and the hub).
+        split: ``"eval"`` (the dataset's test split) or ``"calib"`` (its training split).
+    """
+    path = Path(source)
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if source not in DATASETS:
+        raise ValueError(f"text source {source!r} is neither an existing file nor a known dataset ({', '.join(DATASETS)})")
+    args, eval_split, calib_split, column = DATASETS[source]
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"dataset {source!r} needs the datasets package (pip install 'lowrank-infer[eval]'), or pass a text file") from None
+    rows = datasets.load_dataset(*args, split=eval_split if split == "eval" else calib_split)[column]
+    return "\n\n".join(rows)
+
+
+def tokenize_text(tokenizer, text: str) -> torch.Tensor:
+    """The whole text as one ``[tokens]`` LongTensor (no special tokens added)."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    return ids
+
+
+def calibration_ids(tokens: torch.Tensor, samples: int, seq_len: int, *, seed: int = 0) -> torch.Tensor:
+    """``[samples, seq_len]`` windows drawn at random (seeded) offsets from a token stream."""
+    if samples < 1 or seq_len < 1:
+        raise ValueError(f"calibration needs samples >= 1 and seq_len >= 1, got {samples} and {seq_len}")
+    if tokens.numel() < seq_len + 1:
+        raise ValueError(f"calibration text has {tokens.numel()} tokens, fewer than one window of {seq_len}")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - seq_len, (samples,), generator=generator)
+    return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])

@@ -1,0 +1,148 @@
+"""``lowrank-infer bench kernels|e2e``: quick runs end to end, their JSON, and bad input."""
+
+import argparse
+import json
+import shlex
+import sys
+
+import pytest
+import torch
+
+from lowrank_infer.bench.cli import add_bench_parser, cmd_kernels
+
+KERNEL_ROW_KEYS = {
+    "provider", "model", "layer", "m", "n", "k", "keep", "tokens", "dtype", "timer", "median_ms", "gbs",
+    "tflops", "mem_frac", "compute_frac", "roofline_frac", "speedup_vs_dense", "status",
+}
+E2E_ROW_KEYS = {
+    "path", "kernel", "keep", "keep_achieved", "phase", "batch", "tokens", "dtype", "timer", "median_ms",
+    "tokens_per_s", "peak_memory_bytes", "model_params", "model_bytes", "speedup_vs_dense", "status",
+}
+CPU_PROVIDERS = ["--providers", "dense", "torch_lowrank", "two_matmul"]  # triton: interpreter, too slow
+
+
+def _kernels_quick(bench, tmp_path, *extra):
+    out = tmp_path / "kernels.json"
+    code, err = bench("kernels", "--quick", "--device", "cpu", "--layers", "q", "--tokens", 1, 4,
+                      "--rep-ms", 1, "--json", out, *extra)
+    assert code == 0, err
+    return json.loads(out.read_text())
+
+
+def test_kernels_quick_writes_json_and_markdown(bench, tmp_path, capsys):
+    md = tmp_path / "kernels.md"
+    doc = _kernels_quick(bench, tmp_path, *CPU_PROVIDERS, "--markdown", md)
+    assert doc["benchmark"] == "kernels" and doc["dtype"] == "float32" and doc["device"] == "cpu"
+    assert doc["environment"]["device_label"].startswith("CPU")
+    assert {"torch", "triton", "transformers", "host"} <= doc["environment"].keys()
+    assert doc["command"] == shlex.join(sys.orig_argv) and doc["args"]["quick"] is True
+    assert doc["peaks"]["bandwidth_gbs"] > 0 and doc["peaks"]["matmul_tflops"] > 0
+    rows = doc["rows"]
+    assert len(rows) == 2 * 3  # tokens x providers; quick: smollm2 q at keep 0.6
+    for row in rows:
+        assert row.keys() >= KERNEL_ROW_KEYS
+        assert row["status"] == "ok" and row["median_ms"] > 0 and row["gbs"] > 0 and row["tflops"] > 0
+        assert row["model"] == "smollm2-135m" and (row["m"], row["n"]) == (576, 576)
+    dense = [r for r in rows if r["provider"] == "dense"]
+    assert all(r["k"] is None and r["speedup_vs_dense"] == 1.0 for r in dense)
+    assert {r["k"] for r in rows if r["provider"] != "dense"} == {int(0.6 * 576 * 576 // 1152)}
+    assert "| provider |" in md.read_text()
+
+
+def test_broken_provider_is_reported_failed_and_not_timed(bench, tmp_path, monkeypatch):
+    from lowrank_infer.bench import providers
+    from lowrank_infer.kernels import torch_lowrank_linear
+
+    def raising(x, U, V):
+        raise RuntimeError("no kernel image")
+
+    monkeypatch.setitem(providers.PROVIDERS, "wrong", providers.Provider("wrong", lambda x, U, V: 2 * torch_lowrank_linear(x, U, V)))
+    monkeypatch.setitem(providers.PROVIDERS, "raising", providers.Provider("raising", raising))
+    rows = _kernels_quick(bench, tmp_path, "--providers", "dense", "wrong", "raising")["rows"]
+    by_provider = {(r["provider"], r["tokens"]): r for r in rows}
+    for tokens in (1, 4):
+        assert by_provider[("dense", tokens)]["status"] == "ok"
+        wrong, failing = by_provider[("wrong", tokens)], by_provider[("raising", tokens)]
+        assert wrong["status"].startswith("failed: relative error")
+        assert failing["status"] == "failed: RuntimeError: no kernel image"
+        assert wrong["median_ms"] is None and failing["median_ms"] is None and wrong["speedup_vs_dense"] is None
+
+
+def _check_e2e_rows(rows, paths):
+    assert {r["path"] for r in rows} == {"dense", *paths}
+    for row in rows:
+        assert row.keys() >= E2E_ROW_KEYS
+        assert row["status"] == "ok", row["status"]
+        assert row["median_ms"] > 0 and row["tokens_per_s"] > 0 and row["timer"] == "perf_counter"
+    assert {r["phase"] for r in rows} == {"prefill", "decode"}
+    dense_bytes = {r["model_bytes"] for r in rows if r["path"] == "dense"}
+    low_bytes = {r["model_bytes"] for r in rows if r["path"] != "dense"}
+    assert len(dense_bytes) == len(low_bytes) == 1 and low_bytes.pop() < dense_bytes.pop()
+
+
+def test_e2e_shape_only_quick(bench, tmp_path, tiny_config_file):
+    out, md = tmp_path / "e2e.json", tmp_path / "e2e.md"
+    code, err = bench("e2e", "--shape-only", "--config", tiny_config_file, "--quick", "--device", "cpu",
+                      "--rep-ms", 1, "--json", out, "--markdown", md)
+    assert code == 0, err
+    doc = json.loads(out.read_text())
+    assert doc["benchmark"] == "e2e" and doc["shape_only"] and doc["model"] == str(tiny_config_file)
+    _check_e2e_rows(doc["rows"], {"fused", "two_matmul"})
+    assert {r["keep"] for r in doc["rows"]} == {1.0, 0.6}
+    assert "| path |" in md.read_text()
+
+
+def test_e2e_compressed_checkpoint_against_its_dense_counterpart(bench, tmp_path, tiny_config_file):
+    from lowrank_infer.bench.e2e import random_compress, random_model
+    from lowrank_infer.bench.shapes import hf_config
+    from lowrank_infer.io import save_compressed
+
+    model = random_compress(random_model(hf_config(str(tiny_config_file)), torch.device("cpu"), torch.float32), 0.5)
+    save_compressed(model, tmp_path / "ckpt")
+    out = tmp_path / "e2e.json"
+    code, err = bench("e2e", tmp_path / "ckpt", "--quick", "--device", "cpu", "--rep-ms", 1,
+                      "--paths", "torch_lowrank", "--json", out)
+    assert code == 0, err
+    rows = json.loads(out.read_text())["rows"]
+    _check_e2e_rows(rows, {"torch_lowrank"})
+    assert {r["keep"] for r in rows} == {1.0, 0.5}
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["kernels", "--models", "gpt5"], "unknown model 'gpt5' (known: llama2-7b, llama3-8b"),
+    (["kernels", "--layers", "qkv"], "unknown layer 'qkv' (known: q, k, v, o"),
+    (["kernels", "--providers", "cutlass"], "unknown provider 'cutlass' (known: dense"),
+    (["kernels", "--keep", "1.0"], "leaves a 576x576 layer dense"),
+    (["kernels", "--tokens", "0"], "--tokens must be positive"),
+    (["e2e", "--shape-only", "--config", "gpt5"], "unknown config 'gpt5'"),
+    (["e2e", "--shape-only"], "--shape-only needs --config"),
+    (["e2e"], "give a compressed model directory, or --shape-only"),
+    (["e2e", "--shape-only", "--config", "smollm2-135m", "--paths", "cublas"], "unknown path 'cublas'"),
+])
+def test_bad_input_is_one_line_error(bench, argv, message):
+    code, err = bench(*argv, "--device", "cpu")
+    assert code == 1
+    assert err.startswith("lowrank-infer bench: error: ") and message in err and err.count("\n") == 1
+
+
+def test_e2e_rejects_a_directory_that_is_not_a_compressed_model(bench, tmp_path, tiny_config_file):
+    (tmp_path / "dense").mkdir()
+    (tmp_path / "dense" / "config.json").write_text(tiny_config_file.read_text())
+    for path in (tmp_path / "dense", tmp_path / "missing"):
+        code, err = bench("e2e", path, "--device", "cpu")
+        assert code == 1 and "is not a lowrank_infer compressed model directory" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("command", [["kernels"], ["e2e", "--shape-only", "--config", "smollm2-135m"]])
+def test_cuda_without_gpu_is_an_error(bench, command):
+    code, err = bench(*command, "--device", "cuda")
+    assert code == 1 and "--device cuda requested but no CUDA GPU is available" in err
+
+
+def test_add_bench_parser_plugs_into_the_main_parser():
+    parser = argparse.ArgumentParser(prog="lowrank-infer")
+    add_bench_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", "kernels", "--quick", "--keep", "0.4", "0.6", "--tokens", "1", "16"])
+    assert args.command == "bench" and args.bench_command == "kernels" and args.run is cmd_kernels
+    assert args.keep == [0.4, 0.6] and args.tokens == [1, 16] and args.quick

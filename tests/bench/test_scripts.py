@@ -1,0 +1,44 @@
+"""The scripts in benchmarks/: plots from a kernel JSON, and the quality suite's commands."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(provider, keep, tokens, speedup, layer="q"):
+    return {"provider": provider, "model": "smollm2-135m", "layer": layer, "k": None if keep is None else 100,
+            "keep": keep, "tokens": tokens, "speedup_vs_dense": speedup}
+
+
+def test_plot_writes_pngs(tmp_path):
+    rows = [_row("dense", None, t, 1.0) for t in (1, 16)]
+    rows += [_row(p, keep, t, s * keep) for p in ("two_matmul", "triton") for keep in (0.4, 0.8)
+             for t, s in ((1, 2.0), (16, 1.5))]
+    rows.append({**_row("triton", 0.4, 16, None), "status": "failed: x"})
+    path = tmp_path / "kernels.json"
+    path.write_text(json.dumps({"environment": {"device_label": "CPU (x86_64)"}, "dtype": "float32", "rows": rows}))
+    plot = _script("plot")
+    assert plot.speedups(rows, "triton")[(0.4, 1)] == 0.8
+    pngs = plot.main([str(path), "--out-dir", str(tmp_path / "plots")])
+    assert [p.name for p in pngs] == ["kernels-vs-keep.png", "kernels-vs-tokens.png"]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in pngs)
+
+
+def test_quality_suite_runs_compress_then_eval(tmp_path, capsys):
+    quality = _script("run_quality")
+    quality.main(["--model", "smollm2-135m", "--methods", "uniform", "drank", "--keeps", "0.6",
+                  "--text-file", "test.txt", "--work-dir", str(tmp_path), "--dry-run"])
+    commands = [line for line in capsys.readouterr().out.splitlines() if line.startswith("+ ")]
+    assert len(commands) == 1 + 2 * 2
+    assert commands[0].endswith("eval smollm2-135m --text-file test.txt --seq-len 512 --max-windows 40 --json")
+    assert f"compress --model smollm2-135m --keep 0.6 --method drank --out {tmp_path}/smollm2-135m-drank-0.6" in commands[3]
+    assert f"eval {tmp_path}/smollm2-135m-drank-0.6 --text-file" in commands[4]

@@ -1,0 +1,142 @@
+"""Numerics of triton_lowrank_linear on every path (interpreter on CPU, compiled on CUDA)."""
+
+import itertools
+import json
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lowrank_infer.kernels import launch_config, triton_lowrank_linear
+from lowrank_infer.kernels.launch_config import PATHS
+
+TOKENS = (1, 3, 16, 17, 130)
+RANKS = (1, 7, 16, 33, 100)
+SIZES = ((24, 24), (24, 37), (37, 24), (37, 37))  # (m, n), odd and even
+TOKEN_RANK = list(itertools.product(TOKENS, RANKS))
+# Every (T, k) pair, cycling through the sizes and bias on/off: all values, fewer runs.
+DIAGONAL = [(T, k, *SIZES[i % len(SIZES)], i % 2 == 0) for i, (T, k) in enumerate(TOKEN_RANK)]
+FULL = [(T, k, m, n, bias) for (T, k) in TOKEN_RANK for (m, n) in SIZES for bias in (True, False)]
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+
+
+@pytest.fixture
+def check(triton_device, make_inputs, poisoned, assert_matches_reference):
+    """``check(T, k, m, n, bias, dtype, path=None)``: run into a NaN-poisoned output, compare."""
+
+    def run(T, k, m, n, bias, dtype, path=None):
+        if dtype == torch.bfloat16 and triton_device == "cpu":
+            pytest.skip("bfloat16 is broken in the Triton interpreter; covered on CUDA")
+        x, U, V, b = make_inputs(T, m, n, k, dtype, triton_device, bias=bias)
+        y = triton_lowrank_linear(x, U, V, b, _path=path, _out=poisoned(x, m))
+        assert_matches_reference(y, x, U, V, b)
+
+    return run
+
+
+@pytest.mark.parametrize("T, k, m, n, bias", FULL)
+def test_auto_path_fp32(check, T, k, m, n, bias):
+    check(T, k, m, n, bias, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("T, k, m, n, bias", DIAGONAL)
+def test_auto_path_16bit(check, T, k, m, n, bias, dtype):
+    check(T, k, m, n, bias, dtype)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("T, k, m, n, bias", DIAGONAL)
+def test_forced_path_fp32(check, path, T, k, m, n, bias):
+    check(T, k, m, n, bias, torch.float32, path)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("T, k", list(zip(TOKENS, RANKS)))
+def test_forced_path_16bit(check, path, dtype, T, k):
+    check(T, k, 37, 24, True, dtype, path)
+
+
+LAYOUT_LEAD = {"3d_transposed": (2,), "3d_row_strided": (2,), "x_transposed": (),
+               "x_column_slice": (3,), "factors_transposed": (2,)}
+
+
+def _relayout(layout, x, U, V):
+    """Same values as (x, U, V), different memory layout."""
+    if layout == "3d_transposed":  # [2, T, n] with strides that reshape cannot merge
+        return x.transpose(0, 1).contiguous().transpose(0, 1), U, V
+    if layout == "3d_row_strided":  # every other row of a taller tensor
+        return torch.stack([x, torch.zeros_like(x)], dim=2).flatten(1, 2)[:, ::2], U, V
+    if layout == "x_transposed":  # x[T, n] with stride (1, T)
+        return x.T.contiguous().T, U, V
+    if layout == "x_column_slice":  # row stride n + 5
+        return torch.cat([x, torch.ones_like(x[..., :5])], dim=-1)[..., : x.shape[-1]], U, V
+    assert layout == "factors_transposed"  # U, V with stride (1, rows)
+    return x, U.T.contiguous().T, V.T.contiguous().T
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUT_LEAD)
+def test_layouts(triton_device, make_inputs, poisoned, assert_matches_reference,
+                 path, dtype, layout):
+    x, U, V, b = make_inputs(17, 37, 24, 33, dtype, triton_device, lead=LAYOUT_LEAD[layout])
+    x, U, V = _relayout(layout, x, U, V)
+    y = triton_lowrank_linear(x, U, V, b, _path=path, _out=poisoned(x, 37))
+    assert_matches_reference(y, x, U, V, b)
+
+
+def test_allocates_output(triton_device, make_inputs, assert_matches_reference):
+    x, U, V, b = make_inputs(5, 24, 37, 7, torch.float32, triton_device, lead=(2,))
+    y = triton_lowrank_linear(x, U, V, b)
+    assert y.shape == (2, 5, 24)
+    assert_matches_reference(y, x, U, V, b)
+
+
+def test_decode_is_deterministic(triton_device, make_inputs):
+    x, U, V, b = make_inputs(16, 37, 24, 100, torch.float32, triton_device)
+    first = triton_lowrank_linear(x, U, V, b, _path="decode")
+    assert torch.equal(first, triton_lowrank_linear(x, U, V, b, _path="decode"))
+
+
+@pytest.mark.parametrize(
+    "T, k, expected",
+    [(1, 4096, "decode"), (16, 7, "decode"), (17, 7, "prefill"), (130, 256, "prefill"),
+     (17, 257, "shrink_expand"), (130, 1000, "shrink_expand")],
+)
+def test_dispatcher_picks_path(triton_device, make_inputs, monkeypatch, T, k, expected):
+    triton_lowrank = pytest.importorskip("lowrank_infer.kernels.triton_lowrank")
+    taken = []
+    recorders = {name: (lambda *args, name=name: taken.append(name), kernels)
+                 for name, (_, kernels) in triton_lowrank._PATHS.items()}
+    monkeypatch.setattr(triton_lowrank, "_PATHS", recorders)
+    triton_lowrank_linear(*make_inputs(T, 24, 37, k, torch.float32, triton_device))
+    assert taken == [expected]
+
+
+@pytest.mark.parametrize("kernel, T", [("decode", 3), ("prefill", 40)])
+def test_tuned_table_drives_launch(triton_device, check, monkeypatch, tmp_path, kernel, T):
+    """The nearest table entry is used: here 3 m-tiles of 16 split 2 + 1 over 2 m-groups."""
+    triton_lowrank = pytest.importorskip("lowrank_infer.kernels.triton_lowrank")
+    name, _ = triton_lowrank._device_info(torch.device(triton_device))
+    config = {"BLOCK_T": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_M": 16, "M_GROUPS": 2,
+              "num_warps": 4, "num_stages": 2}
+    if kernel == "prefill":
+        del config["BLOCK_K"]  # derived from k
+    monkeypatch.setattr(launch_config, "CONFIG_DIR", tmp_path)
+    launch_config.config_file(name).write_text(
+        json.dumps({kernel: {launch_config.bucket_key(2 * T, 32, 32, 32): config}}))
+    assert launch_config.get_config(kernel, T, 37, 24, 33, device_name=name, num_sms=1,
+                                    elem_bytes=4) == config
+    check(T, 33, 37, 24, True, torch.float32)
+
+
+@settings(max_examples=15, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(T=st.integers(1, 40), m=st.integers(1, 40), n=st.integers(1, 40), k=st.integers(1, 40),
+       bias=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16]),
+       path=st.sampled_from([None, *PATHS]))
+def test_fuzz_shapes(check, T, m, n, k, bias, dtype, path):
+    check(T, k, m, n, bias, dtype, path)

@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from lowrank_infer.calibration import calibrate
+from lowrank_infer.surgery import target_linears
+
+from conftest import ARCHS, tiny_model
+
+
+def _direct_grams(model, ids):
+    """XᵀX from hooks on one plain full-model forward pass (the independent reference)."""
+    grams, handles = {}, []
+    for name, linear in target_linears(model).items():
+        def hook(_m, args, name=name):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            grams[name] = grams.get(name, 0) + x.T @ x
+        handles.append(linear.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in handles:
+        h.remove()
+    return grams
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_blockwise_statistics_equal_full_forward(arch):
+    model = tiny_model(arch)
+    ids = torch.randint(3, 128, (5, 24), generator=torch.Generator().manual_seed(0))
+    got = calibrate(model, ids, target_linears(model), batch_size=2, progress=False)
+    want = _direct_grams(model, ids)
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].dtype == torch.float64
+        torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-6)
+
+
+def test_shared_inputs_share_one_statistic():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 128, (2, 16))
+    grams = calibrate(model, ids, target_linears(model), progress=False)
+    p = "model.layers.0."
+    assert grams[p + "self_attn.q_proj"] is grams[p + "self_attn.k_proj"] is grams[p + "self_attn.v_proj"]
+    assert grams[p + "mlp.gate_proj"] is grams[p + "mlp.up_proj"]
+    assert grams[p + "self_attn.o_proj"] is not grams[p + "self_attn.q_proj"]
+
+
+def test_model_is_left_unchanged():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 128, (2, 16))
+    before = model(ids).logits
+    calibrate(model, ids, target_linears(model), progress=False)
+    torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
+
+
+def test_bad_calibration_input():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="samples, seq_len"):
+        calibrate(model, torch.zeros(0, dtype=torch.long), target_linears(model))

@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from lowrank_infer.factorize import cholesky_damped, plain_svd, whitened_svd
+
+
+def _correlated_inputs(tokens=2000, n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(n, n, generator=g, dtype=torch.float64)
+    scale = torch.logspace(-2, 1, n, dtype=torch.float64)
+    return torch.randn(tokens, n, generator=g, dtype=torch.float64) @ (mix * scale)
+
+
+@pytest.mark.parametrize("rank", [4, 12, 24])
+def test_whitened_beats_plain_under_the_data(rank):
+    X = _correlated_inputs()
+    W = torch.randn(40, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    gram = X.T @ X
+    def data_err(spectrum):
+        U, V = spectrum.factors(rank)
+        return torch.linalg.matrix_norm((W - U.double() @ V.double().T) @ X.T)
+    white, plain = whitened_svd(W, gram), plain_svd(W)
+    assert data_err(white) < data_err(plain)
+    # The whitened truncation is optimal: its data error is exactly the discarded whitened spectrum.
+    torch.testing.assert_close(data_err(white), white.sigma[rank:].square().sum().sqrt(), rtol=1e-4, atol=0)
+    assert white.relative_error(rank) == pytest.approx(
+        float(white.sigma[rank:].square().sum().sqrt() / white.sigma.square().sum().sqrt())
+    )
+
+
+def test_full_rank_factors_reconstruct_the_weight():
+    X = _correlated_inputs()
+    W = torch.randn(20, 48, dtype=torch.float64)
+    spectrum = whitened_svd(W, X.T @ X)
+    U, V = spectrum.factors(spectrum.max_rank)
+    torch.testing.assert_close(U.double() @ V.double().T, W, rtol=1e-4, atol=1e-4)
+
+
+def test_max_rank_caps_stored_factors():
+    spectrum = plain_svd(torch.randn(30, 20), max_rank=7)
+    assert spectrum.max_rank == 7 and spectrum.sigma.numel() == 20
+    with pytest.raises(ValueError, match="outside"):
+        spectrum.factors(8)
+
+
+def test_singular_gram_is_damped():
+    X = _correlated_inputs(tokens=10, n=32)  # 10 tokens: XᵀX has rank 10 of 32
+    L, lam = cholesky_damped(X.T @ X)
+    assert lam > 0
+    assert torch.isfinite(L).all()
+    spectrum = whitened_svd(torch.randn(16, 32), X.T @ X)
+    assert torch.isfinite(spectrum.right).all()
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="layer.q.*NaN"):
+        plain_svd(torch.tensor([[1.0, float("nan")]]), name="layer.q")
+    gram = torch.eye(4, dtype=torch.float64)
+    gram[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="down.*NaN or Inf"):
+        whitened_svd(torch.randn(3, 4), gram, name="down")
+    with pytest.raises(ValueError, match="all zero"):
+        whitened_svd(torch.randn(3, 4), torch.zeros(4, 4), name="x")
+    with pytest.raises(ValueError, match="expected"):
+        whitened_svd(torch.randn(3, 4), torch.eye(5), name="x")
