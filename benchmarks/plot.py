@@ -31,7 +31,8 @@ def speedups(rows: list[dict], provider: str) -> dict[tuple[float, int], float]:
 
 
 def _figure(providers: list[str], title: str):
-    fig, axes = plt.subplots(1, len(providers), figsize=(5 * len(providers), 4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(providers), figsize=(5 * len(providers), 4), squeeze=False, sharey=True,
+                             layout="constrained")
     fig.suptitle(title)
     return fig, axes[0]
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     args = parser.parse_args(argv)
     document = json.loads(args.json.read_text(encoding="utf-8"))
     rows = [r for r in document["rows"] if not args.models or r["model"] in args.models]
-    providers = sorted({r["provider"] for r in rows if r["k"] is not None and r.get("speedup_vs_dense")})
+    providers = list(dict.fromkeys(r["provider"] for r in rows if r["k"] is not None and r.get("speedup_vs_dense")))
     if not providers:
         raise SystemExit(f"{args.json}: no low-rank rows with a speedup over dense to plot")
     out_dir = args.out_dir or args.json.parent

@@ -3,7 +3,7 @@
 Each config runs in its own process (so one failure or out-of-memory cannot spoil the next)
 and writes ``e2e-<config>-<device>.json`` and ``.md`` into ``--out-dir``: prefill latency,
 decode tokens/s and peak memory of the dense model and of random compressed models at each
-keep, fused vs two-matmul. Any other flag is passed on to ``bench e2e``.
+keep, the Triton path vs two matmuls (cuBLAS). Any other flag is passed on to ``bench e2e``.
 
     python benchmarks/run_e2e.py                               # llama2-7b and llama3-8b
     python benchmarks/run_e2e.py --configs smollm2-135m --quick
@@ -18,6 +18,8 @@ from pathlib import Path
 
 from run_kernels import HERE, device_slug
 
+from lowrank_infer.bench.shapes import MODELS
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -28,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     failed = []
     for config in args.configs:
-        stem = args.out_dir / f"e2e-{config}-{device_slug()}{'-quick' if '--quick' in bench_args else ''}"
+        name = config if config in MODELS else Path(config).stem  # a config.json path: its file name
+        stem = args.out_dir / f"e2e-{name}-{device_slug()}{'-quick' if '--quick' in bench_args else ''}"
         command = [sys.executable, "-m", "lowrank_infer.bench", "e2e", "--shape-only", "--config", config,
                    "--keep", *args.keep, *bench_args, "--json", f"{stem}.json", "--markdown", f"{stem}.md"]
         print("+", " ".join(command), flush=True)

@@ -34,25 +34,26 @@ DEFAULT_SHAPES = [  # (m, n, k): SmolLM2-135M and Llama-7B-sized projections at 
 ]
 DEFAULT_TOKENS = [1, 4, 16, 64, 256, 1024, 4096]
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
-_PATH_KERNELS = {"decode": ("decode",), "prefill": ("prefill",),
+_PATH_KERNELS = {"decode": ("decode_shrink", "decode_expand"), "prefill": ("prefill",),
                  "shrink_expand": ("shrink", "expand")}
 _GEMM_TILES = [  # (BLOCK_R, BLOCK_C, BLOCK_D, num_warps, num_stages), tutorial-style
     (128, 256, 64, 8, 3), (64, 256, 32, 4, 4), (128, 128, 32, 4, 4), (128, 64, 32, 4, 4),
     (64, 128, 32, 4, 4), (128, 32, 32, 4, 4), (64, 64, 64, 4, 3), (32, 64, 32, 4, 5),
-    (128, 128, 64, 8, 3), (64, 64, 32, 2, 5),
+    (128, 128, 64, 8, 3), (64, 64, 32, 2, 5), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3),
 ]
 
 
-def _decode_candidates(T, m, n, k, num_sms):
-    block_t = max(16, min(64, 1 << (T - 1).bit_length()))
-    for block_k, tile, max_groups, (warps, stages) in itertools.product(
-            (16, 32, 64), (64, 128, 256), (1, 4), ((4, 2), (4, 4), (8, 3))):
-        if block_k * tile > 8192:  # the fp32 copy of the U tile would spill registers
+def _decode_candidates(cols, inner, num_sms):
+    """Skinny GEMM configs (16 rows): b-tile shapes, warps and splits of the inner dimension."""
+    for block_c, block_d, (warps, stages) in itertools.product(
+            (64, 128, 256), (32, 64, 128), ((4, 3), (8, 4))):
+        if block_c * block_d > 32768:  # 64 KB b tiles per stage would not fit 4 stages
             continue
-        slices = -(-k // block_k) * -(-T // block_t)
-        yield {"BLOCK_T": block_t, "BLOCK_K": block_k, "BLOCK_N": tile, "BLOCK_M": tile,
-               "M_GROUPS": launch_config.m_groups(m, tile, slices, num_sms, max_groups),
-               "num_warps": warps, "num_stages": stages}
+        tiles = -(-cols // block_c)
+        for waves in (1, 2, 4):
+            split = max(1, min(waves * num_sms // tiles, inner // block_d))
+            yield {"BLOCK_R": 16, "BLOCK_C": block_c, "BLOCK_D": block_d, "GROUP_R": 1,
+                   "SPLIT_D": split, "num_warps": warps, "num_stages": stages}
 
 
 def _prefill_candidates(T, m, n, k, num_sms):
@@ -70,7 +71,7 @@ def _prefill_candidates(T, m, n, k, num_sms):
 def _gemm_candidates():
     for block_r, block_c, block_d, warps, stages in _GEMM_TILES:
         yield {"BLOCK_R": block_r, "BLOCK_C": block_c, "BLOCK_D": block_d, "GROUP_R": 8,
-               "num_warps": warps, "num_stages": stages}
+               "SPLIT_D": 1, "num_warps": warps, "num_stages": stages}
 
 
 def _bench(fn) -> float:
@@ -127,7 +128,8 @@ def _tune_shape(T, m, n, k, dtype, table, device_name, num_sms, device="cuda"):
                for kernel in launch_config.KERNELS}
     path = launch_config.select_path(T, k)
     before_ms = _time_config(launch, inputs, ref, path, current)
-    candidates = {"decode": _decode_candidates(T, m, n, k, num_sms),
+    candidates = {"decode_shrink": _decode_candidates(k, n, num_sms),
+                  "decode_expand": _decode_candidates(m, k, num_sms),
                   "prefill": _prefill_candidates(T, m, n, k, num_sms),
                   "shrink": _gemm_candidates(), "expand": _gemm_candidates()}
     ms, best = _tune_path(launch, inputs, ref, path, current, candidates)

@@ -1,6 +1,12 @@
 """Fused low-rank linear kernels and their dispatch (imported as ``lowrank_infer.kernels``)."""
 
-from lowrank_infer.kernels.lowrank_linear_op import lowrank_linear, triton_lowrank_linear
+from lowrank_infer.kernels.lowrank_linear_op import (
+    BACKENDS,
+    get_backend,
+    lowrank_linear,
+    set_backend,
+    triton_lowrank_linear,
+)
 from lowrank_infer.kernels.reference import torch_lowrank_linear
 
 
@@ -12,4 +18,12 @@ def use_dense(m: int, n: int, k: int) -> bool:
     return k * (m + n) >= m * n
 
 
-__all__ = ["lowrank_linear", "torch_lowrank_linear", "triton_lowrank_linear", "use_dense"]
+__all__ = [
+    "BACKENDS",
+    "get_backend",
+    "lowrank_linear",
+    "set_backend",
+    "torch_lowrank_linear",
+    "triton_lowrank_linear",
+    "use_dense",
+]

@@ -3,7 +3,9 @@
 Pure Python (no Triton import), so the rules can be unit-tested anywhere. A config is a
 dict of the kernel's ``BLOCK_*`` constexprs plus ``num_warps``/``num_stages`` and, for the
 decode and fused prefill kernels, ``M_GROUPS``: into how many program groups the m axis is
-split (a count, not a width, so that it carries over to a nearby shape). Tuned configs
+split (a count, not a width, so that it carries over to a nearby shape); the GEMM kernels'
+``SPLIT_D`` is likewise a count: into how many pieces their inner dimension is split (partials
+summed by a second kernel) when the output tiles alone leave SMs idle. Tuned configs
 come from ``configs/<GPU name>.json`` (written by ``benchmarks/tune_kernels.py``); a shape
 missing from the table uses the nearest tuned shape, and a GPU without a table uses the
 rule-of-thumb heuristics below.
@@ -11,8 +13,8 @@ rule-of-thumb heuristics below.
 Table layout::
 
     {"device": "...", "triton": "...",
-     "decode": {"T=1,m=4096,n=4096,k=1024": {"BLOCK_T": 16, ..., "num_warps": 4}},
-     "prefill": {...}, "shrink": {...}, "expand": {...}}
+     "decode_shrink": {"T=1,m=4096,n=4096,k=1024": {"BLOCK_R": 16, ..., "num_warps": 4}},
+     "decode_expand": {...}, "prefill": {...}, "shrink": {...}, "expand": {...}}
 """
 
 from __future__ import annotations
@@ -38,21 +40,25 @@ __all__ = [
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 # Up to this many tokens the op is memory-bound on the weights (decode, small batches):
-# the decode path splits the rank over programs so that every SM streams weights.
-DECODE_MAX_TOKENS = 16
+# the decode path splits both GEMMs over programs so that every SM streams weights. 32, not
+# 16: at batch-32 decode the shrink_expand path's few large tiles left the H100 idle
+# (LLaMA-2-7B step 59 ms vs 14 ms through this path, benchmarks/results/h100/).
+DECODE_MAX_TOKENS = 32
 # Largest rank the fused prefill kernel keeps on chip: its fp32 [BLOCK_T, next_pow2(k)]
 # intermediate lives in registers, and past 256 columns it spills even at BLOCK_T=32.
 FUSED_MAX_RANK = 256
 
 PATHS = ("decode", "prefill", "shrink_expand")
-# Tuned kernels: the shrink_expand path has two, tuned separately.
-KERNELS = ("decode", "prefill", "shrink", "expand")
+# Tuned kernels: the two-GEMM paths have two each, tuned separately.
+KERNELS = ("decode_shrink", "decode_expand", "prefill", "shrink", "expand")
 
+_GEMM_KEYS = ("BLOCK_R", "BLOCK_C", "BLOCK_D", "GROUP_R", "SPLIT_D")
 _REQUIRED_KEYS = {
-    "decode": ("BLOCK_T", "BLOCK_N", "BLOCK_K", "BLOCK_M", "M_GROUPS"),
+    "decode_shrink": _GEMM_KEYS,
+    "decode_expand": _GEMM_KEYS,
     "prefill": ("BLOCK_T", "BLOCK_N", "BLOCK_M", "M_GROUPS"),
-    "shrink": ("BLOCK_R", "BLOCK_C", "BLOCK_D", "GROUP_R"),
-    "expand": ("BLOCK_R", "BLOCK_C", "BLOCK_D", "GROUP_R"),
+    "shrink": _GEMM_KEYS,
+    "expand": _GEMM_KEYS,
 }
 
 
@@ -81,12 +87,19 @@ def get_config(
 ) -> dict:
     """Launch config of ``kernel`` for a shape: nearest tuned entry, else heuristics.
 
-    For ``shrink``/``expand`` the shape is still the layer's (T, m, n, k), so one table key
-    describes the whole op.
+    For the GEMM kernels the shape is still the layer's (T, m, n, k), so one table key
+    describes the whole op. The returned dict is shared (cached): do not modify it.
     """
-    table = _load_table(str(config_file(device_name))).get(kernel)
+    return _config(kernel, num_tokens, m, n, k, str(config_file(device_name)), num_sms, elem_bytes)
+
+
+@functools.lru_cache(maxsize=4096)
+def _config(kernel, num_tokens, m, n, k, table_path, num_sms, elem_bytes):
+    # Cached because launches repeat the same few shapes and this is Python time on every
+    # call; keyed by the table's path so that another table (tests, tuning) is looked up anew.
+    table = _load_table(table_path).get(kernel)
     if table:
-        return dict(_nearest(table, (num_tokens, m, n, k)))
+        return _nearest(table, (num_tokens, m, n, k))
     return _HEURISTICS[kernel](num_tokens, m, n, k, num_sms=num_sms, elem_bytes=elem_bytes)
 
 
@@ -113,6 +126,8 @@ def _checked(kernel: str, key: str, cfg: dict) -> dict:
     missing = [name for name in required if name not in cfg]
     if missing:
         raise ValueError(f"tuned config {kernel}[{key}] lacks {missing}")
+    if cfg.get("SPLIT_D", 1) < 1:
+        raise ValueError(f"tuned config {kernel}[{key}]: SPLIT_D must be >= 1")
     bad = [name for name, v in cfg.items() if name.startswith("BLOCK_") and (v < 16 or v & (v - 1))]
     if bad:
         raise ValueError(f"tuned config {kernel}[{key}]: {bad} must be powers of two >= 16")
@@ -131,27 +146,6 @@ def _nearest(table: list, shape: tuple[int, ...]) -> dict:
 def _pow2_block(dim: int, cap: int) -> int:
     """Power of two >= 16 (tl.dot's minimum on GPU), <= ``cap``, no wider than ``dim`` needs."""
     return max(16, min(cap, 1 << (max(dim, 1) - 1).bit_length()))
-
-
-def _decode_heuristic(num_tokens, m, n, k, *, num_sms, elem_bytes):
-    # Each program owns a k-slice, so U and V come from HBM once. The price is the
-    # fp32 partials [k/BLOCK_K, T, m]: pick the narrowest slice (most programs, so more SMs
-    # stream weights) whose partials stay under a quarter of the weight bytes.
-    weight_bytes = k * (m + n) * elem_bytes
-    block_k = 16
-    while block_k < 64 and -(-k // block_k) * num_tokens * m * 4 > weight_bytes / 4:
-        block_k *= 2
-    block_k = _pow2_block(k, block_k)
-    # 8 KB weight tiles: enough bytes in flight per load without spilling registers.
-    tile = 8192 // (block_k * elem_bytes)
-    block_m = _pow2_block(m, tile)
-    block_t = _pow2_block(num_tokens, 64)  # 16 in the default T <= 16 range
-    # Up to 4 m-groups per slice when slices alone leave SMs idle; each group re-reads its
-    # V slice from L2, which bounds that extra traffic to 4x V.
-    slices = -(-k // block_k) * -(-num_tokens // block_t)
-    return {"BLOCK_T": block_t, "BLOCK_K": block_k, "BLOCK_N": _pow2_block(n, tile),
-            "BLOCK_M": block_m, "M_GROUPS": m_groups(m, block_m, slices, num_sms, 4),
-            "num_warps": 4, "num_stages": 3}
 
 
 def _prefill_heuristic(num_tokens, m, n, k, *, num_sms, elem_bytes):
@@ -179,15 +173,36 @@ def m_groups(
     return max(1, min(m_tiles, max_groups or m_tiles, num_sms // programs))
 
 
-def _gemm_heuristic(rows, cols, inner):
+def _split(tiles: int, inner: int, block_d: int, num_sms: int) -> int:
+    """Pieces to split the inner dimension into so that ``tiles`` output tiles make about two
+    waves of programs, keeping at least two BLOCK_D steps per piece."""
+    return max(1, min(2 * num_sms // tiles, inner // (2 * block_d)))
+
+
+def _gemm_heuristic(rows, cols, inner, *, num_sms):
     """Tutorial-style tiled GEMM config for c[rows, cols] = a[rows, inner] @ b[inner, cols]."""
-    return {"BLOCK_R": _pow2_block(rows, 64), "BLOCK_C": _pow2_block(cols, 128),
-            "BLOCK_D": _pow2_block(inner, 32), "GROUP_R": 8, "num_warps": 4, "num_stages": 3}
+    block_r, block_c, block_d = _pow2_block(rows, 64), _pow2_block(cols, 128), _pow2_block(inner, 32)
+    tiles = -(-rows // block_r) * -(-cols // block_c)
+    return {"BLOCK_R": block_r, "BLOCK_C": block_c, "BLOCK_D": block_d, "GROUP_R": 8,
+            "SPLIT_D": _split(tiles, inner, block_d, num_sms), "num_warps": 4, "num_stages": 3}
+
+
+def _skinny_gemm_heuristic(rows, cols, inner, *, num_sms, elem_bytes):
+    """Decode GEMM (rows = T <= 16): memory-bound on b, so b tiles of 16 KB whose rows are
+    whole 128-byte lines, and the inner dimension split until the SMs are busy."""
+    block_c = _pow2_block(cols, 128 // elem_bytes * 2)
+    block_d = _pow2_block(inner, 16384 // (block_c * elem_bytes))
+    tiles = -(-cols // block_c)
+    return {"BLOCK_R": 16, "BLOCK_C": block_c, "BLOCK_D": block_d, "GROUP_R": 1,
+            "SPLIT_D": _split(tiles, inner, block_d, num_sms), "num_warps": 4, "num_stages": 4}
 
 
 _HEURISTICS = {
-    "decode": _decode_heuristic,
+    # Decode: x @ V streams V [n, k] (k-contiguous rows), z @ U.T streams U [m, k] (each
+    # column of U.T k-contiguous); 128-wide C and 64-deep D tiles are whole lines either way.
+    "decode_shrink": lambda t, m, n, k, **kw: _skinny_gemm_heuristic(t, k, n, **kw),
+    "decode_expand": lambda t, m, n, k, **kw: _skinny_gemm_heuristic(t, m, k, **kw),
     "prefill": _prefill_heuristic,
-    "shrink": lambda t, m, n, k, **_: _gemm_heuristic(t, k, n),
-    "expand": lambda t, m, n, k, **_: _gemm_heuristic(t, m, k),
+    "shrink": lambda t, m, n, k, num_sms, **_: _gemm_heuristic(t, k, n, num_sms=num_sms),
+    "expand": lambda t, m, n, k, num_sms, **_: _gemm_heuristic(t, m, k, num_sms=num_sms),
 }

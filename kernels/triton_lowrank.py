@@ -2,15 +2,18 @@
 
 Imported lazily (it imports Triton at module level) by ``lowrank_linear_op``. Three paths:
 
-* ``decode`` (T <= 16): memory-bound on U and V. Programs own k-slices: each computes
-  ``z = x @ V[:, slice]`` in fp32 registers, then its partial ``z @ U[:, slice].T`` over
-  its group of m, so each weight byte comes from HBM once and the slices (times a few
-  m-groups, when there are fewer slices than SMs) spread the stream over the SMs. Partials
-  ``[S, T, m]`` fp32 go to a workspace that a second kernel sums in fixed slice order
-  (deterministic, unlike atomics), adding bias and casting. The heuristics aim to keep
-  the workspace under a quarter of the weight bytes.
-* ``prefill`` (T > 16, k <= 256): one program per (T-tile, group of m-tiles) keeps its
-  ``[BLOCK_T, k]`` fp32 intermediate on chip and reuses it for every m-tile of its group.
+* ``decode`` (T <= 16): memory-bound on U and V. Two skinny GEMMs, each split so that every
+  SM streams weights: the shrink ``z = x @ V`` over n (programs own row blocks of V, so each
+  reads whole 128-byte lines of a row-major V once) and the expand ``z @ U.T`` over m (and
+  over k when m alone gives too few programs). Split partials are fp32 and are summed by a
+  small kernel in fixed order (deterministic, unlike atomics); ``z`` itself is fp32, at most
+  ``16·k·4`` bytes, and is read back from L2. A single fused kernel was measured first on an
+  H100 (benchmarks/results/h100/kernels-untuned-llama2.md): splitting k instead, so that z
+  stays on chip, reads V and U in 64-byte pieces and leaves SMs idle, and ran 3x slower than
+  cuBLAS's two GEMVs.
+* ``prefill`` (T > 16, k <= 256): the fused kernel. One program per (T-tile, group of
+  m-tiles) keeps its ``[BLOCK_T, k]`` fp32 intermediate on chip and reuses it for every
+  m-tile of its group.
 * ``shrink_expand`` (larger k): two tiled GEMMs with an fp32 ``[T, k]`` intermediate in
   global memory. At prefill sizes both GEMMs are compute-bound, so the intermediate's
   round trip (8 bytes per token and rank) mostly hides behind the math.
@@ -52,38 +55,6 @@ def _store_tile(ptr, acc, bias_ptr, rows, cols, stride_r, stride_c, n_rows, n_co
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     offsets = rows[:, None].to(tl.int64) * stride_r + cols[None, :].to(tl.int64) * stride_c
     tl.store(ptr + offsets, acc.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _decode_kernel(
-    x_ptr, v_ptr, u_ptr, part_ptr,
-    T, N, M, K, cols_per_program,
-    stride_xt, stride_xn, stride_vn, stride_vk, stride_um, stride_uk, stride_ps, stride_pt,
-    PRECISION: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """part[s, :, m-group] = (x @ V[:, s]) @ U[m-group, s].T for k-slice s = program_id(0).
-
-    Programs of one slice but different m-groups (program_id(1)) each recompute the slice's
-    z: their V reads after the first hit L2, and U is still read from HBM once.
-    """
-    pid_k = tl.program_id(0)
-    offs_t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    z = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        x = _load_tile(x_ptr, offs_t, offs_n, stride_xt, stride_xn, T, N)
-        v = _load_tile(v_ptr, offs_n, offs_k, stride_vn, stride_vk, N, K)
-        z = tl.dot(x, v, z, input_precision=PRECISION)
-    m_start = tl.program_id(1) * cols_per_program
-    m_end = tl.minimum(m_start + cols_per_program, M)
-    for m0 in range(m_start, m_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        u_t = _load_tile(u_ptr, offs_k, offs_m, stride_uk, stride_um, K, M)
-        y = tl.dot(z, u_t.to(tl.float32), input_precision=PRECISION)
-        _store_tile(part_ptr + pid_k * stride_ps, y, part_ptr, offs_t, offs_m, stride_pt, 1, T,
-                    m_end, HAS_BIAS=False)
 
 
 @triton.jit
@@ -136,12 +107,16 @@ def _prefill_kernel(
 @triton.jit
 def _matmul_kernel(
     a_ptr, b_ptr, bias_ptr, c_ptr,
-    R, C, D,
-    stride_ar, stride_ad, stride_bd, stride_bc, stride_cr, stride_cc,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    R, C, D, d_per_split,
+    stride_ar, stride_ad, stride_bd, stride_bc, stride_cs, stride_cr, stride_cc,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_R: tl.constexpr,
 ):
-    """c[R, C] = a[R, D] @ b[D, C] (+ bias[C]), b converted to a's dtype (shrink and expand)."""
+    """c[s, R, C] = a[R, D-split s] @ b[D-split s, C] (+ bias[C]); b converted to a's dtype.
+
+    ``program_id(1)`` picks the split of D (1 split: ``c`` is the result itself). Shrink
+    and expand of every path.
+    """
     pid = tl.program_id(0)
     # Grouped launch order: GROUP_R row-tiles sweep the columns together, so the b tiles
     # they share stay in L2.
@@ -154,47 +129,38 @@ def _matmul_kernel(
     pid_c = (pid % (GROUP_R * tiles_c)) // group_rows
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    d_start = tl.program_id(1) * d_per_split
+    d_end = tl.minimum(d_start + d_per_split, D)
+    offs_d = d_start + tl.arange(0, BLOCK_D)
+    # Pointers advance by BLOCK_D per step instead of being recomputed (int64: T * n can
+    # pass 2**31 for long prefills).
+    a_ptrs = a_ptr + offs_r[:, None].to(tl.int64) * stride_ar + offs_d[None, :].to(tl.int64) * stride_ad
+    b_ptrs = b_ptr + offs_d[:, None].to(tl.int64) * stride_bd + offs_c[None, :].to(tl.int64) * stride_bc
+    mask_r = offs_r[:, None] < R
+    mask_c = offs_c[None, :] < C
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        a = _load_tile(a_ptr, offs_r, offs_d, stride_ar, stride_ad, R, D)
-        b = _load_tile(b_ptr, offs_d, offs_c, stride_bd, stride_bc, D, C)
+    for d0 in range(d_start, d_end, BLOCK_D):
+        if EVEN_D:  # every D step is whole: only the R and C edges need masks
+            a = tl.load(a_ptrs, mask=mask_r, other=0.0)
+            b = tl.load(b_ptrs, mask=mask_c, other=0.0)
+        else:
+            in_d = (d0 + tl.arange(0, BLOCK_D)) < d_end
+            a = tl.load(a_ptrs, mask=mask_r & in_d[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=in_d[:, None] & mask_c, other=0.0)
         acc = tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION)
-    _store_tile(c_ptr, acc, bias_ptr, offs_r, offs_c, stride_cr, stride_cc, R, C, HAS_BIAS=HAS_BIAS)
+        a_ptrs += BLOCK_D * stride_ad
+        b_ptrs += BLOCK_D * stride_bd
+    _store_tile(c_ptr + tl.program_id(1).to(tl.int64) * stride_cs, acc, bias_ptr, offs_r, offs_c,
+                stride_cr, stride_cc, R, C, HAS_BIAS=HAS_BIAS)
 
 
 # Under TRITON_INTERPRET=1, @triton.jit yields an interpreted function that runs on CPU tensors.
-_INTERPRETED = not isinstance(_decode_kernel, JITFunction)
+_INTERPRETED = not isinstance(_matmul_kernel, JITFunction)
 
 
 def _cols_per_program(m, cfg):
     """Width of each of the config's M_GROUPS m-groups, in whole BLOCK_M tiles."""
     return triton.cdiv(triton.cdiv(m, cfg["BLOCK_M"]), cfg["M_GROUPS"]) * cfg["BLOCK_M"]
-
-
-def _launch_decode(x, U, V, bias, out, cfgs, precision):
-    # x: [T, n], U: [m, k], V: [n, k], bias: [m] | None, out: [T, m]
-    T, n = x.shape
-    m, k = U.shape
-    cfg = cfgs["decode"]
-    slices = triton.cdiv(k, cfg["BLOCK_K"])
-    cols_per_program = _cols_per_program(m, cfg)
-    partials = torch.empty((slices, T, m), device=x.device, dtype=torch.float32)
-    grid = (slices, triton.cdiv(m, cols_per_program), triton.cdiv(T, cfg["BLOCK_T"]))
-    _decode_kernel[grid](
-        x, V, U, partials, T, n, m, k, cols_per_program,
-        x.stride(0), x.stride(1), V.stride(0), V.stride(1), U.stride(0), U.stride(1),
-        partials.stride(0), partials.stride(1),
-        PRECISION=precision, BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"], BLOCK_M=cfg["BLOCK_M"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
-    block_m = min(1024, triton.next_power_of_2(m))
-    _reduce_kernel[(triton.cdiv(m, block_m), T)](
-        partials, out if bias is None else bias, out, slices, m,
-        partials.stride(0), partials.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, num_warps=4,
-    )
 
 
 def _launch_prefill(x, U, V, bias, out, cfgs, precision):
@@ -218,27 +184,52 @@ def _launch_matmul(a, b, bias, c, cfg, precision):
     # a: [R, D], b: [D, C] (any strides), bias: [C] | None, c: [R, C]
     R, D = a.shape
     C = b.shape[1]
-    grid = (triton.cdiv(R, cfg["BLOCK_R"]) * triton.cdiv(C, cfg["BLOCK_C"]),)
+    block_d = cfg["BLOCK_D"]
+    # Whole BLOCK_D steps per split; the split count is what remains after rounding.
+    d_per_split = triton.cdiv(triton.cdiv(D, cfg["SPLIT_D"]), block_d) * block_d
+    splits = triton.cdiv(D, d_per_split)
+    target = c if splits == 1 else torch.empty((splits, R, C), device=c.device, dtype=torch.float32)
+    grid = (triton.cdiv(R, cfg["BLOCK_R"]) * triton.cdiv(C, cfg["BLOCK_C"]), splits)
     _matmul_kernel[grid](
-        a, b, c if bias is None else bias, c, R, C, D,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        HAS_BIAS=bias is not None, PRECISION=precision, BLOCK_R=cfg["BLOCK_R"],
-        BLOCK_C=cfg["BLOCK_C"], BLOCK_D=cfg["BLOCK_D"], GROUP_R=cfg["GROUP_R"],
+        a, b, target if bias is None or splits > 1 else bias, target, R, C, D, d_per_split,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        target.stride(0) if splits > 1 else 0, target.stride(-2), target.stride(-1),
+        HAS_BIAS=bias is not None and splits == 1, PRECISION=precision,
+        EVEN_D=D % d_per_split == 0, BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"],
+        BLOCK_D=block_d, GROUP_R=cfg["GROUP_R"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if splits > 1:
+        _launch_reduce(target, bias, c)
+
+
+def _launch_reduce(partials, bias, out):
+    # partials: [S, R, C] fp32, bias: [C] | None, out: [R, C]
+    S, R, C = partials.shape
+    block = min(1024, triton.next_power_of_2(C))
+    _reduce_kernel[(triton.cdiv(C, block), R)](
+        partials, out if bias is None else bias, out, S, C,
+        partials.stride(0), partials.stride(1), out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, BLOCK_M=block, num_warps=4,
     )
 
 
-def _launch_shrink_expand(x, U, V, bias, out, cfgs, precision):
-    # x: [T, n], U: [m, k], V: [n, k], bias: [m] | None, out: [T, m]
-    z = torch.empty((x.shape[0], U.shape[1]), device=x.device, dtype=torch.float32)
-    _launch_matmul(x, V, None, z, cfgs["shrink"], precision)
-    _launch_matmul(z, U.T, bias, out, cfgs["expand"], precision)
+def _two_gemms(shrink, expand):
+    """Runner of a two-GEMM path whose kernels take the ``shrink``/``expand`` configs."""
+
+    def run(x, U, V, bias, out, cfgs, precision):
+        # x: [T, n], U: [m, k], V: [n, k], bias: [m] | None, out: [T, m]
+        z = torch.empty((x.shape[0], U.shape[1]), device=x.device, dtype=torch.float32)
+        _launch_matmul(x, V, None, z, cfgs[shrink], precision)
+        _launch_matmul(z, U.T, bias, out, cfgs[expand], precision)
+
+    return run
 
 
 _PATHS = {  # path -> (launcher, kernels whose configs it takes)
-    "decode": (_launch_decode, ("decode",)),
+    "decode": (_two_gemms("decode_shrink", "decode_expand"), ("decode_shrink", "decode_expand")),
     "prefill": (_launch_prefill, ("prefill",)),
-    "shrink_expand": (_launch_shrink_expand, ("shrink", "expand")),
+    "shrink_expand": (_two_gemms("shrink", "expand"), ("shrink", "expand")),
 }
 
 

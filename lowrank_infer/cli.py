@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.set_defaults(run=cmd_generate)
 
+    from lowrank_infer.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

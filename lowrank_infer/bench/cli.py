@@ -27,13 +27,13 @@ KERNEL_DEFAULTS = {
 }
 E2E_DEFAULTS = {
     ("cuda", False): dict(keep=[0.6], prompt_lens=[128, 2048], batches=[1, 8, 32], context=512, decode_steps=32,
-                          trials=5, paths=["fused", "torch_lowrank", "two_matmul"], rep_ms=300.0),
+                          trials=5, paths=["triton", "two_matmul", "torch_lowrank"], rep_ms=300.0),
     ("cuda", True): dict(keep=[0.6], prompt_lens=[128], batches=[1, 8], context=128, decode_steps=16, trials=3,
-                         paths=["fused", "two_matmul"], rep_ms=100.0),
+                         paths=["triton", "two_matmul"], rep_ms=100.0),
     ("cpu", False): dict(keep=[0.6], prompt_lens=[32, 128], batches=[1, 4], context=32, decode_steps=4, trials=3,
-                         paths=["fused", "two_matmul"], rep_ms=200.0),
+                         paths=["torch_lowrank", "two_matmul"], rep_ms=200.0),
     ("cpu", True): dict(keep=[0.6], prompt_lens=[8], batches=[1], context=8, decode_steps=2, trials=2,
-                        paths=["fused", "two_matmul"], rep_ms=20.0),
+                        paths=["torch_lowrank", "two_matmul"], rep_ms=20.0),
 }
 
 
@@ -41,6 +41,8 @@ def _add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default=None, choices=_DTYPES, help="default bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--quick", action="store_true", help="a one-minute smoke run: few, small cases")
+    p.add_argument("--multiple-of", type=int, default=1,
+                   help="round uniform ranks down to a multiple of this (tensor-core alignment; default 1)")
     p.add_argument("--rep-ms", type=float, default=None, help="sampling time per timed case, in ms")
     p.add_argument("--json", metavar="PATH", help="write the results, environment and command as JSON")
     p.add_argument("--markdown", metavar="PATH", help="also write the printed markdown table to PATH")
@@ -58,7 +60,8 @@ def _add_kernels_parser(sub) -> None:
     p.add_argument("--keep", nargs="+", type=float, help="kept fractions, each in (0, 1) (default 0.4 0.6 0.8)")
     p.add_argument("--tokens", nargs="+", type=int, help="rows of x (T) (default 1 4 16 64 512 2048 8192 on CUDA)")
     p.add_argument("--providers", nargs="+",
-                   help="dense torch_lowrank two_matmul triton (default all; on CPU triton only with TRITON_INTERPRET=1)")
+                   help="dense torch_lowrank two_matmul triton (default: all; on CPU, triton only when "
+                   "TRITON_INTERPRET=1)")
     _add_common_options(p)
     p.set_defaults(run=cmd_kernels)
 
@@ -72,14 +75,15 @@ def _add_e2e_parser(sub) -> None:
     )
     p.add_argument("model", nargs="?", help="compressed checkpoint directory (from 'lowrank-infer compress')")
     p.add_argument("--shape-only", action="store_true", help="random weights of --config's shapes, no checkpoint")
-    p.add_argument("--config", help="with --shape-only: llama2-7b, llama3-8b, qwen2.5-7b, smollm2-135m or a config.json")
+    p.add_argument("--config",
+                   help="with --shape-only: llama2-7b, llama3-8b, qwen2.5-7b, smollm2-135m, or a config.json")
     p.add_argument("--keep", nargs="+", type=float, help="with --shape-only: kept fractions (default 0.6)")
     p.add_argument("--prompt-lens", nargs="+", type=int, help="prefill prompt lengths (default 128 2048 on CUDA)")
     p.add_argument("--batches", nargs="+", type=int, help="decode batch sizes (default 1 8 32 on CUDA)")
     p.add_argument("--context", type=int, help="tokens in the KV cache before timed decode steps (default 512)")
     p.add_argument("--decode-steps", type=int, help="decode steps per timed trial (default 32)")
     p.add_argument("--trials", type=int, help="timed decode trials; the median is reported (default 5)")
-    p.add_argument("--paths", nargs="+", help="low-rank paths: fused torch_lowrank two_matmul")
+    p.add_argument("--paths", nargs="+", help="low-rank paths: triton torch_lowrank two_matmul (two_matmul = the default cuBLAS backend)")
     _add_common_options(p)
     p.set_defaults(run=cmd_e2e)
 
@@ -160,12 +164,20 @@ def cmd_kernels(args) -> int:
         rank_for_keep(shapes[0].m, shapes[0].n, keep)  # rejects keep outside (0, 1) before any timing
     _positive("--tokens", opts["tokens"])
     providers = resolve_providers(args.providers or default_providers(device))
-    settings = KernelSettings(shapes, opts["keep"], opts["tokens"], providers, device, dtype, opts["rep_ms"])
+    settings = KernelSettings(shapes, opts["keep"], opts["tokens"], providers, device, dtype, opts["rep_ms"],
+                              _multiple_of(args))
     peaks = measure_peaks(device, dtype, opts["rep_ms"])
     rows = run_kernel_bench(settings, peaks)
-    document = _document("kernels", args, device, dtype, peaks=peaks.to_dict(), rows=rows)
+    opts.update(layers=[s.layer for s in shapes], providers=[p.name for p in providers])
+    document = _document("kernels", args, device, dtype, settings=opts, peaks=peaks.to_dict(), rows=rows)
     write_outputs(document, markdown_report(document), args.json, args.markdown)
     return 0
+
+
+def _multiple_of(args) -> int:
+    if args.multiple_of < 1:
+        raise ValueError(f"--multiple-of must be >= 1, got {args.multiple_of}")
+    return args.multiple_of
 
 
 def _e2e_variants(args, opts: dict, device: torch.device, dtype: torch.dtype):
@@ -181,7 +193,8 @@ def _e2e_variants(args, opts: dict, device: torch.device, dtype: torch.dtype):
         if not args.config:
             raise ValueError(f"--shape-only needs --config: one of {known}, or a config.json")
         keeps = [check_keep(keep) for keep in opts["keep"]]
-        return args.config, shape_only_variants(hf_config(args.config), args.config, keeps, device, dtype)
+        return args.config, shape_only_variants(hf_config(args.config), args.config, keeps, device, dtype,
+                                                _multiple_of(args))
     if not args.model:
         raise ValueError(f"give a compressed model directory, or --shape-only --config NAME ({known})")
     if args.config or args.keep:
@@ -203,10 +216,11 @@ def cmd_e2e(args) -> int:
                          ("--trials", [opts["trials"]])):
         _positive(flag, values)
     label, variants = _e2e_variants(args, opts, device, dtype)
+    opts["keep"] = [variant.keep for variant in variants]
     settings = E2ESettings(opts["prompt_lens"], opts["batches"], opts["context"], opts["decode_steps"], opts["trials"],
                            check_paths(opts["paths"]), device, dtype, opts["rep_ms"])
     rows = run_e2e_bench(variants, settings)
-    document = _document("e2e", args, device, dtype, model=label, shape_only=args.shape_only, rows=rows)
+    document = _document("e2e", args, device, dtype, model=label, shape_only=args.shape_only, settings=opts, rows=rows)
     write_outputs(document, markdown_report(document), args.json, args.markdown)
     return 0
 

@@ -19,11 +19,11 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from lowrank_infer.allocation import RankPlan, uniform_plan
+from lowrank_infer.allocation import RankPlan, plan_from_ranks, uniform_plan
 from lowrank_infer.bench.output import Column, markdown_table
 from lowrank_infer.bench.providers import two_matmul_linear
 from lowrank_infer.bench.timing import capture_graph, fixed_calls_ms, free_memory, median_ms
-from lowrank_infer.kernels import lowrank_linear, torch_lowrank_linear
+from lowrank_infer.kernels import torch_lowrank_linear, triton_lowrank_linear
 from lowrank_infer.module import LowRankLinear
 from lowrank_infer.report import model_size
 from lowrank_infer.surgery import replace_module, target_shapes
@@ -43,12 +43,13 @@ __all__ = [
     "shape_only_variants",
 ]
 
-# How a LowRankLinear computes U·(Vᵀx) in a run: "fused" is the library's dispatch (the Triton
-# kernels on CUDA, torch elsewhere); the others are the unfused baselines.
+# How a LowRankLinear computes U·(Vᵀx) in a run. "two_matmul" is also what the library runs
+# on CUDA by default (the "cublas" backend); results files made before the backends were
+# split call the Triton path "fused".
 LOWRANK_PATHS = {
-    "fused": lowrank_linear,
+    "triton": triton_lowrank_linear,  # the Triton kernels, fp32 intermediate (CUDA)
     "torch_lowrank": torch_lowrank_linear,  # two matmuls, fp32 intermediate
-    "two_matmul": two_matmul_linear,  # two matmuls in the model dtype
+    "two_matmul": two_matmul_linear,  # two matmuls in the model dtype (cuBLAS on CUDA)
 }
 # Decode steps run on a side stream before a graph is captured.
 _DECODE_WARMUP = 3
@@ -118,7 +119,7 @@ def random_model(config, device: torch.device, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
-def random_compress(model: nn.Module, keep: float, name: str = "") -> nn.Module:
+def random_compress(model: nn.Module, keep: float, name: str = "", multiple_of: int = 1) -> nn.Module:
     """Swap every target linear for a ``LowRankLinear`` of uniform ``keep``, with random factors.
 
     The factors are scaled so that ``U @ V.T`` has the replaced weight's entry scale, which keeps
@@ -127,6 +128,11 @@ def random_compress(model: nn.Module, keep: float, name: str = "") -> nn.Module:
     from lowrank_infer.io import attach_plan
 
     plan = uniform_plan(target_shapes(model), keep, model=name)
+    if multiple_of > 1:  # rounded down: the achieved keep is reported with the results
+        plan = plan_from_ranks(
+            target_shapes(model), {l.name: l.rank and max(multiple_of, l.rank // multiple_of * multiple_of)
+                                   for l in plan.layers}, keep=keep, method="uniform", model=name,
+            params={"multiple_of": multiple_of})
     for layer in plan.layers:
         if layer.rank is not None:
             replace_module(model, layer.name, _random_lowrank(model.get_submodule(layer.name), layer.rank))
@@ -138,9 +144,9 @@ def _random_lowrank(linear: nn.Linear, rank: int) -> LowRankLinear:
     weight = linear.weight
     new = LowRankLinear(linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
                         device=weight.device, dtype=weight.dtype)
-    # An entry of U @ V.T sums k products of N(0, s²) pairs: variance k·s⁴ = std(W)².
-    scale = (weight.float().var().item() / rank) ** 0.25
     with torch.no_grad():
+        # An entry of U @ V.T sums k products of N(0, s²) pairs: variance k·s⁴ = var(W).
+        scale = (weight.float().var().item() / rank) ** 0.25
         new.U.normal_(0.0, scale)
         new.V.normal_(0.0, scale)
         if linear.bias is not None:
@@ -162,12 +168,14 @@ def densify(model: nn.Module) -> nn.Module:
     return model
 
 
-def shape_only_variants(config, name: str, keeps: list[float], device: torch.device, dtype: torch.dtype) -> list[Variant]:
+def shape_only_variants(
+    config, name: str, keeps: list[float], device: torch.device, dtype: torch.dtype, multiple_of: int = 1
+) -> list[Variant]:
     """The dense model of ``config`` and one random compressed model per keep below 1."""
 
     def build(keep: float) -> nn.Module:
         model = random_model(config, device, dtype)
-        return model if keep >= 1.0 else random_compress(model, keep, name)
+        return model if keep >= 1.0 else random_compress(model, keep, name, multiple_of)
 
     return [Variant(keep, functools.partial(build, keep)) for keep in (1.0, *(k for k in keeps if k < 1.0))]
 
@@ -233,10 +241,8 @@ def _measure_path(model: nn.Module, path: str, base: dict, settings: E2ESettings
 
 
 def _kernel_name(path: str, device: torch.device) -> str:
-    """What a path runs on ``device``: the fused path is Triton on CUDA only."""
-    if path == "fused":
-        return "triton" if device.type == "cuda" else "torch_lowrank"
-    return path
+    """What a path runs on ``device`` (two_matmul is cuBLAS on CUDA)."""
+    return "cublas" if path == "two_matmul" and device.type == "cuda" else path
 
 
 def _measurement(measure: Callable[[], tuple[float, str]], device: torch.device, **row) -> dict:
@@ -280,6 +286,9 @@ def _decode_ms(model: nn.Module, batch: int, settings: E2ESettings) -> tuple[flo
     cache = StaticCache(config=model.config, max_cache_len=settings.context + _DECODE_WARMUP + (trials + 1) * steps)
     model(input_ids=_random_ids(model, batch, settings.context, settings.device), past_key_values=cache,
           use_cache=True, logits_to_keep=1)
+    if settings.device.type == "cuda":
+        # The decode row's peak memory is the steady state (weights, cache, one step), not the prefill's.
+        torch.cuda.reset_peak_memory_stats(settings.device)
     ids = _random_ids(model, batch, 1, settings.device)
 
     def step() -> None:

@@ -38,6 +38,7 @@ class KernelSettings:
     device: torch.device
     dtype: torch.dtype
     rep_ms: float
+    multiple_of: int = 1
 
 
 def run_kernel_bench(settings: KernelSettings, peaks: Peaks) -> list[dict]:
@@ -51,7 +52,7 @@ def run_kernel_bench(settings: KernelSettings, peaks: Peaks) -> list[dict]:
     lowrank = [p for p in settings.providers if not p.dense]
     rows: list[dict] = []
     for shape in settings.shapes:
-        ranks = [(keep, rank_for_keep(shape.m, shape.n, keep)) for keep in settings.keeps] if lowrank else []
+        ranks = [(keep, rank_for_keep(shape.m, shape.n, keep, settings.multiple_of)) for keep in settings.keeps] if lowrank else []
         for tokens in settings.tokens:
             if dense:
                 rows += _bench_group(dense, shape, None, None, tokens, settings, peaks)
@@ -91,6 +92,8 @@ def _bench_group(
 def _bench_provider(
     provider: Provider, sets: list[tuple], ref: torch.Tensor, row: dict, settings: KernelSettings, peaks: Peaks,
 ) -> dict:
+    if provider.prepare is not None:
+        sets = [provider.prepare(ops) for ops in sets]
     failure = check_provider(provider, sets[0], ref)
     if failure is None:
         try:

@@ -103,8 +103,9 @@ def layer_shapes(models: list[str], layers: list[str] = LAYERS) -> list[LayerSha
     return shapes
 
 
-def rank_for_keep(m: int, n: int, keep: float) -> int:
-    """The rank uniform allocation gives an ``m×n`` layer at ``keep``: ``floor(keep·m·n/(m+n))``.
+def rank_for_keep(m: int, n: int, keep: float, multiple_of: int = 1) -> int:
+    """The rank uniform allocation gives an ``m×n`` layer at ``keep``: ``floor(keep·m·n/(m+n))``,
+    rounded down to a multiple of ``multiple_of`` (at least one multiple).
 
     Raises:
         ValueError: ``keep`` is outside (0, 1), or the rank would reach break-even (dense).
@@ -112,7 +113,7 @@ def rank_for_keep(m: int, n: int, keep: float) -> int:
     rank = uniform_plan({"layer": (m, n)}, keep).ranks["layer"]
     if rank is None:
         raise ValueError(f"keep {keep} leaves a {m}x{n} layer dense: pick keep < 1")
-    return rank
+    return max(multiple_of, rank // multiple_of * multiple_of)
 
 
 def hf_config(spec: str):
@@ -127,7 +128,8 @@ def hf_config(spec: str):
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise ValueError(f"unknown config {spec!r}: not a config.json file or folder (known names: {', '.join(MODELS)})")
+        raise ValueError(f"unknown config {spec!r}: not a config.json file or folder "
+                         f"(known names: {', '.join(MODELS)})")
     from transformers import AutoConfig
 
     try:

@@ -34,7 +34,7 @@ def resolve_device(spec: str | None) -> torch.device:
         ValueError: a CUDA device is asked for on a machine without one.
     """
     if spec is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(spec)
     except RuntimeError:

@@ -133,3 +133,16 @@ def test_bad_spectra(synthetic_spectra):
         drank_plan({**synthetic_spectra, "model.layers.9.self_attn.k_proj": nan}, 0.5)
     with pytest.raises(ValueError, match="beta"):
         drank_plan(synthetic_spectra, 0.5, beta=1.0)
+
+
+def test_type_falls_back_to_uniform_when_dynamic_loses_more_energy():
+    # Layer 0 looks low-rank (one huge direction) but its tail holds far more energy than the
+    # flatter, small layer 1: effective ranks would starve it, so the type stays uniform.
+    spiky = torch.cat([torch.tensor([1000.0]), torch.ones(255)])
+    spectra = {
+        "model.layers.0.mlp.up_proj": sigma_only(spiky, 384, 256),
+        "model.layers.1.mlp.up_proj": sigma_only(0.01 * 0.99 ** torch.arange(256.0), 384, 256),
+    }
+    assert effective_rank(spectra["model.layers.0.mlp.up_proj"].sigma) < effective_rank(spectra["model.layers.1.mlp.up_proj"].sigma)
+    plan = drank_plan(spectra, 0.5, beta=0.0)
+    assert all(abs(rank - 0.5 * 384 * 256 / 640) < 1 for rank in plan.ranks.values())

@@ -29,24 +29,25 @@ def test_heuristics_give_compilable_blocks(kernel, shape):
     assert cfg["num_warps"] in (1, 2, 4, 8, 16) and cfg["num_stages"] >= 1
 
 
-def test_decode_heuristic_bounds_partials():
-    """The fp32 partials [k/BLOCK_K, T, m] stay at most a quarter of the weight bytes."""
-    m = n = 4096
-    k = 1024
-    for T in range(1, DECODE_MAX_TOKENS + 1):
-        cfg = get_config("decode", T, m, n, k, device_name="x", num_sms=132, elem_bytes=2)
-        assert (k // cfg["BLOCK_K"]) * T * m * 4 <= k * (m + n) * 2 / 4
-        assert cfg["BLOCK_K"] == 16 or T > 4  # single tokens get the most slices
+def test_decode_heuristics_split_until_the_sms_are_busy():
+    """Few output tiles (T <= 16): the inner dimension is split so ~2 waves of programs run."""
+    def programs(kernel, cols, inner):
+        cfg = get_config(kernel, 1, 4096, 4096, 1228, device_name="x", num_sms=132, elem_bytes=2)
+        tiles = -(-cols // cfg["BLOCK_C"])
+        d_per_split = -(-(-(-inner // cfg["SPLIT_D"])) // cfg["BLOCK_D"]) * cfg["BLOCK_D"]
+        return tiles * -(-inner // d_per_split), cfg
+
+    shrink, cfg = programs("decode_shrink", 1228, 4096)
+    assert 132 <= shrink <= 2 * 132 and cfg["BLOCK_R"] == 16
+    expand, _ = programs("decode_expand", 4096, 1228)
+    assert 132 <= expand <= 2 * 132
+    # Bytes per b-tile row are whole 128-byte lines for bf16.
+    assert cfg["BLOCK_C"] * 2 >= 128
 
 
-def test_decode_heuristic_splits_m_when_slices_leave_sms_idle():
-    def groups(k):
-        return get_config("decode", 1, 4096, 4096, k, device_name="x", num_sms=132,
-                          elem_bytes=2)["M_GROUPS"]
-
-    assert groups(1024) == 2  # 64 slices of 16: two m-groups fill one wave of 132 SMs
-    assert groups(64) == 4  # few slices: capped at 4 groups (each re-reads its V slice)
-    assert groups(4096) == 1  # 256 slices already cover the SMs
+def test_gemm_heuristic_does_not_split_large_outputs():
+    cfg = get_config("shrink", 8192, 4096, 4096, 1024, device_name="x", num_sms=132, elem_bytes=2)
+    assert cfg["SPLIT_D"] == 1
 
 
 def test_prefill_heuristic_fills_sms_when_tokens_are_few():
@@ -63,15 +64,15 @@ def _write_table(monkeypatch, tmp_path, table):
 
 
 def test_nearest_bucket_wins(monkeypatch, tmp_path):
-    small = {"BLOCK_T": 16, "BLOCK_N": 64, "BLOCK_K": 16, "BLOCK_M": 64, "M_GROUPS": 1,
+    small = {"BLOCK_R": 16, "BLOCK_C": 64, "BLOCK_D": 16, "GROUP_R": 1, "SPLIT_D": 8,
              "num_warps": 4, "num_stages": 2}
-    large = dict(small, BLOCK_K=64)
-    _write_table(monkeypatch, tmp_path, {"device": "Fake GPU 80GB", "decode": {
+    large = dict(small, BLOCK_C=128)
+    _write_table(monkeypatch, tmp_path, {"device": "Fake GPU 80GB", "decode_shrink": {
         bucket_key(1, 4096, 4096, 1024): small, bucket_key(16, 4096, 4096, 1024): large}})
 
     def lookup(T, k=1024):
-        return get_config("decode", T, 4096, 4096, k, device_name="Fake GPU 80GB", num_sms=132,
-                          elem_bytes=2)
+        return get_config("decode_shrink", T, 4096, 4096, k, device_name="Fake GPU 80GB",
+                          num_sms=132, elem_bytes=2)
 
     assert lookup(1) == small and lookup(2) == small
     assert lookup(12) == large and lookup(16, 900) == large
@@ -82,11 +83,14 @@ def test_nearest_bucket_wins(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize(
     "entry, message",
-    [({"BLOCK_T": 16, "num_warps": 4, "num_stages": 2}, "lacks"),
-     ({"BLOCK_T": 16, "BLOCK_N": 48, "BLOCK_K": 16, "BLOCK_M": 64, "M_GROUPS": 1, "num_warps": 4,
-       "num_stages": 2}, "powers of two")],
+    [({"BLOCK_R": 16, "num_warps": 4, "num_stages": 2}, "lacks"),
+     ({"BLOCK_R": 16, "BLOCK_C": 48, "BLOCK_D": 16, "GROUP_R": 1, "SPLIT_D": 1, "num_warps": 4,
+       "num_stages": 2}, "powers of two"),
+     ({"BLOCK_R": 16, "BLOCK_C": 64, "BLOCK_D": 16, "GROUP_R": 1, "SPLIT_D": 0, "num_warps": 4,
+       "num_stages": 2}, "SPLIT_D")],
 )
 def test_malformed_table_is_rejected(monkeypatch, tmp_path, entry, message):
-    _write_table(monkeypatch, tmp_path, {"decode": {bucket_key(1, 64, 64, 16): entry}})
+    _write_table(monkeypatch, tmp_path, {"decode_shrink": {bucket_key(1, 64, 64, 16): entry}})
     with pytest.raises(ValueError, match=message):
-        get_config("decode", 1, 64, 64, 16, device_name="Fake GPU 80GB", num_sms=1, elem_bytes=2)
+        get_config("decode_shrink", 1, 64, 64, 16, device_name="Fake GPU 80GB", num_sms=1,
+                   elem_bytes=2)

@@ -95,3 +95,28 @@ def test_cuda_graph_capture(T, make_inputs, assert_matches_reference):
     graph.replay()
     torch.cuda.synchronize()
     assert_matches_reference(y, x, U, V, b)
+
+
+@pytest.fixture
+def backend():
+    """Set the CUDA backend for one test and restore it afterwards."""
+    from lowrank_infer.kernels import get_backend, set_backend
+
+    saved = get_backend()
+    yield set_backend
+    set_backend(saved)
+
+
+@pytest.mark.parametrize("name", ["cublas", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_each_cuda_backend_matches_reference(backend, name, dtype, make_inputs, assert_matches_reference):
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA backends need a GPU")
+    backend(name)
+    x, U, V, b = make_inputs(5, 37, 24, 7, dtype, "cuda", lead=(2,))
+    assert_matches_reference(lowrank_linear(x, U, V, b), x, U, V, b)
+
+
+def test_unknown_backend_is_refused(backend):
+    with pytest.raises(ValueError, match="unknown backend 'cutlass'"):
+        backend("cutlass")

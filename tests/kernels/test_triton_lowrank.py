@@ -103,8 +103,8 @@ def test_decode_is_deterministic(triton_device, make_inputs):
 
 @pytest.mark.parametrize(
     "T, k, expected",
-    [(1, 4096, "decode"), (16, 7, "decode"), (17, 7, "prefill"), (130, 256, "prefill"),
-     (17, 257, "shrink_expand"), (130, 1000, "shrink_expand")],
+    [(1, 4096, "decode"), (32, 7, "decode"), (33, 7, "prefill"), (130, 256, "prefill"),
+     (33, 257, "shrink_expand"), (130, 1000, "shrink_expand")],
 )
 def test_dispatcher_picks_path(triton_device, make_inputs, monkeypatch, T, k, expected):
     triton_lowrank = pytest.importorskip("lowrank_infer.kernels.triton_lowrank")
@@ -116,15 +116,18 @@ def test_dispatcher_picks_path(triton_device, make_inputs, monkeypatch, T, k, ex
     assert taken == [expected]
 
 
-@pytest.mark.parametrize("kernel, T", [("decode", 3), ("prefill", 40)])
+@pytest.mark.parametrize("kernel, T", [("decode_shrink", 3), ("decode_expand", 3), ("prefill", 40)])
 def test_tuned_table_drives_launch(triton_device, check, monkeypatch, tmp_path, kernel, T):
-    """The nearest table entry is used: here 3 m-tiles of 16 split 2 + 1 over 2 m-groups."""
+    """The nearest table entry is used: prefill's 3 m-tiles of 16 split 2 + 1 over 2 m-groups;
+    the decode GEMMs' inner dimension (24 or 33) split into pieces of 16 with a ragged end."""
     triton_lowrank = pytest.importorskip("lowrank_infer.kernels.triton_lowrank")
     name, _ = triton_lowrank._device_info(torch.device(triton_device))
-    config = {"BLOCK_T": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_M": 16, "M_GROUPS": 2,
-              "num_warps": 4, "num_stages": 2}
     if kernel == "prefill":
-        del config["BLOCK_K"]  # derived from k
+        config = {"BLOCK_T": 16, "BLOCK_N": 16, "BLOCK_M": 16, "M_GROUPS": 2, "num_warps": 4,
+                  "num_stages": 2}
+    else:
+        config = {"BLOCK_R": 16, "BLOCK_C": 16, "BLOCK_D": 16, "GROUP_R": 1, "SPLIT_D": 2,
+                  "num_warps": 4, "num_stages": 2}
     monkeypatch.setattr(launch_config, "CONFIG_DIR", tmp_path)
     launch_config.config_file(name).write_text(
         json.dumps({kernel: {launch_config.bucket_key(2 * T, 32, 32, 32): config}}))

@@ -40,5 +40,6 @@ def test_quality_suite_runs_compress_then_eval(tmp_path, capsys):
     commands = [line for line in capsys.readouterr().out.splitlines() if line.startswith("+ ")]
     assert len(commands) == 1 + 2 * 2
     assert commands[0].endswith("eval smollm2-135m --text-file test.txt --seq-len 512 --max-windows 40 --json")
-    assert f"compress --model smollm2-135m --keep 0.6 --method drank --out {tmp_path}/smollm2-135m-drank-0.6" in commands[3]
-    assert f"eval {tmp_path}/smollm2-135m-drank-0.6 --text-file" in commands[4]
+    drank = tmp_path / "smollm2-135m-drank-0.6"
+    assert f"compress --model smollm2-135m --keep 0.6 --method drank --out {drank}" in commands[3]
+    assert f"eval {drank} --text-file" in commands[4]

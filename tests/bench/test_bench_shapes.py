@@ -40,7 +40,8 @@ def test_unknown_names_list_the_known_ones():
 
 def test_hf_config_from_name_and_from_file(tmp_path):
     config = hf_config("llama3-8b")
-    assert (config.model_type, config.hidden_size, config.num_key_value_heads, config.vocab_size) == ("llama", 4096, 8, 128256)
+    assert (config.model_type, config.hidden_size, config.num_key_value_heads) == ("llama", 4096, 8)
+    assert config.vocab_size == 128256
     assert hf_config("qwen2.5-7b").model_type == "qwen2"
     (tmp_path / "config.json").write_text(config.to_json_string())
     assert hf_config(str(tmp_path)).intermediate_size == 14336

@@ -1,4 +1,4 @@
-"""Model building and the fused/unfused switch of ``bench e2e``."""
+"""Model building and the low-rank path switch of ``bench e2e``."""
 
 import pytest
 import torch
@@ -71,7 +71,7 @@ def test_decode_steps_exactly_fill_the_static_cache(monkeypatch):
         return step, "fake_graph"
 
     monkeypatch.setattr(e2e, "_prepare_step", graph_like)
-    settings = e2e.E2ESettings([4], [2], context=5, decode_steps=3, trials=2, paths=["fused"],
+    settings = e2e.E2ESettings([4], [2], context=5, decode_steps=3, trials=2, paths=["torch_lowrank"],
                                device=torch.device("cpu"), dtype=torch.float32, rep_ms=1)
     config = hf_config("smollm2-135m")
     config.num_hidden_layers, config.vocab_size = 1, 64

@@ -53,19 +53,27 @@ def test_broken_provider_is_reported_failed_and_not_timed(bench, tmp_path, monke
     from lowrank_infer.bench import providers
     from lowrank_infer.kernels import torch_lowrank_linear
 
+    calls = []
+
+    def wrong(x, U, V):
+        calls.append(x.shape[0])
+        return 2 * torch_lowrank_linear(x, U, V)
+
     def raising(x, U, V):
         raise RuntimeError("no kernel image")
 
-    monkeypatch.setitem(providers.PROVIDERS, "wrong", providers.Provider("wrong", lambda x, U, V: 2 * torch_lowrank_linear(x, U, V)))
+    monkeypatch.setitem(providers.PROVIDERS, "wrong", providers.Provider("wrong", wrong))
     monkeypatch.setitem(providers.PROVIDERS, "raising", providers.Provider("raising", raising))
     rows = _kernels_quick(bench, tmp_path, "--providers", "dense", "wrong", "raising")["rows"]
+    assert calls == [1, 4]  # the correctness check only: a failed provider is never timed
     by_provider = {(r["provider"], r["tokens"]): r for r in rows}
     for tokens in (1, 4):
         assert by_provider[("dense", tokens)]["status"] == "ok"
-        wrong, failing = by_provider[("wrong", tokens)], by_provider[("raising", tokens)]
-        assert wrong["status"].startswith("failed: relative error")
-        assert failing["status"] == "failed: RuntimeError: no kernel image"
-        assert wrong["median_ms"] is None and failing["median_ms"] is None and wrong["speedup_vs_dense"] is None
+        wrong_row, raising_row = by_provider[("wrong", tokens)], by_provider[("raising", tokens)]
+        assert wrong_row["status"].startswith("failed: relative error")
+        assert raising_row["status"] == "failed: RuntimeError: no kernel image"
+        assert wrong_row["median_ms"] is None and raising_row["median_ms"] is None
+        assert wrong_row["speedup_vs_dense"] is None
 
 
 def _check_e2e_rows(rows, paths):
@@ -87,7 +95,7 @@ def test_e2e_shape_only_quick(bench, tmp_path, tiny_config_file):
     assert code == 0, err
     doc = json.loads(out.read_text())
     assert doc["benchmark"] == "e2e" and doc["shape_only"] and doc["model"] == str(tiny_config_file)
-    _check_e2e_rows(doc["rows"], {"fused", "two_matmul"})
+    _check_e2e_rows(doc["rows"], {"torch_lowrank", "two_matmul"})
     assert {r["keep"] for r in doc["rows"]} == {1.0, 0.6}
     assert "| path |" in md.read_text()
 
