@@ -39,7 +39,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def _add_calibration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--calib-file", default=_default_data_file("wikitext2", "valid.tokens.txt"),
-        help="calibration text file, or 'wikitext2' (training split via the datasets package); "
+        help="calibration text file, or 'wikitext2' / 'c4' (training split via the datasets package); "
         "default: $LOWRANK_INFER_DATA/wikitext2/valid.tokens.txt when that exists",
     )
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="perplexity of a model or checkpoint", description="Perplexity: non-overlapping windows, exp(mean token NLL).")
     p.add_argument("model", help="checkpoint directory, alias, .gguf file or hub id")
-    p.add_argument("--text-file", default=None, help="evaluation text file, or 'wikitext2' (test split via datasets); default: $LOWRANK_INFER_DATA/wikitext2/test.raw.txt when set")
+    p.add_argument("--text-file", default=None, help="evaluation text file, or 'wikitext2' / 'c4' (test / validation split via datasets); default: $LOWRANK_INFER_DATA/wikitext2/test.raw.txt when set")
     p.add_argument("--seq-len", type=int, default=2048, help="window length (default 2048)")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first W windows")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
@@ -136,10 +136,10 @@ def _dtype(args):
     return getattr(torch, args.dtype) if args.dtype else None
 
 
-def _load(spec: str, args):
+def _load(spec: str, args, device: str | None = None):
     from lowrank_infer.models import load_model
 
-    return load_model(spec, dtype=_dtype(args), device=_device(args))
+    return load_model(spec, dtype=_dtype(args), device=device or _device(args))
 
 
 def _parse_params(pairs: list[str]) -> dict:
@@ -187,6 +187,16 @@ def _eval_tokens(path: str, tokenizer):
     return tokenize_text(tokenizer, load_text(path, split="eval"))
 
 
+def _perplexity_on(device: str, model, tokens, args) -> dict:
+    """Perplexity of ``model`` on ``device``; the model returns to host memory afterwards."""
+    from lowrank_infer.evaluate import perplexity
+
+    try:
+        return perplexity(model.to(device), tokens, seq_len=args.seq_len, max_windows=args.eval_windows)
+    finally:
+        model.to("cpu")
+
+
 def _say(text: str) -> None:
     print(text, flush=True)
 
@@ -197,7 +207,6 @@ def _say(text: str) -> None:
 def cmd_compress(args) -> int:
     from lowrank_infer.allocation import RankPlan, check_keep
     from lowrank_infer.compress import compress
-    from lowrank_infer.evaluate import perplexity
     from lowrank_infer.io import save_compressed
     from lowrank_infer.report import model_size
 
@@ -206,14 +215,15 @@ def cmd_compress(args) -> int:
     plan = RankPlan.load(args.plan) if args.plan else None
     start = time.perf_counter()
     device = _device(args)
-    model, tokenizer, model_id = _load(args.model, args)
+    # The model stays in host memory; calibration moves one block at a time to --device.
+    model, tokenizer, model_id = _load(args.model, args, device="cpu")
     config = _config(args, device)
     calib = _calibration_ids(args, tokenizer, needed=config.whiten or (plan is None and config.method == "ara"))
     eval_tokens = _eval_tokens(args.eval_file, tokenizer) if args.eval_file else None
     before = model_size(model)
-    ppl_before = perplexity(model, eval_tokens, seq_len=args.seq_len, max_windows=args.eval_windows) if args.eval_file else None
+    ppl_before = _perplexity_on(device, model, eval_tokens, args) if args.eval_file else None
     result = compress(model, config, calib_ids=calib, plan=plan, model_id=model_id)
-    ppl_after = perplexity(model, eval_tokens, seq_len=args.seq_len, max_windows=args.eval_windows) if args.eval_file else None
+    ppl_after = _perplexity_on(device, model, eval_tokens, args) if args.eval_file else None
     save_compressed(model, args.out, tokenizer, overwrite=args.overwrite)
     after = model_size(model)
     summary = result.plan.summary()
@@ -237,7 +247,7 @@ def cmd_plan(args) -> int:
 
     check_keep(args.keep)
     device = _device(args)
-    model, tokenizer, model_id = _load(args.model, args)
+    model, tokenizer, model_id = _load(args.model, args, device="cpu")
     config = _config(args, device)
     calib = _calibration_ids(args, tokenizer, needed=config.whiten or config.method == "ara")
     plan, _, seconds = analyze(model, config, calib_ids=calib, model_id=model_id)

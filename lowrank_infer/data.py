@@ -9,9 +9,13 @@ import torch
 
 __all__ = ["DATASETS", "calibration_ids", "load_text", "shared_data_file", "tokenize_text"]
 
-# name -> (datasets args, split for evaluation, split for calibration, text column)
+# name -> (datasets.load_dataset positional args, keyword args, split for evaluation, split for
+# calibration, text column). C4 is read from its first validation and training shards, as the
+# GPTQ / SVD-LLM code does, rather than downloading the whole corpus.
+_C4_FILES = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
 DATASETS = {
-    "wikitext2": (("wikitext", "wikitext-2-raw-v1"), "test", "train", "text"),
+    "wikitext2": (("wikitext", "wikitext-2-raw-v1"), {}, "test", "train", "text"),
+    "c4": (("allenai/c4",), {"data_files": _C4_FILES}, "validation", "train", "text"),
 }
 
 
@@ -25,7 +29,7 @@ def shared_data_file(*parts: str) -> Path | None:
 
 
 def load_text(source: str, *, split: str = "eval") -> str:
-    """Raw text from a file path or a dataset name (``wikitext2``), rows joined with ``"\\n\\n"``.
+    """Raw text from a file path or a dataset name (``wikitext2``, ``c4``), rows joined with ``"\\n\\n"``.
 
     Args:
         source: a text file, or a name in :data:`DATASETS` (needs ``datasets`` and the hub).
@@ -36,12 +40,15 @@ def load_text(source: str, *, split: str = "eval") -> str:
         return path.read_text(encoding="utf-8")
     if source not in DATASETS:
         raise ValueError(f"text source {source!r} is neither an existing file nor a known dataset ({', '.join(DATASETS)})")
-    args, eval_split, calib_split, column = DATASETS[source]
+    args, kwargs, eval_split, calib_split, column = DATASETS[source]
     try:
         import datasets
     except ImportError:
         raise ValueError(f"dataset {source!r} needs the datasets package (pip install 'lowrank-infer[eval]'), or pass a text file") from None
-    rows = datasets.load_dataset(*args, split=eval_split if split == "eval" else calib_split)[column]
+    try:
+        rows = datasets.load_dataset(*args, split=eval_split if split == "eval" else calib_split, **kwargs)[column]
+    except (OSError, ConnectionError, ValueError) as err:  # offline, or the hub refused
+        raise ValueError(f"could not load dataset {source!r} from the Hugging Face hub ({err}); pass a text file") from None
     return "\n\n".join(rows)
 
 

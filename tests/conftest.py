@@ -26,6 +26,10 @@ def tiny_config(arch: str):
         return transformers.MistralConfig(sliding_window=16, **common)
     if arch == "qwen2":
         return transformers.Qwen2Config(tie_word_embeddings=True, **common)
+    if arch == "qwen3":
+        return transformers.Qwen3Config(head_dim=16, tie_word_embeddings=True, **common)
+    if arch == "gemma":
+        return transformers.GemmaConfig(head_dim=16, **common)
     if arch == "gemma3":
         return transformers.Gemma3TextConfig(head_dim=16, sliding_window=16, **common)
     if arch == "phi3":
@@ -33,7 +37,7 @@ def tiny_config(arch: str):
     raise ValueError(arch)
 
 
-ARCHS = ["llama", "mistral", "qwen2", "gemma3", "phi3"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3", "phi3"]
 
 
 def tiny_model(arch: str = "llama", seed: int = 0):

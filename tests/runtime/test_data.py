@@ -1,0 +1,56 @@
+import sys
+import types
+
+import pytest
+import torch
+
+from lowrank_infer.data import calibration_ids, load_text
+
+
+def test_text_file_and_calibration_windows(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("hello\n\nworld")
+    assert load_text(str(path)) == "hello\n\nworld"
+    tokens = torch.arange(1000)
+    ids = calibration_ids(tokens, 6, 50, seed=3)
+    assert ids.shape == (6, 50)
+    for row in ids:  # each window is a contiguous slice of the stream
+        assert torch.equal(row, torch.arange(int(row[0]), int(row[0]) + 50))
+    assert torch.equal(ids, calibration_ids(tokens, 6, 50, seed=3))
+
+
+@pytest.mark.parametrize("name, split, want_args, want_split", [
+    ("wikitext2", "eval", ("wikitext", "wikitext-2-raw-v1"), "test"),
+    ("wikitext2", "calib", ("wikitext", "wikitext-2-raw-v1"), "train"),
+    ("c4", "eval", ("allenai/c4",), "validation"),
+])
+def test_datasets_are_read_with_the_standard_splits(monkeypatch, name, split, want_args, want_split):
+    calls = []
+
+    def load_dataset(*args, split, **kwargs):
+        calls.append((args, split, kwargs))
+        return {"text": ["a", "b"]}
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    assert load_text(name, split=split) == "a\n\nb"
+    args, got_split, kwargs = calls[0]
+    assert args == want_args and got_split == want_split
+    if name == "c4":
+        assert kwargs["data_files"][want_split].startswith("en/c4-validation")
+
+
+def test_unknown_source_and_offline_hub(monkeypatch):
+    with pytest.raises(ValueError, match="neither an existing file nor a known dataset"):
+        load_text("no-such-file.txt")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+    with pytest.raises(ValueError, match="pass a text file"):
+        load_text("wikitext2")
+
+
+def test_calibration_needs_enough_text():
+    with pytest.raises(ValueError, match="fewer than one window"):
+        calibration_ids(torch.arange(10), 2, 64)
