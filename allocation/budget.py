@@ -20,8 +20,9 @@ from lowrank_infer.factorize import Spectrum
 
 __all__ = ["captured_energy", "fit_budget", "layer_type", "spectra_shapes"]
 
-# The brief's contract: a plan's keep_achieved is within this (absolute) distance of keep_target.
+# Every allocator's contract: keep_achieved is within this (absolute) distance of keep_target.
 KEEP_TOLERANCE = 0.005
+
 
 def layer_type(name: str) -> str:
     """The matrix type of a target linear: the last component of its name (``q_proj``, ``down_proj``)."""
@@ -45,7 +46,7 @@ def spectra_shapes(spectra: Mapping[str, Spectrum]) -> dict[str, tuple[int, int]
             raise ValueError(f"layer {name!r}: expected a Spectrum, got {type(spectrum).__name__}")
         sigma = spectrum.sigma
         if sigma.numel() == 0 or not torch.isfinite(sigma).all() or (sigma < 0).any():
-            raise ValueError(f"layer {name!r}: its singular values contain NaN, Inf or negative values")
+            raise ValueError(f"layer {name!r}: its singular values are empty or contain NaN, Inf or negative values")
         shapes[name] = (spectrum.out_features, spectrum.in_features)
     return shapes
 

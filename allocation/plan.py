@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
+from lowrank_infer.atomic import atomic_write_text
 from lowrank_infer.kernels import use_dense
 
 FORMAT_VERSION = 1
@@ -22,7 +22,6 @@ __all__ = [
     "LayerRank",
     "PlanError",
     "RankPlan",
-    "atomic_write_text",
     "check_keep",
     "layer_params",
     "max_useful_rank",
@@ -221,19 +220,3 @@ def plan_from_ranks(
         rank = ranks[name]
         layers.append(LayerRank(name, out_f, in_f, None if rank is None else max(1, int(rank))))
     return RankPlan(layers, keep_target=keep, method=method, model=model, params=dict(params or {}))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it into place."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-

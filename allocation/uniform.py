@@ -2,18 +2,35 @@
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
-from lowrank_infer.allocation.plan import RankPlan, check_keep, plan_from_ranks
+from lowrank_infer.allocation.budget import fit_budget
+from lowrank_infer.allocation.plan import RankPlan, check_keep, layer_params, plan_from_ranks
 
 __all__ = ["uniform_plan"]
 
 
-def uniform_plan(shapes: Mapping[str, tuple[int, int]], keep: float, *, model: str = "") -> RankPlan:
+def uniform_plan(
+    shapes: Mapping[str, tuple[int, int]], keep: float, *, model: str = "", multiple_of: int = 1
+) -> RankPlan:
     """``k = floor(keep·m·n/(m+n))`` for each layer (name → (out_features, in_features)).
 
-    A layer whose rank reaches break-even (always the case at ``keep = 1``) stays dense.
+    A layer whose rank reaches break-even stays dense, and ``keep = 1`` keeps every layer dense
+    (a rank just under break-even would save almost nothing and lose accuracy). With
+    ``multiple_of > 1`` the ranks are snapped to multiples of it and the budget is repaired
+    greedily, evening out the kept fraction of the layers.
     """
     keep = check_keep(keep)
-    ranks = {name: int(keep * m * n // (m + n)) for name, (m, n) in shapes.items()}
-    return plan_from_ranks(shapes, ranks, keep=keep, method="uniform", model=model)
+    ranks = {name: None if keep == 1.0 else int(keep * m * n // (m + n)) for name, (m, n) in shapes.items()}
+    params = {}
+    if multiple_of > 1 and keep < 1.0:
+        def value(name: str, rank: int | None) -> float:
+            # m·n·log(kept fraction): a step's gain per parameter is 1 / (kept fraction), so the
+            # greedy repair always grows the layer that keeps the least: fractions even out.
+            m, n = shapes[name]
+            return m * n * math.log(layer_params(m, n, rank) / (m * n))
+
+        ranks = fit_budget(shapes, ranks, keep, value, multiple_of=multiple_of)
+        params = {"multiple_of": multiple_of}
+    return plan_from_ranks(shapes, ranks, keep=keep, method="uniform", model=model, params=params)

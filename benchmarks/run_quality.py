@@ -3,7 +3,11 @@
 For every method and keep it runs ``lowrank-infer compress`` into ``--work-dir`` (a finished
 checkpoint there is reused, so an interrupted suite resumes) and ``lowrank-infer eval --json``
 on it, plus one eval of the dense model, and writes a perplexity table as markdown and JSON
-(with machine, versions, the suite's command and every command it ran).
+(with machine, versions, the suite's command and every command it ran). A method name ending
+in ``-plain`` compresses with plain SVD (``--no-whiten``). With ``--plans DIR``, a plan file
+``DIR/<model>_<method>_keep<keep>.json`` is applied (``compress --plan``) instead of running the
+allocator again. Each row also reports the allocator's wall time (from ``compress``'s summary),
+the mean rank per layer type and the number of layers left dense.
 
     python benchmarks/run_quality.py --model smollm2-135m --text-file test.raw.txt --calib-file valid.txt
     python benchmarks/run_quality.py --methods uniform drank --keeps 0.6 0.8 --dry-run
@@ -13,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from lowrank_infer.allocation.plan import atomic_write_text
+from lowrank_infer.atomic import atomic_write_text
 from lowrank_infer.bench.output import command_line, environment, markdown_table
 from lowrank_infer.io import is_compressed_checkpoint
 
@@ -27,9 +32,39 @@ HERE = Path(__file__).resolve().parent
 CLI = [sys.executable, "-m", "lowrank_infer.cli"]
 
 
+def plan_file(args, method: str, keep: float) -> Path | None:
+    """The committed plan for (method, keep) under ``--plans``, if there is one."""
+    if not args.plans:
+        return None
+    path = args.plans / f"{Path(args.model).stem}_{method}_keep{keep}.json"
+    return path if path.is_file() else None
+
+
 def compress_command(args, method: str, keep: float, out: Path) -> list[str]:
-    command = [*CLI, "compress", "--model", args.model, "--keep", str(keep), "--method", method, "--out", str(out)]
+    allocator, _, variant = method.partition("-")
+    command = [*CLI, "compress", "--model", args.model, "--keep", str(keep), "--out", str(out)]
+    plan = plan_file(args, method, keep)
+    command += ["--plan", str(plan)] if plan else ["--method", allocator]
+    command += ["--no-whiten"] if variant == "plain" else []
     return command + (["--calib-file", args.calib_file] if args.calib_file else [])
+
+
+def plan_summary(checkpoint: Path) -> dict:
+    """Mean rank per layer type (last name component) and dense-layer count of a checkpoint."""
+    plan = json.loads((checkpoint / "rank_plan.json").read_text())
+    ranks: dict[str, list[int]] = {}
+    for layer in plan["layers"]:
+        if layer["rank"] is not None:
+            ranks.setdefault(layer["name"].rsplit(".", 1)[-1], []).append(layer["rank"])
+    return {"dense_layers": sum(layer["rank"] is None for layer in plan["layers"]),
+            "keep_achieved": plan["keep_achieved"],
+            "mean_rank_by_type": {kind: round(sum(v) / len(v), 1) for kind, v in ranks.items()}}
+
+
+def allocation_seconds(stdout: str) -> float | None:
+    """The allocator's wall time from ``compress``'s summary line (None with ``--plan``)."""
+    found = re.search(r"allocation ([0-9.]+) s", stdout)
+    return float(found.group(1)) if found else None
 
 
 def eval_command(args, model: str) -> list[str]:
@@ -57,19 +92,39 @@ def _evaluate(args, method: str, keep: float, model: str, before: list[list[str]
 
 def run_grid(args) -> list[dict]:
     """The dense row, then one row per (method, keep); finished checkpoints are not recompressed."""
-    rows = [_evaluate(args, "dense", 1.0, args.model, [])]
+    rows = [_evaluate(args, "dense", 1.0, args.model, [])] if not args.no_dense else []
     for method in args.methods:
         for keep in args.keeps:
             out = args.work_dir / f"{Path(args.model).stem}-{method}-{keep}"
-            made = []
+            made, seconds = [], None
             if not is_compressed_checkpoint(out):
                 made = [compress_command(args, method, keep, out)]
-                _run(made[0], args.dry_run)
-            rows.append(_evaluate(args, method, keep, str(out), made))
+                seconds = allocation_seconds(_run(made[0], args.dry_run))
+            row = _evaluate(args, method, keep, str(out), made)
+            if not args.dry_run:
+                row.update(plan_summary(out), allocation_seconds=seconds)
+                _save_plan(args, out, method, keep)
+            rows.append(row)
     return rows
 
 
+def _save_plan(args, checkpoint: Path, method: str, keep: float) -> None:
+    """Copy the checkpoint's plan to ``--save-plans`` under the name ``--plans`` reads."""
+    if args.save_plans:
+        text = (checkpoint / "rank_plan.json").read_text()
+        atomic_write_text(args.save_plans / f"{Path(args.model).stem}_{method}_keep{keep}.json", text)
+
+
+def combine(paths: list[Path]) -> tuple[list[dict], list[str]]:
+    """Rows and suite commands of several result files, in order (for suites run in parallel)."""
+    documents = [json.loads(path.read_text()) for path in paths]
+    return [row for doc in documents for row in doc["rows"]], [doc["command"] for doc in documents]
+
+
 _COLUMNS = [("method", "method", str), ("keep", "keep", str), ("perplexity", "perplexity", lambda v: f"{v:.3f}"),
+            ("keep achieved", "keep_achieved", lambda v: f"{v:.4f}"), ("dense layers", "dense_layers", str),
+            ("allocation s", "allocation_seconds", lambda v: f"{v:.1f}"),
+            ("mean rank by type", "mean_rank_by_type", lambda v: ", ".join(f"{k} {r:g}" for k, r in v.items())),
             ("windows", "windows", str), ("seq len", "seq_len", str)]
 
 
@@ -78,19 +133,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m", help="alias, model directory or hub id")
     parser.add_argument("--methods", nargs="+", default=["uniform", "drank", "ara"])
     parser.add_argument("--keeps", nargs="+", type=float, default=[0.4, 0.6, 0.8])
-    parser.add_argument("--text-file", required=True, help="evaluation text (e.g. WikiText-2 test.raw.txt)")
+    parser.add_argument("--text-file", help="evaluation text (e.g. WikiText-2 test.raw.txt); required to run")
     parser.add_argument("--calib-file", help="calibration text passed to compress (default: compress's)")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--max-windows", type=int, default=40)
     parser.add_argument("--work-dir", type=Path, default=Path("quality-checkpoints"), help="compressed models")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "quality.json", help="JSON; .md beside it")
+    parser.add_argument("--plans", type=Path, help="apply <model>_<method>_keep<keep>.json plans from here")
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense row")
+    parser.add_argument("--save-plans", type=Path, help="copy each checkpoint's rank plan here")
+    parser.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
+                        help="write one table from earlier result files instead of running anything")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args(argv)
-    rows = run_grid(args)
+    commands = [command_line()]
+    if args.combine:
+        rows, suites = combine(args.combine)
+        commands += suites
+    elif not args.text_file:
+        parser.error("--text-file is required unless --combine is given")
+    else:
+        rows = run_grid(args)
     if args.dry_run:
         return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    document = {"benchmark": "quality", "command": command_line(), "environment": environment(device),
+    document = {"benchmark": "quality", "command": " && ".join(commands), "environment": environment(device),
                 "model": args.model, "text_file": args.text_file, "rows": rows}
     table = f"## Perplexity of {args.model} ({args.seq_len}-token windows)\n\n" + markdown_table(rows, _COLUMNS)
     print(table)

@@ -21,7 +21,7 @@ CASES = [("smollm2-135m", "q", 1), ("smollm2-135m", "down", 64)]
 if DEVICE.type == "cuda":
     CASES += [("llama2-7b", "q", 1), ("llama2-7b", "down", 512)]
 # Triton on CPU runs in its interpreter: far too slow to benchmark, and tested in tests/kernels.
-NAMES = [name for name in PROVIDERS if DEVICE.type == "cuda" or name != "triton"]
+NAMES = [name for name in PROVIDERS if DEVICE.type == "cuda" or not name.startswith("triton")]
 
 
 @pytest.mark.benchmark(max_time=0.2, min_rounds=3)
@@ -31,7 +31,10 @@ def test_provider(benchmark, provider, model, layer, tokens):
     m, n = MODELS[model].layer_shapes()[layer]
     impl = PROVIDERS[provider]
     operands = make_operands(m, n, None if impl.dense else rank_for_keep(m, n, KEEP), tokens, DTYPE, DEVICE)
-    assert check_provider(impl, operands, reference(operands)) is None
+    ref = reference(operands)
+    if impl.prepare is not None:
+        operands = impl.prepare(operands)
+    assert check_provider(impl, operands, ref) is None
 
     def call():
         impl.fn(*operands)

@@ -7,7 +7,7 @@ from lowrank_infer.kernels.lowrank_linear_op import (
     set_backend,
     triton_lowrank_linear,
 )
-from lowrank_infer.kernels.reference import torch_lowrank_linear
+from lowrank_infer.kernels.reference import torch_lowrank_linear, two_matmul_linear
 
 
 def use_dense(m: int, n: int, k: int) -> bool:
@@ -25,5 +25,6 @@ __all__ = [
     "set_backend",
     "torch_lowrank_linear",
     "triton_lowrank_linear",
+    "two_matmul_linear",
     "use_dense",
 ]

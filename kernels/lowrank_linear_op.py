@@ -17,9 +17,8 @@ import os
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from lowrank_infer.kernels.reference import torch_lowrank_linear
+from lowrank_infer.kernels.reference import torch_lowrank_linear, two_matmul_linear
 from lowrank_infer.kernels.validation import check_lowrank_inputs
 
 __all__ = ["BACKENDS", "get_backend", "lowrank_linear", "set_backend", "triton_lowrank_linear"]
@@ -76,7 +75,7 @@ def _lowrank_linear_op(
 def _lowrank_linear_cuda(x, U, V, bias):
     if get_backend() == "triton":
         return _triton_launcher().launch(x, U, V, bias)
-    return F.linear(x @ V, U, bias)
+    return two_matmul_linear(x, U, V, bias)
 
 
 _lowrank_linear_op.register_fake(_lowrank_linear_fake)

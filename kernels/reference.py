@@ -1,10 +1,11 @@
-"""Torch implementation of ``y = U·(Vᵀx) + b``: the CPU path and the test oracle's sibling."""
+"""Torch implementations of ``y = U·(Vᵀx) + b``: the CPU path and the cuBLAS backend."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["torch_lowrank_linear"]
+__all__ = ["torch_lowrank_linear", "two_matmul_linear"]
 
 
 def torch_lowrank_linear(
@@ -23,3 +24,13 @@ def torch_lowrank_linear(
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(x.dtype)
+
+
+def two_matmul_linear(
+    x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``(x @ V) @ U.T + bias`` as two plain matmuls in the input dtype (cuBLAS on CUDA).
+
+    The intermediate is rounded to the input dtype, as in two ``nn.Linear`` calls.
+    """
+    return F.linear(x @ V, U, bias)

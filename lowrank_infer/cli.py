@@ -57,6 +57,11 @@ def _add_allocation_options(p: argparse.ArgumentParser) -> None:
         help="allocation hyper-parameter, e.g. --param beta=0.3 (repeatable)",
     )
     p.add_argument("--no-whiten", action="store_true", help="plain SVD instead of data-whitened SVD")
+    p.add_argument(
+        "--multiple-of", type=int, default=1,
+        help="make every rank a multiple of this; 16 keeps GPU GEMMs on their aligned fast paths "
+        "(measured 3x faster prefill on an H100; see README). Default 1: exact ranks",
+    )
     p.add_argument("--include", action="append", help="regex: only linears whose name matches (repeatable)")
     p.add_argument("--exclude", action="append", help="regex: skip linears whose name matches (repeatable)")
     _add_calibration_options(p)
@@ -171,7 +176,8 @@ def _config(args, device: str):
 
     return CompressConfig(
         keep=args.keep, method=args.method, whiten=not args.no_whiten, include=args.include,
-        exclude=args.exclude, batch_size=args.batch_size, device=device, method_params=_parse_params(args.param),
+        exclude=args.exclude, multiple_of=args.multiple_of, batch_size=args.batch_size, device=device,
+        method_params=_parse_params(args.param),
     )
 
 

@@ -33,6 +33,8 @@ class CompressConfig:
         method: rank allocation, one of ``uniform``, ``drank``, ``ara`` (ignored with a plan).
         whiten: truncation-aware whitened SVD (needs calibration data); False = plain SVD.
         include / exclude: regexes selecting target linears by qualified name.
+        multiple_of: low-rank ranks are multiples of this (16 keeps GPU GEMMs on their fast,
+            aligned paths; 1 = the allocators' exact ranks).
         batch_size: calibration samples per forward pass.
         device: where calibration and SVD run (default: the model's device).
         method_params: keyword arguments for the allocation method.
@@ -43,6 +45,7 @@ class CompressConfig:
     whiten: bool = True
     include: list[str] | None = None
     exclude: list[str] | None = None
+    multiple_of: int = 1
     batch_size: int = 8
     device: str | None = None
     method_params: dict[str, Any] = field(default_factory=dict)
@@ -53,6 +56,8 @@ class CompressConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.multiple_of < 1:
+            raise ValueError(f"multiple_of must be >= 1, got {self.multiple_of}")
 
 
 @dataclass
@@ -100,12 +105,13 @@ def make_plan(
     calib_ids: torch.Tensor | None = None,
     model_id: str = "",
     params: Mapping[str, Any] | None = None,
+    multiple_of: int = 1,
     progress: bool = True,
 ) -> RankPlan:
     """Run one allocation method (see :data:`METHODS`)."""
-    params = dict(params or {})
+    params = {"multiple_of": multiple_of, **(params or {})}
     if method == "uniform":
-        return uniform_plan(shapes, keep, model=model_id)
+        return uniform_plan(shapes, keep, model=model_id, multiple_of=params["multiple_of"])
     if spectra is None:
         raise ValueError(f"method {method!r} needs per-layer spectra")
     if method == "drank":
@@ -130,7 +136,7 @@ def analyze(
     model_id: str = "",
     progress: bool = True,
 ) -> tuple[RankPlan, dict[str, Spectrum], dict[str, float]]:
-    """Calibrate, factorize and allocate without changing the model.
+    """Calibrate, factorize and allocate without changing the model (arguments as :func:`compress`).
 
     Returns:
         ``(plan, spectra, seconds)``: the plan (``plan`` itself when given), each target
@@ -157,7 +163,7 @@ def analyze(
         start = time.perf_counter()
         plan = make_plan(
             config.method, config.keep, shapes=shapes, spectra=spectra, model=model, calib_ids=calib_ids,
-            model_id=model_id, params=config.method_params, progress=progress,
+            model_id=model_id, params=config.method_params, multiple_of=config.multiple_of, progress=progress,
         )
         plan.params["whiten"] = config.whiten
         seconds["allocation"] = time.perf_counter() - start

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +15,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from lowrank_infer.allocation import RankPlan
+from lowrank_infer.atomic import atomic_directory
 from lowrank_infer.hf_quantizer import QUANT_METHOD, LowRankConfig, register
 from lowrank_infer.module import LowRankLinear
 from lowrank_infer.report import safetensors_header
@@ -60,17 +59,6 @@ def _prepare_destination(path: Path, overwrite: bool) -> None:
         raise FileExistsError(f"output directory {path} is not empty (pass overwrite=True / --overwrite)")
 
 
-def _swap_into_place(tmp: Path, path: Path) -> None:
-    """Rename ``tmp`` to ``path``; an existing ``path`` is moved aside first and removed after."""
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def save_compressed(
     model: nn.Module,
     path: str | os.PathLike,
@@ -95,17 +83,11 @@ def save_compressed(
     _check_modules(model, plan)
     path = Path(path)
     _prepare_destination(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         plan.save(tmp / PLAN_FILE)
-        _swap_into_place(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

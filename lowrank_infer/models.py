@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
+
+from lowrank_infer.atomic import atomic_directory
 
 __all__ = ["ALIASES", "cache_dir", "load_model", "resolve_gguf_alias"]
 
@@ -57,15 +56,9 @@ def _cached_alias(alias: str) -> Path:
     if (target / "config.json").is_file():
         return target
     model, tokenizer = _load_gguf(resolve_gguf_alias(alias), torch.float32)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}.tmp-", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

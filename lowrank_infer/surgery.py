@@ -96,6 +96,13 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _lowrank_targets(model: nn.Module, plan: RankPlan):
+    """``(plan layer, nn.Linear)`` of each low-rank layer, after validating the whole plan."""
+    linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    plan.validate({name: (m.out_features, m.in_features) for name, m in linears.items()})
+    return [(layer, linears[layer.name]) for layer in plan.layers if layer.rank is not None]
+
+
 def apply_plan(
     model: nn.Module,
     plan: RankPlan,
@@ -107,12 +114,7 @@ def apply_plan(
         plan: ranks per layer; validated against the model first.
         factors: ``(name, rank) -> (U, V)``, e.g. from a layer's :class:`Spectrum`.
     """
-    linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-    plan.validate({name: (m.out_features, m.in_features) for name, m in linears.items()})
-    for layer in plan.layers:
-        if layer.rank is None:
-            continue
-        linear = linears[layer.name]
+    for layer, linear in _lowrank_targets(model, plan):
         weight = linear.weight
         U, V = factors(layer.name, layer.rank)
         new = LowRankLinear.from_factors(
@@ -128,12 +130,7 @@ def build_lowrank_skeleton(model: nn.Module, plan: RankPlan, dtype: torch.dtype 
     No dense weight is materialized for a low-rank layer: the checkpoint's ``U``/``V`` are
     assigned straight into these modules.
     """
-    linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-    plan.validate({name: (m.out_features, m.in_features) for name, m in linears.items()})
-    for layer in plan.layers:
-        if layer.rank is None:
-            continue
-        linear = linears[layer.name]
+    for layer, linear in _lowrank_targets(model, plan):
         new = LowRankLinear(
             layer.in_features, layer.out_features, layer.rank, bias=linear.bias is not None,
             device="meta", dtype=dtype or linear.weight.dtype,

@@ -21,7 +21,7 @@ from torch import nn
 
 from lowrank_infer.allocation import RankPlan, plan_from_ranks, uniform_plan
 from lowrank_infer.bench.output import Column, markdown_table
-from lowrank_infer.bench.providers import two_matmul_linear
+from lowrank_infer.kernels import two_matmul_linear
 from lowrank_infer.bench.timing import capture_graph, fixed_calls_ms, free_memory, median_ms
 from lowrank_infer.kernels import torch_lowrank_linear, triton_lowrank_linear
 from lowrank_infer.module import LowRankLinear

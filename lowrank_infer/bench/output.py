@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from lowrank_infer.allocation.plan import atomic_write_text
+from lowrank_infer.atomic import atomic_write_text
 
 __all__ = ["Column", "command_line", "environment", "markdown_table", "write_outputs"]
 

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from lowrank_infer.kernels import torch_lowrank_linear
+from lowrank_infer.kernels import torch_lowrank_linear, two_matmul_linear
 
 __all__ = [
     "PROVIDERS",
@@ -24,7 +24,6 @@ __all__ = [
     "make_operands",
     "reference",
     "resolve_providers",
-    "two_matmul_linear",
 ]
 
 # Relative Frobenius error vs float64 above which a provider has failed. Looser than the
@@ -45,20 +44,6 @@ class Provider:
     fn: Callable[..., torch.Tensor]
     dense: bool = False
     prepare: Callable[[tuple], tuple] | None = None
-
-
-def two_matmul_linear(
-    x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``(x @ V) @ U.T + bias`` as two plain matmuls in the input dtype (the naive baseline).
-
-    Args:
-        x: ``[..., n]`` activations.
-        U: ``[m, k]`` left factor.
-        V: ``[n, k]`` right factor.
-        bias: optional ``[m]``.
-    """
-    return F.linear(x @ V, U, bias)
 
 
 def _dense(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:

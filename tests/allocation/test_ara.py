@@ -107,7 +107,8 @@ def test_layer_with_large_truncation_error_returns_to_dense():
             if name == flat:
                 linear.weight.copy_(torch.linalg.qr(torch.randn(n, m, generator=generator))[0].T)
             else:
-                linear.weight.copy_(torch.randn(m, 2, generator=generator) @ torch.randn(2, n, generator=generator) / n**0.5)
+                low = torch.randn(m, 2, generator=generator) @ torch.randn(2, n, generator=generator)
+                linear.weight.copy_(low / n**0.5)
     spectra = {name: plain_svd(l.weight, max_rank=ara_cap(*l.weight.shape)) for name, l in linears.items()}
     ids = torch.randint(0, 128, (8, 32), generator=generator)
     plan = ara_plan(model, spectra, ids, 0.5, steps=40, lr=0.1, batch_size=4, progress=False)
@@ -129,6 +130,15 @@ def test_nan_loss_raises_with_last_good_plan():
     good = caught.value.last_good_plan
     assert good.method == "ara" and good.keep_achieved == pytest.approx(0.5, abs=0.005)
     assert target_linears(model) == linears  # restored on error too
+
+
+def test_non_finite_update_raises_with_last_good_plan(tiny_model_and_spectra):
+    model, ids, spectra = tiny_model_and_spectra
+    modules = dict(target_linears(model))
+    with pytest.raises(ARATrainingError, match="non-finite") as caught:
+        ara_plan(model, spectra, ids, 0.5, **{**FAST, "lr": float("inf")})
+    assert caught.value.last_good_plan.keep_achieved == pytest.approx(0.5, abs=0.005)
+    assert target_linears(model) == modules
 
 
 @pytest.mark.parametrize("keep", [0.0, 1.01, float("nan")])

@@ -41,5 +41,15 @@ def test_quality_suite_runs_compress_then_eval(tmp_path, capsys):
     assert len(commands) == 1 + 2 * 2
     assert commands[0].endswith("eval smollm2-135m --text-file test.txt --seq-len 512 --max-windows 40 --json")
     drank = tmp_path / "smollm2-135m-drank-0.6"
-    assert f"compress --model smollm2-135m --keep 0.6 --method drank --out {drank}" in commands[3]
+    assert f"compress --model smollm2-135m --keep 0.6 --out {drank} --method drank" in commands[3]
     assert f"eval {drank} --text-file" in commands[4]
+
+
+def test_quality_suite_applies_plans_and_plain_svd(tmp_path, capsys):
+    quality = _script("run_quality")
+    (tmp_path / "smollm2-135m_ara_keep0.6.json").write_text("{}")
+    quality.main(["--methods", "ara", "uniform-plain", "--keeps", "0.6", "--text-file", "t.txt", "--no-dense",
+                  "--plans", str(tmp_path), "--work-dir", str(tmp_path), "--dry-run"])
+    commands = [line for line in capsys.readouterr().out.splitlines() if line.startswith("+ ")]
+    assert f"--plan {tmp_path / 'smollm2-135m_ara_keep0.6.json'}" in commands[0] and "--method" not in commands[0]
+    assert commands[2].endswith("--method uniform --no-whiten")

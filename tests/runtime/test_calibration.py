@@ -4,7 +4,7 @@ import torch
 from lowrank_infer.calibration import calibrate
 from lowrank_infer.surgery import target_linears
 
-from conftest import ARCHS, tiny_model
+from tiny_models import ARCHS, tiny_model
 
 
 def _direct_grams(model, ids):

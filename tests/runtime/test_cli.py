@@ -122,3 +122,14 @@ def test_help_explains_every_command():
         res = _run(command, "--help")
         assert res.returncode == 0 and "usage: lowrank-infer" in res.stdout
     assert "keep" in _run("--help").stdout
+
+
+@pytest.mark.parametrize("method", ["uniform", "drank"])
+def test_plan_with_multiple_of(tiny_model_dir, tiny_text, tmp_path, method):
+    plan_file = tmp_path / "plan.json"
+    assert main(list(map(str, ["plan", "--model", tiny_model_dir, "--keep", 0.5, "--method", method,
+                               "--multiple-of", 8, "--calib-file", tiny_text, "--calib-samples", 4,
+                               "--seq-len", 32, "--out", plan_file]))) == 0
+    plan = json.loads(plan_file.read_text())
+    assert all(l["rank"] is None or l["rank"] % 8 == 0 for l in plan["layers"])
+    assert abs(plan["keep_achieved"] - 0.5) <= 0.005 and plan["params"]["multiple_of"] == 8

@@ -13,7 +13,7 @@ from lowrank_infer.compress import CompressConfig, compress
 from lowrank_infer.hf_quantizer import QUANT_METHOD
 from lowrank_infer.report import model_size
 
-from conftest import ARCHS, tiny_model, tiny_tokenizer
+from tiny_models import ARCHS, tiny_model, tiny_tokenizer
 
 IDS = torch.randint(3, 128, (2, 20), generator=torch.Generator().manual_seed(1))
 
