@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The lent-GPU session that produced benchmarks/results/h100/, in two calls of the device
-# tool (each command may run 10 minutes):
+# The lent-GPU session that produced benchmarks/results/h100/, in calls of the device tool
+# (each command may run 10 minutes):
 #   bash benchmarks/gpu_session.sh kernels   CUDA kernel tests, tuning, LLaMA kernel tables
 #   bash benchmarks/gpu_session.sh e2e       end-to-end runs, the other kernel tables
+#   bash benchmarks/gpu_session.sh aligned   ranks rounded to multiples of 16 / 64 (h100/aligned/)
 # Outputs go to $OUT/res and $OUT/results.tar.gz. For `e2e`, put the tuned table that
-# `kernels` wrote into kernels/configs/ first.
+# `kernels` wrote into kernels/configs/ first. The committed files were made before the
+# e2e path "fused" was renamed "triton" (same code: the Triton kernels).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/lowrank-out}
@@ -53,5 +55,15 @@ case "${1:?stage}" in
     e2e smollm2-135m 60 0.6 0.8
     kernels_table qwen2.5-7b 60 qwen2.5-7b
     kernels_table smollm2-135m 50 smollm2-135m
+    pack ;;
+  aligned)
+    setup
+    for q in 16 64; do
+      timeout 40 $BENCH kernels --models llama2-7b --layers q gate --keep 0.6 --multiple-of $q \
+        --tokens 1 16 32 64 2048 --providers dense two_matmul triton --rep-ms 50 \
+        --json "$RES/kernels-aligned$q.json" --markdown "$RES/kernels-aligned$q.md" 2>/dev/null
+    done
+    timeout 110 $BENCH e2e --shape-only --config llama2-7b --keep 0.6 --multiple-of 16 --paths triton two_matmul \
+      --json "$RES/e2e-aligned16.json" --markdown "$RES/e2e-aligned16.md" 2>"$RES/e2e-aligned16.log"
     pack ;;
 esac
