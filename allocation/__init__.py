@@ -13,15 +13,19 @@ from lowrank_infer.allocation.plan import (
 from lowrank_infer.allocation.uniform import uniform_plan
 from lowrank_infer.allocation.drank import drank_plan, effective_rank
 from lowrank_infer.allocation.ara import ARATrainingError, ara_plan
+from lowrank_infer.allocation.drank_beta import BETA_CANDIDATES, calibration_loss, drank_auto_plan
 
 __all__ = [
     "ARATrainingError",
+    "BETA_CANDIDATES",
     "FORMAT_VERSION",
     "LayerRank",
     "PlanError",
     "RankPlan",
     "ara_plan",
+    "calibration_loss",
     "check_keep",
+    "drank_auto_plan",
     "drank_plan",
     "effective_rank",
     "layer_params",

@@ -33,11 +33,13 @@ Where this implementation deviates from the paper and its official code, and why
   unchanged. A dense Q/K layer gives ``β`` of ``m·n``. Types are matched by name
   (``q_proj``/``k_proj``/``v_proj``, ``query``/``key``/``value``); architectures with fused QKV
   projections get no rebalancing.
-- **β = 0.3 by default**, as the paper suggests (its official code uses 0.1–0.2). It is not a
-  sure gain: on SmolLM2-135M (grouped-query attention, 3 KV heads; whitened on WikiText-2)
-  ``β = 0.3`` lowered perplexity by 9% against ``β = 0`` at keep 0.8 but raised it by 6% at keep
-  0.6, where every ``β`` tried in 0.05–0.3 was worse than uniform allocation and raising V's
-  ranks part-way hurt on its own. Pass ``beta=0`` to switch the rebalancing off.
+- **β = 0.3 by default here**, as the paper suggests (its official code uses 0.1–0.2), but
+  :func:`~lowrank_infer.compress.compress` and the CLI default to ``beta="auto"``
+  (:func:`~lowrank_infer.allocation.drank_beta.drank_auto_plan`): β is chosen from 0, 0.1,
+  0.2, 0.3 by the calibration loss of each plan. A fixed β is not a sure gain: on SmolLM2-135M
+  (grouped-query attention, 3 KV heads; whitened on WikiText-2) ``β = 0.3`` lowered perplexity
+  by 9% against ``β = 0`` at keep 0.8 but raised it by 6% at keep 0.6, where every ``β`` tried
+  in 0.05–0.3 was worse than uniform allocation and raising V's ranks part-way hurt on its own.
 - **Budget repair.** Rounding leftovers are repaired over all layers at once with the same
   objective as the closed form (marginal ``Δ(erank/k)`` per parameter), instead of the official
   code's per-type loop that always picks the layer with the extreme ``erank/ω``.

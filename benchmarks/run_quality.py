@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = [command_line()]
     if args.combine:
         rows, suites = combine(args.combine)
-        commands += suites
+        commands = [*suites, *commands]  # in the order they ran: the suites, then this combination
     elif not args.text_file:
         parser.error("--text-file is required unless --combine is given")
     else:
@@ -160,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     document = {"benchmark": "quality", "command": " && ".join(commands), "environment": environment(device),
                 "model": args.model, "text_file": args.text_file, "rows": rows}
     table = f"## Perplexity of {args.model} ({args.seq_len}-token windows)\n\n" + markdown_table(rows, _COLUMNS)
+    table += (
+        "\nMean rank by type counts low-rank layers only (a type whose layers are all dense is absent); "
+        "allocation s is '-' where a finished checkpoint was reused. Every row's compress and eval "
+        f"commands are in {args.out.name}; made by: `{document['command']}`\n"
+    )
     print(table)
     atomic_write_text(args.out, json.dumps(document, indent=1) + "\n")
     atomic_write_text(args.out.with_suffix(".md"), table + "\n")

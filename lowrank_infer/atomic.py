@@ -34,6 +34,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def _ordinary_modes(root: Path) -> None:
+    """Modes a plain ``mkdir``/``open`` would give (umask applied) for ``root`` and all in it.
+
+    ``mkdtemp`` makes 0700, and some writers (safetensors via transformers) make 0600 files:
+    a checkpoint must be readable by whoever may read its parent directory.
+    """
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for item in root.rglob("*"):
+        if not item.is_symlink():
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 @contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside ``path`` that replaces ``path`` when the block succeeds.
@@ -46,7 +59,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700: give it an ordinary directory's mode
+        _ordinary_modes(tmp)
         old = path.with_name(f".{path.name}.old-{os.getpid()}") if path.exists() else None
         if old is not None:
             os.replace(path, old)

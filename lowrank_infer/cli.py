@@ -54,7 +54,7 @@ def _add_allocation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="uniform", choices=["uniform", "drank", "ara"], help="rank allocation (default uniform)")
     p.add_argument(
         "--param", action="append", default=[], metavar="NAME=VALUE",
-        help="allocation hyper-parameter, e.g. --param beta=0.3 (repeatable)",
+        help="allocation hyper-parameter (repeatable), e.g. --param beta=0.3 for D-Rank (default beta=auto: the candidate 0, 0.1, 0.2, 0.3 with the lowest calibration loss) or --param steps=200 for ARA",
     )
     p.add_argument("--no-whiten", action="store_true", help="plain SVD instead of data-whitened SVD")
     p.add_argument(

@@ -115,9 +115,7 @@ def make_plan(
     if spectra is None:
         raise ValueError(f"method {method!r} needs per-layer spectra")
     if method == "drank":
-        from lowrank_infer.allocation import drank_plan
-
-        return drank_plan(spectra, keep, model_id=model_id, **params)
+        return _drank(spectra, keep, model=model, calib_ids=calib_ids, model_id=model_id, params=params, progress=progress)
     if method == "ara":
         from lowrank_infer.allocation import ara_plan
 
@@ -125,6 +123,19 @@ def make_plan(
             raise ValueError("method 'ara' needs the model and calibration token ids")
         return ara_plan(model, spectra, calib_ids, keep, model_id=model_id, progress=progress, **params)
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def _drank(spectra, keep, *, model, calib_ids, model_id, params, progress) -> RankPlan:
+    """D-Rank; ``beta="auto"`` (the default) picks β on calibration data when it is at hand."""
+    from lowrank_infer.allocation import drank_auto_plan, drank_plan
+
+    params = dict(params)
+    beta = params.pop("beta", "auto")
+    if beta != "auto":
+        return drank_plan(spectra, keep, model_id=model_id, beta=beta, **params)
+    if model is None or calib_ids is None:
+        return drank_plan(spectra, keep, model_id=model_id, **params)  # the paper's fixed β
+    return drank_auto_plan(model, spectra, calib_ids, keep, model_id=model_id, progress=progress, **params)
 
 
 def analyze(

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, Mapping
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -13,6 +14,7 @@ from lowrank_infer.module import LowRankLinear
 
 __all__ = [
     "apply_plan",
+    "plan_applied",
     "build_lowrank_skeleton",
     "decoder_blocks",
     "replace_module",
@@ -122,6 +124,24 @@ def apply_plan(
         )
         replace_module(model, layer.name, new)
     return model
+
+
+@contextmanager
+def plan_applied(
+    model: nn.Module,
+    plan: RankPlan,
+    factors: Callable[[str, int], tuple[torch.Tensor, torch.Tensor]],
+) -> Iterator[nn.Module]:
+    """:func:`apply_plan` for the duration of a ``with`` block; the original linears come back after.
+
+    Lets an allocator score candidate plans on the real model without copying it.
+    """
+    originals = {layer.name: linear for layer, linear in _lowrank_targets(model, plan)}
+    try:
+        yield apply_plan(model, plan, factors)
+    finally:
+        for name, linear in originals.items():
+            replace_module(model, name, linear)
 
 
 def build_lowrank_skeleton(model: nn.Module, plan: RankPlan, dtype: torch.dtype | None = None) -> nn.Module:

@@ -1,0 +1,53 @@
+"""Atomic writes: all or nothing, and ordinary file modes on what lands."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from lowrank_infer.atomic import atomic_directory, atomic_write_text
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_directory_lands_whole_with_ordinary_modes(tmp_path, umask_022):
+    target = tmp_path / "ckpt"
+    with atomic_directory(target) as tmp:
+        (tmp / "sub").mkdir(mode=0o700)
+        private = tmp / "sub" / "weights.bin"
+        private.write_bytes(b"abc")
+        os.chmod(private, 0o600)  # as some writers leave their files
+    assert (target / "sub" / "weights.bin").read_bytes() == b"abc"
+    assert (_mode(target), _mode(target / "sub"), _mode(target / "sub" / "weights.bin")) == (0o755, 0o755, 0o644)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_failed_directory_leaves_the_old_one(tmp_path):
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target) as tmp:
+            (tmp / "new.txt").write_text("half")
+            raise RuntimeError("interrupted")
+    assert [p.name for p in target.iterdir()] == ["old.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_text_file_replaced_whole(tmp_path, umask_022):
+    path = tmp_path / "plan.json"
+    path.write_text("old")
+    atomic_write_text(path, "new")
+    assert path.read_text() == "new" and _mode(path) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]
