@@ -11,6 +11,7 @@ calibration windows wins. The candidates and their losses are recorded in the pl
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import torch
@@ -83,7 +84,7 @@ def drank_auto_plan(
             plan = drank_plan(spectra, keep, model_id=model_id, beta=beta, multiple_of=multiple_of)
             with plan_applied(model, plan, lambda name, rank: spectra[name].factors(rank)):
                 loss = calibration_loss(model, ids)
-            if not torch.isfinite(torch.tensor(loss)):
+            if not math.isfinite(loss):
                 raise ValueError(f"D-Rank beta={beta}: calibration loss is {loss}")
             scored.append((loss, beta, plan))
     finally:

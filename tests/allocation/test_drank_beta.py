@@ -71,3 +71,14 @@ def test_bad_input(tiny_model_and_spectra):
         drank_auto_plan(model, spectra, ids[:, :1], 0.6, progress=False)
     with pytest.raises(ValueError, match="beta"):
         drank_auto_plan(model, spectra, ids, 0.6, candidates=(0.0, 1.5), progress=False)
+
+
+def test_non_finite_loss_is_an_error_and_the_model_comes_back(tiny_model_and_spectra):
+    model, ids, spectra = tiny_model_and_spectra
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.get_input_embeddings().weight.fill_(float("nan"))
+    kinds = {n: type(m) for n, m in broken.named_modules()}
+    with pytest.raises(ValueError, match="calibration loss is nan"):
+        drank_auto_plan(broken, spectra, ids, 0.6, candidates=CANDIDATES, samples=2, progress=False)
+    assert {n: type(m) for n, m in broken.named_modules()} == kinds
