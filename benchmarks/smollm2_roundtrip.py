@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from lowrank_infer.atomic import atomic_write_text
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 RELOAD = """
@@ -95,7 +97,7 @@ def main() -> None:
     text = json.dumps(report, indent=1)
     print(text)
     if args.json:
-        args.json.write_text(text + "\n")
+        atomic_write_text(args.json, text + "\n")
 
 
 if __name__ == "__main__":
