@@ -188,7 +188,7 @@ def _gemm_heuristic(rows, cols, inner, *, num_sms):
 
 
 def _skinny_gemm_heuristic(rows, cols, inner, *, num_sms, elem_bytes):
-    """Decode GEMM (rows = T <= 16): memory-bound on b, so b tiles of 16 KB whose rows are
+    """Decode GEMM (rows = T <= DECODE_MAX_TOKENS): memory-bound on b, so b tiles of 16 KB whose rows are
     whole 128-byte lines, and the inner dimension split until the SMs are busy."""
     block_c = _pow2_block(cols, 128 // elem_bytes * 2)
     block_d = _pow2_block(inner, 16384 // (block_c * elem_bytes))

@@ -2,16 +2,16 @@
 
 Imported lazily (it imports Triton at module level) by ``lowrank_linear_op``. Three paths:
 
-* ``decode`` (T <= 16): memory-bound on U and V. Two skinny GEMMs, each split so that every
-  SM streams weights: the shrink ``z = x @ V`` over n (programs own row blocks of V, so each
+* ``decode`` (T <= ``DECODE_MAX_TOKENS`` = 32): memory-bound on U and V. Two skinny GEMMs,
+  each split so that every SM streams weights: the shrink ``z = x @ V`` over n (programs own row blocks of V, so each
   reads whole 128-byte lines of a row-major V once) and the expand ``z @ U.T`` over m (and
   over k when m alone gives too few programs). Split partials are fp32 and are summed by a
   small kernel in fixed order (deterministic, unlike atomics); ``z`` itself is fp32, at most
-  ``16·k·4`` bytes, and is read back from L2. A single fused kernel was measured first on an
-  H100 (benchmarks/results/h100/kernels-untuned-llama2.md): splitting k instead, so that z
+  ``32·k·4`` bytes, and is read back from L2. A single fused kernel was measured first on an
+  H100 (benchmarks/results/h100/v1-fused-decode/): splitting k instead, so that z
   stays on chip, reads V and U in 64-byte pieces and leaves SMs idle, and ran 3x slower than
   cuBLAS's two GEMVs.
-* ``prefill`` (T > 16, k <= 256): the fused kernel. One program per (T-tile, group of
+* ``prefill`` (T > 32, k <= 256): the fused kernel. One program per (T-tile, group of
   m-tiles) keeps its ``[BLOCK_T, k]`` fp32 intermediate on chip and reuses it for every
   m-tile of its group.
 * ``shrink_expand`` (larger k): two tiled GEMMs with an fp32 ``[T, k]`` intermediate in

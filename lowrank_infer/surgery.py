@@ -14,9 +14,9 @@ from lowrank_infer.module import LowRankLinear
 
 __all__ = [
     "apply_plan",
-    "plan_applied",
     "build_lowrank_skeleton",
     "decoder_blocks",
+    "plan_applied",
     "replace_module",
     "target_linears",
     "target_shapes",
@@ -116,14 +116,18 @@ def apply_plan(
         plan: ranks per layer; validated against the model first.
         factors: ``(name, rank) -> (U, V)``, e.g. from a layer's :class:`Spectrum`.
     """
-    for layer, linear in _lowrank_targets(model, plan):
+    _swap_in(model, _lowrank_targets(model, plan), factors)
+    return model
+
+
+def _swap_in(model: nn.Module, targets, factors) -> None:
+    for layer, linear in targets:
         weight = linear.weight
         U, V = factors(layer.name, layer.rank)
         new = LowRankLinear.from_factors(
             U.to(weight.device, weight.dtype), V.to(weight.device, weight.dtype), linear.bias
         )
         replace_module(model, layer.name, new)
-    return model
 
 
 @contextmanager
@@ -136,12 +140,13 @@ def plan_applied(
 
     Lets an allocator score candidate plans on the real model without copying it.
     """
-    originals = {layer.name: linear for layer, linear in _lowrank_targets(model, plan)}
+    targets = _lowrank_targets(model, plan)
     try:
-        yield apply_plan(model, plan, factors)
+        _swap_in(model, targets, factors)
+        yield model
     finally:
-        for name, linear in originals.items():
-            replace_module(model, name, linear)
+        for layer, linear in targets:
+            replace_module(model, layer.name, linear)
 
 
 def build_lowrank_skeleton(model: nn.Module, plan: RankPlan, dtype: torch.dtype | None = None) -> nn.Module:

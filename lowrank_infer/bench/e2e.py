@@ -19,11 +19,11 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from lowrank_infer.allocation import RankPlan, plan_from_ranks, uniform_plan
+from lowrank_infer.allocation import RankPlan, plan_from_ranks
 from lowrank_infer.bench.output import Column, markdown_table
-from lowrank_infer.kernels import two_matmul_linear
+from lowrank_infer.bench.shapes import rank_for_keep
 from lowrank_infer.bench.timing import capture_graph, fixed_calls_ms, free_memory, median_ms
-from lowrank_infer.kernels import torch_lowrank_linear, triton_lowrank_linear
+from lowrank_infer.kernels import torch_lowrank_linear, triton_lowrank_linear, two_matmul_linear
 from lowrank_infer.module import LowRankLinear
 from lowrank_infer.report import model_size
 from lowrank_infer.surgery import replace_module, target_shapes
@@ -127,12 +127,11 @@ def random_compress(model: nn.Module, keep: float, name: str = "", multiple_of: 
     """
     from lowrank_infer.io import attach_plan
 
-    plan = uniform_plan(target_shapes(model), keep, model=name)
-    if multiple_of > 1:  # rounded down: the achieved keep is reported with the results
-        plan = plan_from_ranks(
-            target_shapes(model), {l.name: l.rank and max(multiple_of, l.rank // multiple_of * multiple_of)
-                                   for l in plan.layers}, keep=keep, method="uniform", model=name,
-            params={"multiple_of": multiple_of})
+    # The kernel bench's ranks (rounded down with multiple_of: the achieved keep is reported).
+    shapes = target_shapes(model)
+    ranks = {layer: rank_for_keep(m, n, keep, multiple_of) for layer, (m, n) in shapes.items()}
+    params = {"multiple_of": multiple_of} if multiple_of > 1 else {}
+    plan = plan_from_ranks(shapes, ranks, keep=keep, method="uniform", model=name, params=params)
     for layer in plan.layers:
         if layer.rank is not None:
             replace_module(model, layer.name, _random_lowrank(model.get_submodule(layer.name), layer.rank))

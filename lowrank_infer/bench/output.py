@@ -34,7 +34,8 @@ def environment(device: torch.device) -> dict:
     """
     info = {
         "host": platform.node(), "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+        "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "python": platform.python_version(), "torch": torch.__version__,
         "cuda": torch.version.cuda, "triton": _version("triton"), "transformers": _version("transformers"),
         "lowrank_infer": _version("lowrank-infer"),
     }
