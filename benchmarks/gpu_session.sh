@@ -4,6 +4,9 @@
 #   bash benchmarks/gpu_session.sh kernels   CUDA kernel tests, tuning, LLaMA kernel tables
 #   bash benchmarks/gpu_session.sh e2e       end-to-end runs, the other kernel tables
 #   bash benchmarks/gpu_session.sh aligned   ranks rounded to multiples of 16 / 64 (h100/aligned/)
+#   bash benchmarks/gpu_session.sh final     not yet run: kernel tests of the current code, T = 32-512
+#                                            on the Triton path, and SmolLM2-135M at the ranks of the
+#                                            committed plans (uniform, D-Rank, ARA)
 # Outputs go to $OUT/res and $OUT/results.tar.gz. For `e2e`, put the tuned table that
 # `kernels` wrote into kernels/configs/ first. The committed files were made before the
 # e2e path "fused" was renamed "triton" (same code: the Triton kernels).
@@ -65,5 +68,18 @@ case "${1:?stage}" in
     done
     timeout 110 $BENCH e2e --shape-only --config llama2-7b --keep 0.6 --multiple-of 16 --paths triton two_matmul \
       --json "$RES/e2e-aligned16.json" --markdown "$RES/e2e-aligned16.md" 2>"$RES/e2e-aligned16.log"
+    pack ;;
+  final)
+    setup
+    timeout 150 python3 -m pytest tests/kernels -q -k cuda -n 8 -p no:cacheprovider 2>&1 | tee "$RES/tests-kernels-cuda.log" | tail -n 4
+    timeout 90 $BENCH kernels --models llama2-7b --layers q gate --keep 0.6 --multiple-of 16 \
+      --tokens 1 16 32 33 48 64 128 256 512 2048 --providers dense two_matmul triton --rep-ms 50 \
+      --json "$RES/kernels-aligned16-midT.json" --markdown "$RES/kernels-aligned16-midT.md" 2>/dev/null
+    # The SmolLM2-135M checkpoint (98 MB as GGUF) is larger than the device tool carries; its
+    # speed depends on its ranks, not on the values of its factors, so the committed plans run
+    # with random factors.
+    timeout 200 $BENCH e2e --shape-only --config smollm2-135m --paths two_matmul triton \
+      --plan benchmarks/results/plans/smollm2-135m_{uniform,drank,ara}_keep{0.8,0.6}.json \
+      --json "$RES/e2e-smollm2-135m-plans.json" --markdown "$RES/e2e-smollm2-135m-plans.md" 2>"$RES/e2e-smollm2-135m-plans.log"
     pack ;;
 esac

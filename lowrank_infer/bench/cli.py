@@ -77,7 +77,11 @@ def _add_e2e_parser(sub) -> None:
     p.add_argument("--shape-only", action="store_true", help="random weights of --config's shapes, no checkpoint")
     p.add_argument("--config",
                    help="with --shape-only: llama2-7b, llama3-8b, qwen2.5-7b, smollm2-135m, or a config.json")
-    p.add_argument("--keep", nargs="+", type=float, help="with --shape-only: kept fractions (default 0.6)")
+    p.add_argument("--keep", nargs="+", type=float,
+                   help="with --shape-only: kept fractions, uniform ranks (default 0.6, or none with --plan)")
+    p.add_argument("--plan", nargs="+", metavar="PLAN",
+                   help="with --shape-only: rank-plan JSON files (from 'lowrank-infer plan' or a checkpoint's "
+                   "rank_plan.json) for --config's model; each is measured with random factors at its ranks")
     p.add_argument("--prompt-lens", nargs="+", type=int, help="prefill prompt lengths (default 128 2048 on CUDA)")
     p.add_argument("--batches", nargs="+", type=int, help="decode batch sizes (default 1 8 32 on CUDA)")
     p.add_argument("--context", type=int, help="tokens in the KV cache before timed decode steps (default 512)")
@@ -182,25 +186,39 @@ def _multiple_of(args) -> int:
 
 def _e2e_variants(args, opts: dict, device: torch.device, dtype: torch.dtype):
     """``(model label, variants)`` from a checkpoint or from --shape-only --config."""
-    from lowrank_infer.allocation import check_keep
-    from lowrank_infer.bench.e2e import checkpoint_variants, shape_only_variants
-    from lowrank_infer.bench.shapes import MODELS, hf_config
+    from lowrank_infer.bench.e2e import checkpoint_variants
 
-    known = ", ".join(MODELS)
     if args.model and args.shape_only:
         raise ValueError("give a compressed model directory or --shape-only, not both")
     if args.shape_only:
-        if not args.config:
-            raise ValueError(f"--shape-only needs --config: one of {known}, or a config.json")
-        keeps = [check_keep(keep) for keep in opts["keep"]]
-        return args.config, shape_only_variants(hf_config(args.config), args.config, keeps, device, dtype,
-                                                _multiple_of(args))
+        return args.config, _shape_only_variants(args, opts, device, dtype)
     if not args.model:
-        raise ValueError(f"give a compressed model directory, or --shape-only --config NAME ({known})")
-    if args.config or args.keep:
-        raise ValueError("--config and --keep apply to --shape-only (a checkpoint carries its own rank plan)")
+        raise ValueError(f"give a compressed model directory, or --shape-only --config NAME ({_known_configs()})")
+    if args.config or args.keep or args.plan:
+        raise ValueError("--config, --keep and --plan apply to --shape-only "
+                         "(a checkpoint carries its own rank plan)")
     plan, variants = checkpoint_variants(args.model, device, dtype)
     return plan.model or args.model, variants
+
+
+def _known_configs() -> str:
+    from lowrank_infer.bench.shapes import MODELS
+
+    return ", ".join(MODELS)
+
+
+def _shape_only_variants(args, opts: dict, device: torch.device, dtype: torch.dtype):
+    """Dense, uniform ``--keep`` and ``--plan`` variants of ``--config``'s shapes; without ``--keep``,
+    the default keep is measured only when no plan is given."""
+    from lowrank_infer.allocation import RankPlan, check_keep
+    from lowrank_infer.bench.e2e import shape_only_variants
+    from lowrank_infer.bench.shapes import hf_config
+
+    if not args.config:
+        raise ValueError(f"--shape-only needs --config: one of {_known_configs()}, or a config.json")
+    plans = [RankPlan.load(path) for path in args.plan or []]
+    keeps = [check_keep(keep) for keep in (args.keep if args.keep or plans else opts["keep"]) or []]
+    return shape_only_variants(hf_config(args.config), args.config, keeps, device, dtype, _multiple_of(args), plans)
 
 
 def cmd_e2e(args) -> int:
@@ -217,6 +235,7 @@ def cmd_e2e(args) -> int:
         _positive(flag, values)
     label, variants = _e2e_variants(args, opts, device, dtype)
     opts["keep"] = [variant.keep for variant in variants]
+    opts["plan"] = args.plan or []
     settings = E2ESettings(opts["prompt_lens"], opts["batches"], opts["context"], opts["decode_steps"], opts["trials"],
                            check_paths(opts["paths"]), device, dtype, opts["rep_ms"])
     rows = run_e2e_bench(variants, settings)

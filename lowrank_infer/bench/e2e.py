@@ -41,6 +41,7 @@ __all__ = [
     "random_model",
     "run_e2e_bench",
     "shape_only_variants",
+    "uniform_random_plan",
 ]
 
 # How a LowRankLinear computes U·(Vᵀx) in a run. "two_matmul" is also what the library runs
@@ -86,10 +87,12 @@ def check_paths(names: list[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class Variant:
-    """A model to measure: ``keep`` 1.0 is the dense baseline; ``build`` makes it on demand."""
+    """A model to measure: ``keep`` 1.0 is the dense baseline; ``build`` makes it on demand;
+    ``method`` names the allocation that chose its ranks."""
 
     keep: float
     build: Callable[[], nn.Module]
+    method: str = "dense"
 
 
 @dataclass(frozen=True)
@@ -119,19 +122,28 @@ def random_model(config, device: torch.device, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
-def random_compress(model: nn.Module, keep: float, name: str = "", multiple_of: int = 1) -> nn.Module:
-    """Swap every target linear for a ``LowRankLinear`` of uniform ``keep``, with random factors.
-
-    The factors are scaled so that ``U @ V.T`` has the replaced weight's entry scale, which keeps
-    activations as tame as in the dense model; no SVD is computed.
-    """
-    from lowrank_infer.io import attach_plan
-
-    # The kernel bench's ranks (rounded down with multiple_of: the achieved keep is reported).
+def uniform_random_plan(model: nn.Module, keep: float, name: str = "", multiple_of: int = 1) -> RankPlan:
+    """The uniform plan of ``keep`` for ``model``'s target linears, with the kernel bench's ranks
+    (rounded down to a multiple of ``multiple_of``: the achieved keep is reported)."""
     shapes = target_shapes(model)
     ranks = {layer: rank_for_keep(m, n, keep, multiple_of) for layer, (m, n) in shapes.items()}
     params = {"multiple_of": multiple_of} if multiple_of > 1 else {}
-    plan = plan_from_ranks(shapes, ranks, keep=keep, method="uniform", model=name, params=params)
+    return plan_from_ranks(shapes, ranks, keep=keep, method="uniform", model=name, params=params)
+
+
+def random_compress(model: nn.Module, plan: RankPlan) -> nn.Module:
+    """Swap the target linears that ``plan`` makes low-rank for ``LowRankLinear`` with random factors.
+
+    The factors are scaled so that ``U @ V.T`` has the replaced weight's entry scale, which keeps
+    activations as tame as in the dense model; no SVD is computed. Timing does not depend on the
+    weights' values, so this measures the speed of a real plan without its checkpoint.
+
+    Raises:
+        PlanError: the plan does not fit the model (naming the first mismatching layer).
+    """
+    from lowrank_infer.io import attach_plan
+
+    plan.validate(target_shapes(model))
     for layer in plan.layers:
         if layer.rank is not None:
             replace_module(model, layer.name, _random_lowrank(model.get_submodule(layer.name), layer.rank))
@@ -168,15 +180,29 @@ def densify(model: nn.Module) -> nn.Module:
 
 
 def shape_only_variants(
-    config, name: str, keeps: list[float], device: torch.device, dtype: torch.dtype, multiple_of: int = 1
+    config, name: str, keeps: list[float], device: torch.device, dtype: torch.dtype, multiple_of: int = 1,
+    plans: list[RankPlan] = (),
 ) -> list[Variant]:
-    """The dense model of ``config`` and one random compressed model per keep below 1."""
+    """The dense model of ``config``, one random compressed model per uniform keep below 1, and
+    one per rank plan in ``plans``."""
 
-    def build(keep: float) -> nn.Module:
+    if plans:  # fail before any timing, not when the plan's turn comes
+        shapes = target_shapes(random_model(config, torch.device("meta"), dtype))
+        for plan in plans:
+            plan.validate(shapes)
+
+    def build(plan_for: Callable[[nn.Module], RankPlan] | None) -> nn.Module:
         model = random_model(config, device, dtype)
-        return model if keep >= 1.0 else random_compress(model, keep, name, multiple_of)
+        return model if plan_for is None else random_compress(model, plan_for(model))
 
-    return [Variant(keep, functools.partial(build, keep)) for keep in (1.0, *(k for k in keeps if k < 1.0))]
+    def uniform(keep: float) -> Callable[[nn.Module], RankPlan]:
+        return lambda model: uniform_random_plan(model, keep, name, multiple_of)
+
+    variants = [Variant(1.0, functools.partial(build, None))]
+    variants += [Variant(keep, functools.partial(build, uniform(keep)), "uniform") for keep in keeps if keep < 1.0]
+    variants += [Variant(plan.keep_target, functools.partial(build, lambda _model, p=plan: p), plan.method)
+                 for plan in plans]
+    return variants
 
 
 def checkpoint_variants(path: str, device: torch.device, dtype: torch.dtype | None) -> tuple[RankPlan, list[Variant]]:
@@ -192,7 +218,7 @@ def checkpoint_variants(path: str, device: torch.device, dtype: torch.dtype | No
                          "(make one with 'lowrank-infer compress')")
     plan = RankPlan.load(Path(path) / PLAN_FILE)
     load = functools.partial(load_compressed, path, device=str(device), dtype=dtype)
-    return plan, [Variant(1.0, lambda: densify(load())), Variant(plan.keep_target, load)]
+    return plan, [Variant(1.0, lambda: densify(load())), Variant(plan.keep_target, load, plan.method)]
 
 
 # ---------------------------------------------------------------- measurements
@@ -217,7 +243,7 @@ def _bench_variant(variant: Variant, settings: E2ESettings) -> list[dict]:
     model = variant.build()
     size = model_size(model)
     dense = variant.keep >= 1.0
-    base = {"keep": variant.keep, "keep_achieved": 1.0 if dense else model_plan(model).keep_achieved,
+    base = {"method": variant.method, "keep": variant.keep, "keep_achieved": 1.0 if dense else model_plan(model).keep_achieved,
             "model_params": size["params"], "model_bytes": size["bytes"],
             "dtype": str(settings.dtype).removeprefix("torch.")}
     if dense:
@@ -323,7 +349,7 @@ def _progress(row: dict) -> None:
 
 
 _COLUMNS: list[Column] = [
-    ("path", "path", str), ("kernel", "kernel", str), ("keep", "keep", str), ("phase", "phase", str),
+    ("path", "path", str), ("kernel", "kernel", str), ("method", "method", str), ("keep", "keep", str), ("phase", "phase", str),
     ("batch", "batch", str), ("tokens", "tokens", str), ("timer", "timer", str),
     ("ms", "median_ms", lambda v: f"{v:.3f}"), ("tok/s", "tokens_per_s", lambda v: f"{v:.1f}"),
     ("peak MiB", "peak_memory_bytes", lambda v: f"{v / 2**20:.0f}"),

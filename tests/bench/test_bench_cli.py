@@ -15,7 +15,7 @@ KERNEL_ROW_KEYS = {
     "tflops", "mem_frac", "compute_frac", "roofline_frac", "speedup_vs_dense", "status",
 }
 E2E_ROW_KEYS = {
-    "path", "kernel", "keep", "keep_achieved", "phase", "batch", "tokens", "dtype", "timer", "median_ms",
+    "path", "kernel", "method", "keep", "keep_achieved", "phase", "batch", "tokens", "dtype", "timer", "median_ms",
     "tokens_per_s", "peak_memory_bytes", "model_params", "model_bytes", "speedup_vs_dense", "status",
 }
 CPU_PROVIDERS = ["--providers", "dense", "torch_lowrank", "two_matmul"]  # triton: interpreter, too slow
@@ -100,12 +100,70 @@ def test_e2e_shape_only_quick(bench, tmp_path, tiny_config_file):
     assert "| path |" in md.read_text()
 
 
+def _tiny_plan(tiny_config_file, path, **edit):
+    """A non-uniform plan for the tiny config: some layers dense, the rest at assorted ranks."""
+    from lowrank_infer.allocation import plan_from_ranks
+    from lowrank_infer.bench.e2e import random_model
+    from lowrank_infer.bench.shapes import hf_config
+    from lowrank_infer.surgery import target_shapes
+
+    shapes = target_shapes(random_model(hf_config(str(tiny_config_file)), torch.device("meta"), torch.float32))
+    ranks = {name: None if "mlp" in name and "layers.1" in name else 3 + i for i, name in enumerate(shapes)}
+    plan = plan_from_ranks(shapes, ranks, keep=0.55, method="ara", model="tiny")
+    for name, shape in edit.items():  # e.g. a layer of another width: the plan no longer fits
+        plan.layers[0] = type(plan.layers[0])(plan.layers[0].name, *shape, 3)
+    plan.save(path)
+    return plan
+
+
+def test_e2e_shape_only_measures_a_plan_at_its_ranks(bench, tmp_path, tiny_config_file, monkeypatch):
+    from lowrank_infer.bench import e2e
+
+    plan = _tiny_plan(tiny_config_file, tmp_path / "plan.json")
+    built = []
+    original = e2e.random_compress
+    monkeypatch.setattr(e2e, "random_compress", lambda model, p: built.append(original(model, p)) or built[-1])
+    out = tmp_path / "e2e.json"
+    code, err = bench("e2e", "--shape-only", "--config", tiny_config_file, "--plan", tmp_path / "plan.json",
+                      "--quick", "--device", "cpu", "--rep-ms", 1, "--paths", "torch_lowrank", "--json", out)
+    assert code == 0, err
+    rows = json.loads(out.read_text())["rows"]
+    _check_e2e_rows(rows, {"torch_lowrank"})
+    # Only the plan is measured beside dense: no default uniform keep.
+    assert {(r["method"], r["keep"]) for r in rows} == {("dense", 1.0), ("ara", 0.55)}
+    assert all(r["keep_achieved"] == pytest.approx(plan.keep_achieved) for r in rows if r["method"] == "ara")
+    (model,) = built
+    for layer in plan.layers:
+        module = model.get_submodule(layer.name)
+        assert (getattr(module, "rank", None) if layer.rank else type(module).__name__) == (layer.rank or "Linear")
+
+
+def test_e2e_shape_only_plan_and_keep_together(bench, tmp_path, tiny_config_file):
+    _tiny_plan(tiny_config_file, tmp_path / "plan.json")
+    out = tmp_path / "e2e.json"
+    code, err = bench("e2e", "--shape-only", "--config", tiny_config_file, "--plan", tmp_path / "plan.json",
+                      "--keep", 0.7, "--quick", "--device", "cpu", "--rep-ms", 1, "--paths", "two_matmul",
+                      "--json", out)
+    assert code == 0, err
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["method"], r["keep"]) for r in rows} == {("dense", 1.0), ("uniform", 0.7), ("ara", 0.55)}
+
+
+def test_e2e_plan_that_does_not_fit_fails_before_timing(bench, tmp_path, tiny_config_file):
+    _tiny_plan(tiny_config_file, tmp_path / "plan.json", wrong=(64, 65))
+    code, err = bench("e2e", "--shape-only", "--config", tiny_config_file, "--plan", tmp_path / "plan.json",
+                      "--quick", "--device", "cpu", "--rep-ms", 1)
+    assert code == 1 and err.count("\n") == 1
+    assert "model.layers.0.self_attn.q_proj' is 64x65 but the model's is 64x64" in err
+
+
 def test_e2e_compressed_checkpoint_against_its_dense_counterpart(bench, tmp_path, tiny_config_file):
-    from lowrank_infer.bench.e2e import random_compress, random_model
+    from lowrank_infer.bench.e2e import random_compress, random_model, uniform_random_plan
     from lowrank_infer.bench.shapes import hf_config
     from lowrank_infer.io import save_compressed
 
-    model = random_compress(random_model(hf_config(str(tiny_config_file)), torch.device("cpu"), torch.float32), 0.5)
+    model = random_model(hf_config(str(tiny_config_file)), torch.device("cpu"), torch.float32)
+    model = random_compress(model, uniform_random_plan(model, 0.5))
     save_compressed(model, tmp_path / "ckpt")
     out = tmp_path / "e2e.json"
     code, err = bench("e2e", tmp_path / "ckpt", "--quick", "--device", "cpu", "--rep-ms", 1,
@@ -125,6 +183,8 @@ def test_e2e_compressed_checkpoint_against_its_dense_counterpart(bench, tmp_path
     (["e2e", "--shape-only", "--config", "gpt5"], "unknown config 'gpt5'"),
     (["e2e", "--shape-only"], "--shape-only needs --config"),
     (["e2e"], "give a compressed model directory, or --shape-only"),
+    (["e2e", "some-dir", "--plan", "p.json"], "--config, --keep and --plan apply to --shape-only"),
+    (["e2e", "--shape-only", "--config", "smollm2-135m", "--plan", "missing.json"], "rank plan file not found"),
     (["e2e", "--shape-only", "--config", "smollm2-135m", "--paths", "cublas"], "unknown path 'cublas'"),
 ])
 def test_bad_input_is_one_line_error(bench, argv, message):

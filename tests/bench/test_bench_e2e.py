@@ -39,7 +39,7 @@ def test_random_compress_follows_the_uniform_plan(tiny):
     ids = torch.randint(128, (1, 12))
     with torch.no_grad():
         dense_logits = tiny(ids).logits
-        model = e2e.random_compress(tiny, 0.5, name="tiny")
+        model = e2e.random_compress(tiny, e2e.uniform_random_plan(tiny, 0.5, name="tiny"))
         logits = model(ids).logits
     plan = model_plan(model)
     assert plan.keep_target == 0.5 and plan.model == "tiny"
@@ -50,7 +50,7 @@ def test_random_compress_follows_the_uniform_plan(tiny):
 
 
 def test_densify_computes_the_same_function(tiny):
-    model = e2e.random_compress(tiny, 0.5)
+    model = e2e.random_compress(tiny, e2e.uniform_random_plan(tiny, 0.5))
     ids = torch.randint(128, (2, 9))
     with torch.no_grad():
         before = model(ids).logits
