@@ -52,7 +52,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside ``path`` that replaces ``path`` when the block succeeds.
 
     On an exception the temporary directory is removed and ``path`` is left as it was. An
-    existing ``path`` is moved aside before the rename and deleted after it.
+    existing ``path`` is moved aside before the rename and deleted after it; if the rename
+    fails, it is moved back.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,12 +61,24 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         _ordinary_modes(tmp)
-        old = path.with_name(f".{path.name}.old-{os.getpid()}") if path.exists() else None
-        if old is not None:
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _replace_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _replace_directory(new: Path, path: Path) -> None:
+    """Rename ``new`` to ``path``, setting an existing ``path`` aside (and back on failure)."""
+    if not path.exists():
+        os.replace(new, path)
+        return
+    # A fresh name: a set-aside directory left by a crashed save must not block this one.
+    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    os.replace(path, aside / path.name)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(aside / path.name, path)
+        aside.rmdir()
+        raise
+    shutil.rmtree(aside, ignore_errors=True)

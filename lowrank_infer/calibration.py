@@ -1,8 +1,10 @@
 """Calibration statistics: float64 ``XᵀX`` of every target linear's inputs, one block at a time.
 
-The inputs of decoder block 0 are captured once; then each block is moved to the compute
-device, run on the cached inputs with hooks on its linears, and its outputs become the next
-block's inputs. Peak device memory is one block plus the cached hidden states and one block's
+One pass with stand-ins for the decoder blocks records every block's call (block 0's hidden
+states, and each block's own attention mask and position embeddings: models that mix sliding-
+window and full-attention layers give each layer type its own); then each block is moved to
+the compute device, run on the cached hidden states with hooks on its linears, and its outputs
+become the next block's inputs. Peak device memory is one block plus the cached hidden states and one block's
 statistics. Linears that read the same tensor (q/k/v, gate/up) share one statistic.
 """
 
@@ -20,18 +22,38 @@ __all__ = ["calibrate"]
 
 
 class _StopForward(Exception):
-    """Raised by a hook on block 0 once its inputs are captured."""
+    """Raised by the last block's stand-in once every block's call is recorded."""
 
 
-def _capture_block0_inputs(model: nn.Module, block: nn.Module, batches, device) -> list:
-    """Run the model up to block 0 for each batch and keep ``(args, kwargs)`` of that call."""
-    captured = []
+class _CallRecorder(nn.Module):
+    """Stands in for a decoder block: records ``(args, kwargs)`` of each call and passes the
+    hidden states through unchanged (the model's per-layer arguments do not depend on them).
+    Other attributes are the block's, for models that read e.g. ``layer.attention_type``."""
 
-    def hook(_module, args, kwargs):
-        captured.append((args, kwargs))
-        raise _StopForward
+    def __init__(self, block: nn.Module, calls: list, last: bool):
+        super().__init__()
+        object.__setattr__(self, "_block", block)  # not registered: model.to() must not move it
+        self.calls, self.last = calls, last
 
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_block"), name)
+
+    def forward(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        if self.last:
+            raise _StopForward
+        return args[0] if args else kwargs["hidden_states"]
+
+
+def _record_block_calls(model: nn.Module, blocks: nn.ModuleList, batches, device) -> list[list]:
+    """``calls[i][b]`` = ``(args, kwargs)`` with which block ``i`` is called on batch ``b``."""
+    originals = list(blocks)
+    calls: list[list] = [[] for _ in originals]
+    for i, block in enumerate(originals):
+        blocks[i] = _CallRecorder(block, calls[i], last=i == len(originals) - 1)
     try:
         for ids in batches:
             try:
@@ -39,8 +61,9 @@ def _capture_block0_inputs(model: nn.Module, block: nn.Module, batches, device) 
             except _StopForward:
                 pass
     finally:
-        handle.remove()
-    return captured
+        for i, block in enumerate(originals):
+            blocks[i] = block
+    return calls
 
 
 class _GramCollector:
@@ -119,14 +142,17 @@ def calibrate(
     home = next(model.parameters()).device
     _move_all_but_blocks(model, blocks, device)
     try:
-        cached = _capture_block0_inputs(model, blocks[0], batches, device)
+        calls = _record_block_calls(model, blocks, batches, device)
+        hidden = [_hidden_of(args, kwargs) for args, kwargs in calls[0]]
         grams = {}
         for i, block in enumerate(tqdm(blocks, desc="calibration", unit="block", disable=not progress)):
             block_home = next(block.parameters()).device
             block.to(device)
             mine = {n: m for n, m in linears.items() if n.startswith(f"{prefix}.{i}.")}
-            cached = _run_block(block, cached, mine, grams)
-            block.to(block_home)
+            try:
+                hidden = _run_block(block, calls[i], hidden, mine, grams)
+            finally:
+                block.to(block_home)
     finally:
         _move_all_but_blocks(model, blocks, home)
     missing = [n for n in linears if n not in grams]
@@ -147,20 +173,25 @@ def _move_all_but_blocks(model: nn.Module, blocks: nn.ModuleList, device) -> Non
             blocks[i] = block
 
 
-def _run_block(block: nn.Module, cached: list, linears: Mapping[str, nn.Linear], grams: dict) -> list:
+def _run_block(block: nn.Module, calls: list, hidden: list, linears: Mapping[str, nn.Linear], grams: dict) -> list:
+    """Run ``block`` with its recorded calls on ``hidden`` (one per batch); return its outputs."""
     collector = _GramCollector(linears, torch.device("cpu"))
     handles = [m.register_forward_pre_hook(collector.hook_for(n)) for n, m in linears.items()]
     outputs = []
     try:
-        for args, kwargs in cached:
+        for (args, kwargs), states in zip(calls, hidden):
             collector.start_batch()
-            hidden = _block_output(block(*args, **kwargs))
-            outputs.append(_with_hidden(args, kwargs, hidden))
+            args, kwargs = _with_hidden(args, kwargs, states)
+            outputs.append(_block_output(block(*args, **kwargs)))
     finally:
         for handle in handles:
             handle.remove()
     grams.update(collector.results())
     return outputs
+
+
+def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
 
 
 def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:

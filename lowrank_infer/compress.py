@@ -158,6 +158,9 @@ def analyze(
     shapes = {name: (m.out_features, m.in_features) for name, m in linears.items()}
     if plan is not None:
         plan.validate(shapes)
+        # A plan names the layers it changes (one made with --include lists only those).
+        linears = {name: linears[name] for name in plan.ranks}
+        shapes = {name: shapes[name] for name in plan.ranks}
     needs_data = config.whiten or (plan is None and config.method == "ara")
     if needs_data and calib_ids is None:
         raise ValueError("whitened SVD and ARA need calibration data (calib_ids); or set whiten=False")

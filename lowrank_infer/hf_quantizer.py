@@ -54,6 +54,12 @@ class LowRankQuantizer(HfQuantizer):
 
         return build_lowrank_skeleton(model, self.quantization_config.plan)
 
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        # The factors are plain floating-point tensors: unlike a quantized model, this one may
+        # be cast (transformers refuses .half() / .float() while is_quantized is set).
+        model.is_quantized = False
+        return model
+
     def is_serializable(self, *args, **kwargs) -> bool:
         return True
 

@@ -43,7 +43,7 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         (name, module)
         for name, module in model.named_modules()
         if isinstance(module, nn.ModuleList) and len(module) > 0
-        and any(isinstance(m, nn.Linear) for m in module.modules())
+        and any(isinstance(m, (nn.Linear, LowRankLinear)) for m in module.modules())
     ]
     exact = [c for c in candidates if len(c[1]) == wanted]
     if exact:
@@ -74,6 +74,9 @@ def target_linears(
     found = {}
     for name, module in blocks.named_modules():
         full = f"{prefix}.{name}"
+        if isinstance(module, LowRankLinear):
+            raise ValueError(f"the model is already compressed ({full} is a LowRankLinear): "
+                             "compress the dense original")
         if not isinstance(module, nn.Linear):
             continue
         if inc and not any(p.search(full) for p in inc):
@@ -99,8 +102,9 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _lowrank_targets(model: nn.Module, plan: RankPlan):
-    """``(plan layer, nn.Linear)`` of each low-rank layer, after validating the whole plan."""
-    linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    """``(plan layer, nn.Linear)`` of each low-rank layer, after validating the whole plan
+    against the target linears (the LM head and embeddings are never targets)."""
+    linears = target_linears(model)
     plan.validate({name: (m.out_features, m.in_features) for name, m in linears.items()})
     return [(layer, linears[layer.name]) for layer in plan.layers if layer.rank is not None]
 
@@ -124,6 +128,10 @@ def _swap_in(model: nn.Module, targets, factors) -> None:
     for layer, linear in targets:
         weight = linear.weight
         U, V = factors(layer.name, layer.rank)
+        want = ((layer.out_features, layer.rank), (layer.in_features, layer.rank))
+        if (tuple(U.shape), tuple(V.shape)) != want:
+            raise ValueError(f"factors for {layer.name!r} are U {tuple(U.shape)}, V {tuple(V.shape)}; "
+                             f"its plan needs U {want[0]}, V {want[1]}")
         new = LowRankLinear.from_factors(
             U.to(weight.device, weight.dtype), V.to(weight.device, weight.dtype), linear.bias
         )

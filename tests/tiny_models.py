@@ -27,7 +27,12 @@ def tiny_config(arch: str):
     if arch == "gemma":
         return transformers.GemmaConfig(head_dim=16, **common)
     if arch == "gemma3":
-        return transformers.Gemma3TextConfig(head_dim=16, sliding_window=16, **common)
+        # One sliding-window and one full-attention layer, as in the real model: each layer type
+        # has its own mask and RoPE, and a window shorter than the test sequences makes them differ.
+        return transformers.Gemma3TextConfig(head_dim=16, sliding_window=8,
+                                             layer_types=["sliding_attention", "full_attention"], **common)
+    if arch == "qwen2-swa":  # sliding window on the layers from max_window_layers on
+        return transformers.Qwen2Config(use_sliding_window=True, sliding_window=8, max_window_layers=1, **common)
     if arch == "phi3":
         return transformers.Phi3Config(pad_token_id=0, bos_token_id=1, eos_token_id=2, **common)
     raise ValueError(arch)

@@ -45,6 +45,40 @@ def test_failed_directory_leaves_the_old_one(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
 
+def test_failed_final_rename_puts_the_old_directory_back(tmp_path, monkeypatch):
+    import lowrank_infer.atomic as atomic
+
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.fspath(dst) == os.fspath(target) and "tmp-" in os.fspath(src):
+            raise OSError("disk gone")  # the rename of the new directory into place
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    with pytest.raises(OSError, match="disk gone"):
+        with atomic_directory(target) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["old.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_leftover_of_a_crashed_replace_does_not_block_the_next(tmp_path):
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    stale = tmp_path / f".ckpt.old-{os.getpid()}"  # the set-aside name an earlier version used
+    stale.mkdir()
+    (stale / "x").write_text("left by a crash")
+    with atomic_directory(target) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt", stale.name])
+
+
 def test_text_file_replaced_whole(tmp_path, umask_022):
     path = tmp_path / "plan.json"
     path.write_text("old")

@@ -22,7 +22,7 @@ def _direct_grams(model, ids):
     return grams
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "qwen2-swa"])
 def test_blockwise_statistics_equal_full_forward(arch):
     model = tiny_model(arch)
     ids = torch.randint(3, 128, (5, 24), generator=torch.Generator().manual_seed(0))

@@ -74,6 +74,19 @@ def test_plain_from_pretrained_loads_natively_after_import(tmp_path):
     assert int(out.stdout.strip().splitlines()[-1]) == sum(l.rank is not None for l in model.config.quantization_config.plan.layers)
 
 
+def test_loaded_model_casts_like_a_dense_one(tmp_path):
+    """The factors are plain floats: .half() / .float() work as on any model (transformers
+    refuses them on quantized models), and the cast model computes what its loaded copy does."""
+    model, _ = _compressed("llama")
+    save_compressed(model, tmp_path / "ck")
+    half = load_compressed(tmp_path / "ck").half()
+    assert {p.dtype for p in half.parameters()} == {torch.float16}
+    back = half.float()
+    want = load_compressed(tmp_path / "ck", dtype=torch.float16).float()
+    with torch.no_grad():
+        torch.testing.assert_close(back(IDS).logits, want(IDS).logits)
+
+
 def test_load_registers_itself_when_registration_is_missing(tmp_path, monkeypatch):
     from transformers.quantizers import auto
 
