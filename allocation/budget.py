@@ -53,7 +53,9 @@ def spectra_shapes(spectra: Mapping[str, Spectrum]) -> dict[str, tuple[int, int]
 
 def captured_energy(sigma: torch.Tensor) -> list[float]:
     """``e[k]`` = share of ``Σσ²`` kept by the first ``k`` directions, for ``k = 0..len(σ)``."""
-    energy = sigma.to(torch.float64).square()
+    sigma = sigma.to(torch.float64)
+    top = float(sigma.abs().max()) if sigma.numel() else 0.0
+    energy = (sigma / top).square() if top > 0 else sigma.square()  # scaled: σ² may overflow float64
     total = float(energy.sum())
     cumulative = torch.cat([energy.new_zeros(1), energy.cumsum(0)])
     return (cumulative / total).tolist() if total > 0 else [1.0] * (sigma.numel() + 1)

@@ -64,10 +64,12 @@ _ROLES = {"q": {"q_proj", "query"}, "k": {"k_proj", "key"}, "v": {"v_proj", "val
 
 def effective_rank(sigma: torch.Tensor) -> float:
     """``exp`` of the entropy of the normalized energies ``σᵢ² / Σσ²`` (1 for an all-zero spectrum)."""
-    energy = sigma.to(torch.float64).square()
-    total = energy.sum()
-    if total <= 0:
+    sigma = sigma.to(torch.float64)
+    top = sigma.abs().max() if sigma.numel() else sigma.new_zeros(())
+    if top <= 0:
         return 1.0
+    energy = (sigma / top).square()  # scaled first: σ² of a σ above ~1e154 overflows float64
+    total = energy.sum()
     p = energy[energy > 0] / total
     return math.exp(float(-(p * p.log()).sum()))
 
@@ -122,7 +124,8 @@ def _tail_energy(spectra: Mapping[str, Spectrum], ranks: Mapping[str, float | No
     """Summed whitened truncation error ``Σ_layers Σ_{i>k} σᵢ²`` of a type at the given ranks."""
     total = 0.0
     for name, k in ranks.items():
-        if k is not None and k < max_useful_rank(spectra[name].out_features, spectra[name].in_features):
+        # A rank becomes floor(k), dense only past the largest useful rank.
+        if k is not None and math.floor(k) <= max_useful_rank(spectra[name].out_features, spectra[name].in_features):
             total += float(spectra[name].sigma[math.floor(k):].square().sum())
     return total
 

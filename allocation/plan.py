@@ -56,6 +56,22 @@ def max_useful_rank(out_features: int, in_features: int) -> int:
     return max(0, (out_features * in_features - 1) // (out_features + in_features))
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _layer_from_dict(index: int, entry: Any) -> "LayerRank":
+    """One ``layers`` entry; shapes must be JSON integers (64.9 is not silently cut to 64)."""
+    if not isinstance(entry, Mapping) or not {"name", "out_features", "in_features", "rank"} <= entry.keys():
+        raise PlanError(f"rank plan layer #{index} must be an object with name, out_features, in_features "
+                        f"and rank, got {entry!r}")
+    name = str(entry["name"])
+    for key in ("out_features", "in_features"):
+        if not _is_int(entry[key]):
+            raise PlanError(f"layer {name!r}: {key} must be an integer, got {entry[key]!r}")
+    return LayerRank(name, entry["out_features"], entry["in_features"], entry["rank"])
+
+
 @dataclass
 class LayerRank:
     """One target linear: its shape and its rank (``None`` = keep the dense weight)."""
@@ -156,24 +172,22 @@ class RankPlan:
         if not isinstance(data, Mapping):
             raise PlanError("a rank plan must be a JSON object")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if not _is_int(version) or version != FORMAT_VERSION:
             raise PlanError(f"unsupported rank-plan format_version {version!r} (this library reads {FORMAT_VERSION})")
         missing = [key for key in ("method", "keep_target", "layers") if key not in data]
         if missing:
             raise PlanError(f"rank plan is missing {', '.join(missing)}")
-        try:
-            layers = [
-                LayerRank(str(l["name"]), int(l["out_features"]), int(l["in_features"]), l["rank"])
-                for l in data["layers"]
-            ]
-        except (KeyError, TypeError) as err:
-            raise PlanError(f"rank plan layer entry is malformed: {err}") from None
+        if not isinstance(data["layers"], list):
+            raise PlanError("rank plan 'layers' must be a list")
+        params = data.get("params", {})
+        if not isinstance(params, Mapping):
+            raise PlanError(f"rank plan 'params' must be a JSON object, got {params!r}")
         return cls(
-            layers=layers,
+            layers=[_layer_from_dict(i, entry) for i, entry in enumerate(data["layers"])],
             keep_target=data["keep_target"],
             method=str(data["method"]),
             model=str(data.get("model", "")),
-            params=dict(data.get("params", {})),
+            params=dict(params),
         )
 
     def to_json(self) -> str:

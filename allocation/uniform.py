@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Mapping
 
-from lowrank_infer.allocation.budget import fit_budget
+from lowrank_infer.allocation.budget import KEEP_TOLERANCE, fit_budget
 from lowrank_infer.allocation.plan import RankPlan, check_keep, layer_params, plan_from_ranks
 
 __all__ = ["uniform_plan"]
@@ -19,12 +19,17 @@ def uniform_plan(
     A layer whose rank reaches break-even stays dense, and ``keep = 1`` keeps every layer dense
     (a rank just under break-even would save almost nothing and lose accuracy). With
     ``multiple_of > 1`` the ranks are snapped to multiples of it and the budget is repaired
-    greedily, evening out the kept fraction of the layers.
+    greedily, evening out the kept fraction of the layers. The same repair runs when rounding
+    alone misses the target by more than the tolerance (layers so small that one rank is a
+    large share of them).
+
+    Raises:
+        PlanError: no plan with these layers comes within the tolerance of ``keep``.
     """
     keep = check_keep(keep)
     ranks = {name: None if keep == 1.0 else int(keep * m * n // (m + n)) for name, (m, n) in shapes.items()}
-    params = {}
-    if multiple_of > 1 and keep < 1.0:
+    plan = plan_from_ranks(shapes, ranks, keep=keep, method="uniform", model=model)
+    if keep < 1.0 and (multiple_of > 1 or not _within_budget(plan)):
         def value(name: str, rank: int | None) -> float:
             # m·n·log(kept fraction): a step's gain per parameter is 1 / (kept fraction), so the
             # greedy repair always grows the layer that keeps the least: fractions even out.
@@ -32,5 +37,10 @@ def uniform_plan(
             return m * n * math.log(layer_params(m, n, rank) / (m * n))
 
         ranks = fit_budget(shapes, ranks, keep, value, multiple_of=multiple_of)
-        params = {"multiple_of": multiple_of}
-    return plan_from_ranks(shapes, ranks, keep=keep, method="uniform", model=model, params=params)
+        params = {"multiple_of": multiple_of} if multiple_of > 1 else {}
+        plan = plan_from_ranks(shapes, ranks, keep=keep, method="uniform", model=model, params=params)
+    return plan
+
+
+def _within_budget(plan: RankPlan) -> bool:
+    return plan.keep_target - KEEP_TOLERANCE <= plan.keep_achieved <= plan.keep_target

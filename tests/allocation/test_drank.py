@@ -25,6 +25,25 @@ def test_effective_rank_of_known_spectra():
     assert 1 < effective_rank(0.5 ** torch.arange(20.0)) < 3
 
 
+def test_effective_rank_and_energy_are_scale_free_even_where_squares_overflow():
+    from lowrank_infer.allocation.budget import captured_energy
+
+    sigma = torch.cat([torch.tensor([10.0, 1.0]), torch.ones(30) * 1e-3]).double()
+    huge = sigma * 1e199  # σ² would overflow float64
+    assert effective_rank(huge) == pytest.approx(effective_rank(sigma), rel=1e-12)
+    assert captured_energy(huge) == pytest.approx(captured_energy(sigma), rel=1e-12)
+
+
+def test_tail_energy_counts_a_rank_rounded_down_to_the_largest_useful_one():
+    from lowrank_infer.allocation.drank import _tail_energy
+    from lowrank_infer.allocation import max_useful_rank
+
+    spectra = {"l0.q_proj": sigma_only(torch.ones(64), 64, 64)}
+    top = max_useful_rank(64, 64)  # 31: floor(31.8) is still a low-rank layer of rank 31
+    assert _tail_energy(spectra, {"l0.q_proj": top + 0.8}) == pytest.approx(64 - top)
+    assert _tail_energy(spectra, {"l0.q_proj": None}) == 0.0
+
+
 @pytest.mark.parametrize("keep", KEEPS)
 def test_budget_on_synthetic_spectra(synthetic_spectra, keep):
     plan = drank_plan(synthetic_spectra, keep)
