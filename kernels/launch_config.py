@@ -2,13 +2,14 @@
 
 Pure Python (no Triton import), so the rules can be unit-tested anywhere. A config is a
 dict of the kernel's ``BLOCK_*`` constexprs plus ``num_warps``/``num_stages`` and, for the
-decode and fused prefill kernels, ``M_GROUPS``: into how many program groups the m axis is
-split (a count, not a width, so that it carries over to a nearby shape); the GEMM kernels'
-``SPLIT_D`` is likewise a count: into how many pieces their inner dimension is split (partials
-summed by a second kernel) when the output tiles alone leave SMs idle. Tuned configs
-come from ``configs/<GPU name>.json`` (written by ``benchmarks/tune_kernels.py``); a shape
-missing from the table uses the nearest tuned shape, and a GPU without a table uses the
-rule-of-thumb heuristics below.
+fused prefill kernel, ``M_GROUPS``: into how many program groups the m axis is split (a
+count, not a width, so that it carries over to a nearby shape); the GEMM kernels' (decode,
+shrink, expand) ``SPLIT_D`` is likewise a count: into how many pieces their inner dimension
+is split (partials summed by a second kernel) when the output tiles alone leave SMs idle, and
+``GROUP_R`` how many row tiles share a column sweep. Tuned configs come from
+``configs/<GPU name>.json`` (written by ``benchmarks/tune_kernels.py``, which times 16-bit
+inputs); a shape missing from the table uses the nearest tuned shape. fp32 inputs, whose tiles
+take twice the shared memory, and a GPU without a table use the rule-of-thumb heuristics below.
 
 Table layout::
 
@@ -97,7 +98,8 @@ def get_config(
 def _config(kernel, num_tokens, m, n, k, table_path, num_sms, elem_bytes):
     # Cached because launches repeat the same few shapes and this is Python time on every
     # call; keyed by the table's path so that another table (tests, tuning) is looked up anew.
-    table = _load_table(table_path).get(kernel)
+    # The tables are tuned on 16-bit inputs: their tiles may not fit shared memory in fp32.
+    table = _load_table(table_path).get(kernel) if elem_bytes == 2 else None
     if table:
         return _nearest(table, (num_tokens, m, n, k))
     return _HEURISTICS[kernel](num_tokens, m, n, k, num_sms=num_sms, elem_bytes=elem_bytes)
@@ -116,22 +118,36 @@ def _load_table(path: str) -> dict:
 
 
 def _parse_key(key: str) -> tuple[int, int, int, int]:
-    fields = dict(part.split("=") for part in key.split(","))
-    return tuple(int(fields[name]) for name in ("T", "m", "n", "k"))
+    """``"T=1,m=4096,n=4096,k=1024"`` → ``(1, 4096, 4096, 1024)``; exactly these four, each >= 1."""
+    try:
+        fields = dict(part.split("=") for part in key.split(","))
+        shape = tuple(int(fields[name]) for name in ("T", "m", "n", "k"))
+    except (KeyError, ValueError):
+        shape = None
+    if shape is None or len(fields) != 4 or min(shape) < 1:
+        raise ValueError(f"tuned config key {key!r} must be 'T=..,m=..,n=..,k=..' with positive integers")
+    return shape
 
 
 def _checked(kernel: str, key: str, cfg: dict) -> dict:
-    """Reject a malformed tuned entry at load time rather than at kernel compile time."""
+    """Reject a malformed tuned entry at load time rather than at kernel compile or launch time."""
     required = (*_REQUIRED_KEYS[kernel], "num_warps", "num_stages")
     missing = [name for name in required if name not in cfg]
     if missing:
         raise ValueError(f"tuned config {kernel}[{key}] lacks {missing}")
-    if cfg.get("SPLIT_D", 1) < 1:
-        raise ValueError(f"tuned config {kernel}[{key}]: SPLIT_D must be >= 1")
-    bad = [name for name, v in cfg.items() if name.startswith("BLOCK_") and (v < 16 or v & (v - 1))]
+    not_positive = [name for name in required if not _positive_int(cfg[name])]
+    if not_positive:
+        raise ValueError(f"tuned config {kernel}[{key}]: {not_positive} must be positive integers")
+    bad = [name for name in required if name.startswith("BLOCK_") and (cfg[name] < 16 or cfg[name] & (cfg[name] - 1))]
+    if cfg["num_warps"] & (cfg["num_warps"] - 1):
+        bad.append("num_warps")
     if bad:
-        raise ValueError(f"tuned config {kernel}[{key}]: {bad} must be powers of two >= 16")
+        raise ValueError(f"tuned config {kernel}[{key}]: {bad} must be powers of two (BLOCK_* >= 16)")
     return cfg
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _nearest(table: list, shape: tuple[int, ...]) -> dict:

@@ -30,8 +30,9 @@ _backend = os.environ.get("LOWRANK_INFER_BACKEND", "cublas")
 def set_backend(name: str) -> None:
     """Choose what ``lowrank_linear`` runs on CUDA tensors: ``"cublas"`` or ``"triton"``.
 
-    The default comes from ``$LOWRANK_INFER_BACKEND`` (else ``"cublas"``). CUDA graphs and
-    compiled graphs keep the backend that was active when they were captured.
+    The default comes from ``$LOWRANK_INFER_BACKEND`` (else ``"cublas"``). The op reads it on
+    every call, so eager and ``torch.compile``d models follow a change at once; a captured CUDA
+    graph replays the kernels of the backend that was active when it was captured.
     """
     global _backend
     if name not in BACKENDS:

@@ -252,6 +252,13 @@ def _configs(kernels, x, U, V, overrides):
         for kernel in kernels}
 
 
+def _check_out(out: torch.Tensor, x: torch.Tensor, m: int) -> None:
+    want = (*x.shape[:-1], m)
+    if tuple(out.shape) != want or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {want} on {x.device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+
+
 def launch(x, U, V, bias=None, *, path=None, out=None, configs=None):
     """Run the Triton op on inputs already checked by ``check_lowrank_inputs``.
 
@@ -264,10 +271,16 @@ def launch(x, U, V, bias=None, *, path=None, out=None, configs=None):
         raise RuntimeError(
             "triton_lowrank_linear runs on CUDA tensors, or on CPU tensors when "
             f"TRITON_INTERPRET=1 was set before triton was imported; got {x.device} tensors")
+    if _INTERPRETED and x.dtype == torch.bfloat16:
+        # The interpreter's bf16 tl.dot returns garbage (values off by 1e10), not an error.
+        raise TypeError("Triton's CPU interpreter computes bfloat16 dots wrongly; use float16 or float32 "
+                        "with TRITON_INTERPRET=1 (bfloat16 runs on CUDA)")
     m, k = U.shape
     x2d = x.reshape(-1, x.shape[-1])
     if out is None:
         out = torch.empty((*x.shape[:-1], m), device=x.device, dtype=x.dtype)
+    else:
+        _check_out(out, x, m)
     if x2d.shape[0] == 0:
         return out
     runner, kernels = _PATHS[path or select_path(x2d.shape[0], k)]

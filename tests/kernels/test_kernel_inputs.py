@@ -40,6 +40,21 @@ def test_bad_inputs_raise_value_error_naming_tensors(fn, case):
         assert word in str(info.value)
 
 
+@pytest.mark.parametrize("out", [torch.empty(12, 37), torch.empty(3, 36), torch.empty(3, 37, dtype=torch.float16),
+                                 torch.empty(37, 3).T], ids=["shape", "width", "dtype", "strided"])
+def test_triton_rejects_an_output_buffer_that_does_not_fit(triton_device, out):
+    x, U, V, b = _good()
+    with pytest.raises(ValueError, match=r"out must be a contiguous torch.float32 tensor of shape \(3, 37\)"):
+        triton_lowrank_linear(x, U, V, b, _out=out)
+
+
+def test_interpreter_refuses_bfloat16_rather_than_return_garbage(triton_device):
+    if triton_device != "cpu":
+        pytest.skip("bfloat16 runs compiled on CUDA")
+    with pytest.raises(TypeError, match="interpreter computes bfloat16 dots wrongly"):
+        triton_lowrank_linear(*_good(torch.bfloat16))
+
+
 def test_torch_path_handles_zero_tokens():
     x, U, V, b = _good()
     y = lowrank_linear(x[:0].reshape(2, 0, 24), U, V, b)

@@ -81,16 +81,50 @@ def test_nearest_bucket_wins(monkeypatch, tmp_path):
                                    num_sms=132, elem_bytes=2)
 
 
+_GOOD = {"BLOCK_R": 16, "BLOCK_C": 64, "BLOCK_D": 16, "GROUP_R": 1, "SPLIT_D": 1, "num_warps": 4,
+         "num_stages": 2}
+
+
 @pytest.mark.parametrize(
     "entry, message",
     [({"BLOCK_R": 16, "num_warps": 4, "num_stages": 2}, "lacks"),
-     ({"BLOCK_R": 16, "BLOCK_C": 48, "BLOCK_D": 16, "GROUP_R": 1, "SPLIT_D": 1, "num_warps": 4,
-       "num_stages": 2}, "powers of two"),
-     ({"BLOCK_R": 16, "BLOCK_C": 64, "BLOCK_D": 16, "GROUP_R": 1, "SPLIT_D": 0, "num_warps": 4,
-       "num_stages": 2}, "SPLIT_D")],
+     (dict(_GOOD, BLOCK_C=48), r"\['BLOCK_C'\] must be powers of two"),
+     (dict(_GOOD, num_warps=3), r"\['num_warps'\] must be powers of two"),
+     (dict(_GOOD, SPLIT_D=0), r"\['SPLIT_D'\] must be positive integers"),
+     (dict(_GOOD, SPLIT_D=1.5), r"\['SPLIT_D'\] must be positive integers"),
+     (dict(_GOOD, GROUP_R=0), r"\['GROUP_R'\] must be positive integers"),
+     (dict(_GOOD, num_stages=True), r"\['num_stages'\] must be positive integers")],
 )
 def test_malformed_table_is_rejected(monkeypatch, tmp_path, entry, message):
     _write_table(monkeypatch, tmp_path, {"decode_shrink": {bucket_key(1, 64, 64, 16): entry}})
     with pytest.raises(ValueError, match=message):
         get_config("decode_shrink", 1, 64, 64, 16, device_name="Fake GPU 80GB", num_sms=1,
                    elem_bytes=2)
+
+
+def test_malformed_prefill_groups_are_rejected(monkeypatch, tmp_path):
+    entry = {"BLOCK_T": 16, "BLOCK_N": 32, "BLOCK_M": 64, "M_GROUPS": 0, "num_warps": 4, "num_stages": 2}
+    _write_table(monkeypatch, tmp_path, {"prefill": {bucket_key(64, 64, 64, 16): entry}})
+    with pytest.raises(ValueError, match=r"\['M_GROUPS'\] must be positive integers"):
+        get_config("prefill", 64, 64, 64, 16, device_name="Fake GPU 80GB", num_sms=1, elem_bytes=2)
+
+
+@pytest.mark.parametrize("key", ["T=4,m=37,n=24", "T=0,m=37,n=24,k=7", "T=1,m=2,n=2,k=2,x=1", "T=a,m=1,n=1,k=1"])
+def test_malformed_table_key_is_rejected(monkeypatch, tmp_path, key):
+    _write_table(monkeypatch, tmp_path, {"decode_shrink": {key: _GOOD}})
+    with pytest.raises(ValueError, match=f"tuned config key '{key}' must be"):
+        get_config("decode_shrink", 1, 64, 64, 16, device_name="Fake GPU 80GB", num_sms=1, elem_bytes=2)
+
+
+def test_fp32_ignores_the_16_bit_table(monkeypatch, tmp_path):
+    """Tables are tuned on 16-bit inputs; fp32 tiles of the same sizes need twice the shared memory."""
+    tuned = dict(_GOOD, BLOCK_C=256, BLOCK_D=128, num_stages=4)
+    _write_table(monkeypatch, tmp_path, {"shrink": {bucket_key(2048, 4096, 4096, 1024): tuned}})
+
+    def lookup(elem_bytes):
+        return get_config("shrink", 2048, 4096, 4096, 1024, device_name="Fake GPU 80GB", num_sms=132,
+                          elem_bytes=elem_bytes)
+
+    assert lookup(2) == tuned
+    assert lookup(4) != tuned and lookup(4) == launch_config._HEURISTICS["shrink"](
+        2048, 4096, 4096, 1024, num_sms=132, elem_bytes=4)

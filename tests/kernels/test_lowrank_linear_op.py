@@ -43,6 +43,21 @@ def test_torch_compile_fullgraph_matches_eager(device):
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_torch_compile_backward_matches_eager(device):
+    torch.manual_seed(0)
+    model = _TwoLayer().to(device)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(2, 5, 24, device=device)
+    grads = []
+    for run in (model, compiled):
+        model.zero_grad()
+        run(x).square().sum().backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-5)
+
+
 def test_opcheck(device):
     x = torch.randn(2, 3, 24, device=device, requires_grad=True)
     U = torch.randn(37, 7, device=device, requires_grad=True)
@@ -84,8 +99,10 @@ def test_missing_triton_is_a_clear_import_error(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("name", ["cublas", "triton"])
 @pytest.mark.parametrize("T", [1, 17, 130])
-def test_cuda_graph_capture(T, make_inputs, assert_matches_reference):
+def test_cuda_graph_capture(backend, name, T, make_inputs, assert_matches_reference):
+    backend(name)  # T picks each Triton path: decode, prefill, shrink/expand (k = 300)
     x, U, V, b = make_inputs(T, 37, 24, 300 if T == 130 else 33, torch.float16, "cuda")
     lowrank_linear(x, U, V, b)  # compile and cache configs outside the capture
     graph = torch.cuda.CUDAGraph()

@@ -95,10 +95,23 @@ def test_allocates_output(triton_device, make_inputs, assert_matches_reference):
     assert_matches_reference(y, x, U, V, b)
 
 
-def test_decode_is_deterministic(triton_device, make_inputs):
-    x, U, V, b = make_inputs(16, 37, 24, 100, torch.float32, triton_device)
-    first = triton_lowrank_linear(x, U, V, b, _path="decode")
-    assert torch.equal(first, triton_lowrank_linear(x, U, V, b, _path="decode"))
+def test_split_decode_is_deterministic_and_correct(triton_device, make_inputs, assert_matches_reference,
+                                                   monkeypatch):
+    """Both decode GEMMs split their inner dimension (n = 37, k = 100) into 3 ragged pieces,
+    so the partial sums go through the reduction kernel; two runs agree bit for bit."""
+    triton_lowrank = pytest.importorskip("lowrank_infer.kernels.triton_lowrank")
+    split = {"BLOCK_R": 16, "BLOCK_C": 16, "BLOCK_D": 16, "GROUP_R": 1, "SPLIT_D": 3, "num_warps": 4,
+             "num_stages": 2}
+    configs = {"decode_shrink": split, "decode_expand": split}
+    x, U, V, b = make_inputs(16, 24, 37, 100, torch.float32, triton_device)
+    reductions = []
+    original = triton_lowrank._launch_reduce
+    monkeypatch.setattr(triton_lowrank, "_launch_reduce",
+                        lambda partials, *rest: reductions.append(partials.shape[0]) or original(partials, *rest))
+    first = triton_lowrank.launch(x, U, V, b, path="decode", configs=configs)
+    assert reductions == [3, 3]  # shrink and expand each summed 3 partials
+    assert torch.equal(first, triton_lowrank.launch(x, U, V, b, path="decode", configs=configs))
+    assert_matches_reference(first, x, U, V, b)
 
 
 @pytest.mark.parametrize(
@@ -132,8 +145,8 @@ def test_tuned_table_drives_launch(triton_device, check, monkeypatch, tmp_path, 
     launch_config.config_file(name).write_text(
         json.dumps({kernel: {launch_config.bucket_key(2 * T, 32, 32, 32): config}}))
     assert launch_config.get_config(kernel, T, 37, 24, 33, device_name=name, num_sms=1,
-                                    elem_bytes=4) == config
-    check(T, 33, 37, 24, True, torch.float32)
+                                    elem_bytes=2) == config  # tables hold 16-bit configs
+    check(T, 33, 37, 24, True, torch.float16)
 
 
 @settings(max_examples=15, deadline=None, derandomize=True,
