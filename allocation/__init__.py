@@ -10,7 +10,7 @@ from lowrank_infer.allocation.plan import (
     max_useful_rank,
     plan_from_ranks,
 )
-from lowrank_infer.allocation.uniform import uniform_plan
+from lowrank_infer.allocation.uniform import uniform_plan, uniform_rank
 from lowrank_infer.allocation.drank import drank_plan, effective_rank
 from lowrank_infer.allocation.ara import ARATrainingError, ara_plan
 from lowrank_infer.allocation.drank_beta import BETA_CANDIDATES, calibration_loss, drank_auto_plan
@@ -32,4 +32,5 @@ __all__ = [
     "max_useful_rank",
     "plan_from_ranks",
     "uniform_plan",
+    "uniform_rank",
 ]

@@ -8,7 +8,12 @@ from typing import Mapping
 from lowrank_infer.allocation.budget import KEEP_TOLERANCE, fit_budget
 from lowrank_infer.allocation.plan import RankPlan, check_keep, layer_params, plan_from_ranks
 
-__all__ = ["uniform_plan"]
+__all__ = ["uniform_plan", "uniform_rank"]
+
+
+def uniform_rank(out_features: int, in_features: int, keep: float) -> int:
+    """``floor(keep·m·n/(m+n))``: the rank that keeps ``keep`` of an ``m×n`` layer, rounded down."""
+    return int(keep * out_features * in_features // (out_features + in_features))
 
 
 def uniform_plan(
@@ -27,7 +32,7 @@ def uniform_plan(
         PlanError: no plan with these layers comes within the tolerance of ``keep``.
     """
     keep = check_keep(keep)
-    ranks = {name: None if keep == 1.0 else int(keep * m * n // (m + n)) for name, (m, n) in shapes.items()}
+    ranks = {name: None if keep == 1.0 else uniform_rank(m, n, keep) for name, (m, n) in shapes.items()}
     plan = plan_from_ranks(shapes, ranks, keep=keep, method="uniform", model=model)
     if keep < 1.0 and (multiple_of > 1 or not _within_budget(plan)):
         def value(name: str, rank: int | None) -> float:

@@ -17,8 +17,10 @@ examples:
   lowrank-infer generate smol-0.8 --prompt "The capital of France is"
 """
 
-# Errors a user can cause with bad input: reported in one line, without a traceback.
-USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, ImportError, NotADirectoryError)
+# Errors a user can cause with bad input (or a full disk, a read-only folder): reported in one
+# line, without a traceback.
+USER_ERRORS = (ValueError, OSError, ImportError)
+DEFAULT_KEEP, DEFAULT_METHOD = 0.8, "uniform"
 
 
 def _default_data_file(*parts: str) -> str | None:
@@ -42,16 +44,16 @@ def _add_calibration_options(p: argparse.ArgumentParser) -> None:
         help="calibration text file, or 'wikitext2' / 'c4' (training split via the datasets package); "
         "default: $LOWRANK_INFER_DATA/wikitext2/valid.tokens.txt when that exists",
     )
-    p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--calib-samples", type=_positive_int, default=32, help="calibration windows (default 32)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
-    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass (default 8)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="calibration windows per forward pass (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed for picking calibration windows")
 
 
 def _add_allocation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="alias (smollm2-135m), .gguf file, model directory or hub id")
-    p.add_argument("--keep", type=float, default=0.8, help="fraction of target-linear parameters kept, in (0, 1] (default 0.8)")
-    p.add_argument("--method", default="uniform", choices=["uniform", "drank", "ara"], help="rank allocation (default uniform)")
+    p.add_argument("--keep", type=float, help=f"fraction of target-linear parameters kept, in (0, 1] (default {DEFAULT_KEEP})")
+    p.add_argument("--method", choices=["uniform", "drank", "ara"], help=f"rank allocation (default {DEFAULT_METHOD})")
     p.add_argument(
         "--param", action="append", default=[], metavar="NAME=VALUE",
         help="allocation hyper-parameter (repeatable), e.g. --param beta=0.3 for D-Rank (default beta=auto: the candidate 0, 0.1, 0.2, 0.3 with the lowest calibration loss) or --param steps=200 for ARA",
@@ -85,20 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--eval-file", help="also report perplexity before and after on this text file")
-    p.add_argument("--eval-windows", type=int, default=8, help="windows of --seq-len for --eval-file (default 8)")
+    p.add_argument("--eval-windows", type=_positive_int, default=8, help="windows of --seq-len for --eval-file (default 8)")
     p.set_defaults(run=cmd_compress)
 
     p = sub.add_parser("plan", help="compute a rank plan (JSON) without compressing", description="Run an allocation method and write its rank plan.")
     _add_allocation_options(p)
     p.add_argument("--out", required=True, help="rank-plan JSON file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(run=cmd_plan)
 
     p = sub.add_parser("eval", help="perplexity of a model or checkpoint", description="Perplexity: non-overlapping windows, exp(mean token NLL).")
     p.add_argument("model", help="checkpoint directory, alias, .gguf file or hub id")
     p.add_argument("--text-file", default=None, help="evaluation text file, or 'wikitext2' / 'c4' (test / validation split via datasets); default: $LOWRANK_INFER_DATA/wikitext2/test.raw.txt when set")
     p.add_argument("--seq-len", type=int, default=2048, help="window length (default 2048)")
-    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first W windows")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--max-windows", type=_positive_int, default=None, help="evaluate only the first W windows")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="windows per forward pass")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_model_options(p)
     p.set_defaults(run=cmd_eval)
@@ -111,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text", description="Greedy generation from a prompt.")
     p.add_argument("model", help="checkpoint directory, alias, .gguf file or hub id")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     _add_model_options(p)
     p.set_defaults(run=cmd_generate)
@@ -125,10 +128,22 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- helpers
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse turns the ValueError into a usage error)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
 def _device(args) -> str:
     import torch
 
     if args.device:
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            raise ValueError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1 …)") from None
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device} requested but no CUDA GPU is available")
         return args.device
@@ -171,11 +186,38 @@ def _calibration_ids(args, tokenizer, needed: bool):
     return calibration_ids(tokens, args.calib_samples, args.seq_len, seed=args.seed)
 
 
-def _config(args, device: str):
+def _allocation(args, plan=None) -> tuple[float, str]:
+    """``(keep, method)``: the flags, or their defaults. With a plan they are the plan's, and a
+    flag that says otherwise is an error rather than silently ignored."""
+    from lowrank_infer.allocation import check_keep
+
+    keep = check_keep(DEFAULT_KEEP if args.keep is None else args.keep)
+    if plan is None:
+        return keep, args.method or DEFAULT_METHOD
+    if args.keep is not None and abs(keep - plan.keep_target) > 1e-9:
+        raise ValueError(f"--keep {keep} disagrees with the plan's keep {plan.keep_target}; drop --keep")
+    if args.method is not None and args.method != plan.method:
+        raise ValueError(f"--method {args.method} disagrees with the plan's method {plan.method!r}; drop --method")
+    if args.param:
+        raise ValueError("--param has no effect with --plan (the plan's ranks are fixed); drop it")
+    return plan.keep_target, DEFAULT_METHOD
+
+
+def _check_windows(model, args) -> None:
+    from lowrank_infer.evaluate import check_seq_len
+
+    if args.seq_len < 2:
+        raise ValueError(f"--seq-len must be >= 2, got {args.seq_len}")
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    check_seq_len(config, args.seq_len)
+
+
+def _config(args, device: str, plan=None):
     from lowrank_infer.compress import CompressConfig
 
+    keep, method = _allocation(args, plan)
     return CompressConfig(
-        keep=args.keep, method=args.method, whiten=not args.no_whiten, include=args.include,
+        keep=keep, method=method, whiten=not args.no_whiten, include=args.include,
         exclude=args.exclude, multiple_of=args.multiple_of, batch_size=args.batch_size, device=device,
         method_params=_parse_params(args.param),
     )
@@ -183,8 +225,18 @@ def _config(args, device: str):
 
 def _check_out_dir(path: str, overwrite: bool) -> None:
     out = Path(path)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
+
+
+def _check_out_file(path: str, overwrite: bool) -> None:
+    out = Path(path)
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a directory; give the path of a JSON file")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"--out {out} exists (pass --overwrite to replace it)")
 
 
 def _eval_tokens(path: str, tokenizer):
@@ -211,19 +263,20 @@ def _say(text: str) -> None:
 
 
 def cmd_compress(args) -> int:
-    from lowrank_infer.allocation import RankPlan, check_keep
+    from lowrank_infer.allocation import RankPlan
     from lowrank_infer.compress import compress
     from lowrank_infer.io import save_compressed
     from lowrank_infer.report import model_size
 
-    check_keep(args.keep)  # fail before the slow model load
+    # Everything that can be checked without the model fails here, before the slow load.
     _check_out_dir(args.out, args.overwrite)
     plan = RankPlan.load(args.plan) if args.plan else None
     start = time.perf_counter()
     device = _device(args)
+    config = _config(args, device, plan)
     # The model stays in host memory; calibration moves one block at a time to --device.
     model, tokenizer, model_id = _load(args.model, args, device="cpu")
-    config = _config(args, device)
+    _check_windows(model, args)
     calib = _calibration_ids(args, tokenizer, needed=config.whiten or (plan is None and config.method == "ara"))
     eval_tokens = _eval_tokens(args.eval_file, tokenizer) if args.eval_file else None
     before = model_size(model)
@@ -248,13 +301,13 @@ def cmd_compress(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from lowrank_infer.allocation import check_keep
     from lowrank_infer.compress import analyze
 
-    check_keep(args.keep)
+    _check_out_file(args.out, args.overwrite)
     device = _device(args)
-    model, tokenizer, model_id = _load(args.model, args, device="cpu")
     config = _config(args, device)
+    model, tokenizer, model_id = _load(args.model, args, device="cpu")
+    _check_windows(model, args)
     calib = _calibration_ids(args, tokenizer, needed=config.whiten or config.method == "ara")
     plan, _, seconds = analyze(model, config, calib_ids=calib, model_id=model_id)
     plan.save(args.out)
@@ -270,6 +323,8 @@ def cmd_eval(args) -> int:
     text_file = args.text_file or _default_data_file("wikitext2", "test.raw.txt")
     if not text_file:
         raise ValueError("no evaluation text: pass --text-file FILE (or 'wikitext2'), or set LOWRANK_INFER_DATA")
+    if args.seq_len < 2:
+        raise ValueError(f"--seq-len must be >= 2, got {args.seq_len}")
     model, tokenizer, model_id = _load(args.model, args)
     tokens = _eval_tokens(text_file, tokenizer)
     result = perplexity(model, tokens, seq_len=args.seq_len, max_windows=args.max_windows, batch_size=args.batch_size)
@@ -311,6 +366,8 @@ def cmd_info(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
+    if not args.prompt.strip():
+        raise ValueError("--prompt is empty")
     model, tokenizer, _ = _load(args.model, args)
     if args.chat:
         ids = tokenizer.apply_chat_template(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,10 @@ from lowrank_infer.factorize import Spectrum, plain_svd, whitened_svd
 from lowrank_infer.io import attach_plan
 from lowrank_infer.surgery import apply_plan, target_linears
 
-__all__ = ["METHODS", "CompressConfig", "CompressResult", "analyze", "compress", "compute_spectra", "make_plan"]
+__all__ = [
+    "METHODS", "CompressConfig", "CompressResult", "analyze", "check_method_params", "compress", "compute_spectra",
+    "make_plan",
+]
 
 METHODS = ("uniform", "drank", "ara")
 # ARA factorizes each layer past break-even (keep 1.2) so that "dense" stays reachable.
@@ -58,6 +62,62 @@ class CompressConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.multiple_of < 1:
             raise ValueError(f"multiple_of must be >= 1, got {self.multiple_of}")
+        check_method_params(self.method, self.method_params)
+
+
+# Set by the pipeline itself, never by method_params.
+_PIPELINE_ARGUMENTS = {"model_id", "progress", "multiple_of"}
+
+
+def _allocator(method: str, params: Mapping[str, Any]):
+    """The function ``make_plan`` will call for ``method`` with these parameters."""
+    from lowrank_infer.allocation import ara_plan, drank_auto_plan, drank_plan
+
+    if method == "ara":
+        return ara_plan
+    if method == "drank":
+        return drank_auto_plan if params.get("beta", "auto") == "auto" else drank_plan
+    return None
+
+
+def check_method_params(method: str, params: Mapping[str, Any]) -> None:
+    """Names and types of ``params`` against the keyword arguments of ``method``'s allocator,
+    so that a typo fails before calibration, not after it.
+
+    Raises:
+        ValueError: an unknown name (listing the known ones) or a value of the wrong type.
+    """
+    allocator = _allocator(method, params)
+    known = {} if allocator is None else {
+        name: arg.default for name, arg in inspect.signature(allocator).parameters.items()
+        if arg.kind is inspect.Parameter.KEYWORD_ONLY and name not in _PIPELINE_ARGUMENTS}
+    if method == "drank":
+        known.setdefault("beta", "auto")
+    for name, value in params.items():
+        if name not in known:
+            raise ValueError(f"method {method!r} takes no parameter {name!r} "
+                             f"(it takes: {', '.join(sorted(known)) or 'none'})")
+        if not _same_kind(value, known[name]):
+            raise ValueError(f"method {method!r}: parameter {name}={value!r} should be like its default {known[name]!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    """Whether ``value`` may stand where ``default`` does (an int for an int, any number for a float)."""
+    if default == "auto":  # D-Rank's beta: "auto" or a number
+        return value == "auto" or _is_number(value)
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return _is_number(value)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple)) and len(value) > 0 and all(map(_is_number, value))
+    return True
 
 
 @dataclass

@@ -10,7 +10,21 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["perplexity"]
+__all__ = ["check_seq_len", "perplexity"]
+
+
+def check_seq_len(config, seq_len: int) -> None:
+    """Refuse windows longer than the model's position table (``max_position_embeddings``):
+    learned position embeddings fail on them with an index error, RoPE models degrade silently."""
+    limit = getattr(config, "max_position_embeddings", None) if config is not None else None
+    if isinstance(limit, int) and seq_len > limit:
+        raise ValueError(f"seq_len {seq_len} is longer than the model's {limit} positions "
+                         f"(max_position_embeddings); pass --seq-len {limit} or less")
+
+
+def _check_positions(model: nn.Module, seq_len: int) -> None:
+    config = getattr(model, "config", None)
+    check_seq_len(config.get_text_config() if hasattr(config, "get_text_config") else config, seq_len)
 
 
 @torch.no_grad()
@@ -39,6 +53,11 @@ def perplexity(
     Returns:
         ``{"perplexity", "nll", "tokens", "windows", "seq_len", "seconds"}``.
     """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2 (a window predicts seq_len - 1 tokens), got {seq_len}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_positions(model, seq_len)
     windows = tokens.numel() // seq_len
     if windows == 0:
         raise ValueError(f"evaluation text has {tokens.numel()} tokens, fewer than one window of {seq_len}")

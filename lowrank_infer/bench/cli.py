@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -135,6 +136,9 @@ def _start(args) -> torch.device:
     device = resolve_device(args.device)
     if args.rep_ms is not None and args.rep_ms <= 0:
         raise ValueError(f"--rep-ms must be positive, got {args.rep_ms}")
+    for flag, path in (("--json", args.json), ("--markdown", args.markdown)):
+        if path and Path(path).is_dir():  # found now, not after the whole benchmark has run
+            raise ValueError(f"{flag} {path} is a directory; give a file path")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
@@ -164,8 +168,9 @@ def cmd_kernels(args) -> int:
     opts = _options(args, KERNEL_DEFAULTS[(device.type, args.quick)])
     dtype = _dtype(args, device)
     shapes = layer_shapes(opts["models"], opts["layers"] or list(LAYERS))
-    for keep in opts["keep"]:
-        rank_for_keep(shapes[0].m, shapes[0].n, keep)  # rejects keep outside (0, 1) before any timing
+    for keep in opts["keep"]:  # a keep outside (0, 1) or a dense layer fails here, before any timing
+        for shape in shapes:
+            rank_for_keep(shape.m, shape.n, keep, _multiple_of(args))
     _positive("--tokens", opts["tokens"])
     providers = resolve_providers(args.providers or default_providers(device))
     settings = KernelSettings(shapes, opts["keep"], opts["tokens"], providers, device, dtype, opts["rep_ms"],

@@ -209,7 +209,7 @@ def checkpoint_variants(path: str, device: torch.device, dtype: torch.dtype | No
     """The rank plan of a compressed checkpoint, its dense counterpart (``U @ V.T``) and itself.
 
     Raises:
-        ValueError: ``path`` is not a compressed checkpoint directory.
+        ValueError: ``path`` is not a compressed checkpoint directory, or it has no low-rank layer.
     """
     from lowrank_infer.io import PLAN_FILE, is_compressed_checkpoint, load_compressed
 
@@ -217,6 +217,8 @@ def checkpoint_variants(path: str, device: torch.device, dtype: torch.dtype | No
         raise ValueError(f"{path} is not a lowrank_infer compressed model directory "
                          "(make one with 'lowrank-infer compress')")
     plan = RankPlan.load(Path(path) / PLAN_FILE)
+    if all(layer.rank is None for layer in plan.layers):
+        raise ValueError(f"{path} keeps every layer dense: there is no low-rank model to compare with dense")
     load = functools.partial(load_compressed, path, device=str(device), dtype=dtype)
     return plan, [Variant(1.0, lambda: densify(load())), Variant(plan.keep_target, load, plan.method)]
 

@@ -11,7 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from lowrank_infer.allocation import uniform_plan
+from lowrank_infer.allocation import check_keep, uniform_rank
+from lowrank_infer.kernels import use_dense
 
 __all__ = ["LAYERS", "MODELS", "LayerShape", "ModelDims", "hf_config", "layer_shapes", "rank_for_keep"]
 
@@ -110,10 +111,12 @@ def rank_for_keep(m: int, n: int, keep: float, multiple_of: int = 1) -> int:
     Raises:
         ValueError: ``keep`` is outside (0, 1), or the rank would reach break-even (dense).
     """
-    rank = uniform_plan({"layer": (m, n)}, keep).ranks["layer"]
-    if rank is None:
-        raise ValueError(f"keep {keep} leaves a {m}x{n} layer dense: pick keep < 1")
-    return max(multiple_of, rank // multiple_of * multiple_of)
+    keep = check_keep(keep)
+    rank = max(multiple_of, uniform_rank(m, n, keep) // multiple_of * multiple_of)
+    if use_dense(m, n, rank):
+        raise ValueError(f"keep {keep} with multiple_of {multiple_of} leaves a {m}x{n} layer dense "
+                         f"(rank {rank}): pick a smaller keep or multiple_of")
+    return rank
 
 
 def hf_config(spec: str):

@@ -179,6 +179,9 @@ def test_e2e_compressed_checkpoint_against_its_dense_counterpart(bench, tmp_path
     (["kernels", "--layers", "qkv"], "unknown layer 'qkv' (known: q, k, v, o"),
     (["kernels", "--providers", "cutlass"], "unknown provider 'cutlass' (known: dense"),
     (["kernels", "--keep", "1.0"], "leaves a 576x576 layer dense"),
+    (["kernels", "--layers", "q", "--multiple-of", "1024"], "multiple_of 1024 leaves a 576x576 layer dense"),
+    (["kernels", "--json", "."], "--json . is a directory"),
+    (["e2e", "--shape-only", "--config", "smollm2-135m", "--markdown", "."], "--markdown . is a directory"),
     (["kernels", "--tokens", "0"], "--tokens must be positive"),
     (["e2e", "--shape-only", "--config", "gpt5"], "unknown config 'gpt5'"),
     (["e2e", "--shape-only"], "--shape-only needs --config"),
@@ -199,6 +202,21 @@ def test_e2e_rejects_a_directory_that_is_not_a_compressed_model(bench, tmp_path,
     for path in (tmp_path / "dense", tmp_path / "missing"):
         code, err = bench("e2e", path, "--device", "cpu")
         assert code == 1 and "is not a lowrank_infer compressed model directory" in err
+
+
+def test_e2e_rejects_a_checkpoint_with_no_low_rank_layer(bench, tmp_path, tiny_config_file):
+    from lowrank_infer.allocation import plan_from_ranks
+    from lowrank_infer.bench.e2e import random_compress, random_model
+    from lowrank_infer.bench.shapes import hf_config
+    from lowrank_infer.io import save_compressed
+    from lowrank_infer.surgery import target_shapes
+
+    model = random_model(hf_config(str(tiny_config_file)), torch.device("cpu"), torch.float32)
+    shapes = target_shapes(model)
+    dense = plan_from_ranks(shapes, dict.fromkeys(shapes), keep=1.0, method="uniform")
+    save_compressed(random_compress(model, dense), tmp_path / "ck")
+    code, err = bench("e2e", tmp_path / "ck", "--device", "cpu")
+    assert code == 1 and "keeps every layer dense: there is no low-rank model to compare" in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")

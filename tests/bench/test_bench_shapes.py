@@ -31,6 +31,18 @@ def test_rank_for_keep_is_uniform_allocation():
         rank_for_keep(64, 64, 1.5)
 
 
+def test_rank_for_keep_is_the_plain_formula_at_any_keep():
+    # floor(0.2 * 192 * 576 / 768) = 28: one layer alone cannot come within 0.5 % of 0.2, and
+    # the benchmark does not need it to (the achieved keep is reported).
+    assert rank_for_keep(192, 576, 0.2) == 28
+    assert rank_for_keep(576, 576, 0.6, multiple_of=16) == 160  # floor(172.8) = 172 -> 160
+
+
+def test_rank_for_keep_refuses_a_multiple_past_break_even():
+    with pytest.raises(ValueError, match="multiple_of 1024 leaves a 576x576 layer dense"):
+        rank_for_keep(576, 576, 0.6, multiple_of=1024)
+
+
 def test_unknown_names_list_the_known_ones():
     with pytest.raises(ValueError, match="unknown model 'x' .*smollm2-135m"):
         layer_shapes(["x"])

@@ -133,3 +133,100 @@ def test_plan_with_multiple_of(tiny_model_dir, tiny_text, tmp_path, method):
     plan = json.loads(plan_file.read_text())
     assert all(l["rank"] is None or l["rank"] % 8 == 0 for l in plan["layers"])
     assert abs(plan["keep_achieved"] - 0.5) <= 0.005 and plan["params"]["multiple_of"] == 8
+
+
+@pytest.fixture
+def cli(capsys):
+    """``cli(*argv) -> (exit code, stderr)`` through ``main`` in this process."""
+
+    def run(*argv):
+        code = main([str(a) for a in argv])
+        return code, capsys.readouterr().err
+
+    return run
+
+
+def _one_line_error(code, err, *words):
+    """Exit code 1 and one error line naming the problem (after any progress bars of loading)."""
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and "Traceback" not in err and last.startswith("lowrank-infer "), err
+    for word in words:
+        assert word in last, err
+
+
+@pytest.mark.parametrize(("params", "words"), [
+    (["--method", "drank", "--param", "foo=1"], ["method 'drank' takes no parameter 'foo'", "beta, candidates, samples"]),
+    (["--method", "drank", "--param", "beta=abc"], ["parameter beta='abc'"]),
+    (["--method", "ara", "--param", "steps=1.5"], ["parameter steps=1.5"]),
+    (["--param", "foo=1"], ["method 'uniform' takes no parameter 'foo'"]),
+])
+def test_bad_method_parameters_fail_before_any_work(cli, tiny_text, tmp_path, params, words):
+    # A model that does not exist: the check must come before the model is even loaded.
+    code, err = cli(*_compress_args(tmp_path / "no-model", tiny_text, tmp_path / "ck", *params))
+    _one_line_error(code, err, *words)
+    assert not (tmp_path / "ck").exists()
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["--seq-len", "0"], ["--seq-len must be >= 2"]),
+    (["--seq-len", "1"], ["--seq-len must be >= 2"]),
+    (["--seq-len", "300"], ["seq_len 300 is longer than the model's 256 positions"]),
+])
+def test_eval_window_errors(cli, tiny_model_dir, tiny_text, argv, words):
+    _one_line_error(*cli("eval", tiny_model_dir, "--text-file", tiny_text, *argv), *words)
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--max-windows"])
+def test_eval_counts_must_be_positive(tiny_model_dir, tiny_text, flag):
+    res = _run("eval", tiny_model_dir, "--text-file", tiny_text, "--seq-len", 32, flag, 0)
+    assert res.returncode == 2 and f"argument {flag}: invalid _positive_int value: '0'" in res.stderr
+
+
+def test_calibration_longer_than_the_model_positions(cli, tiny_model_dir, tiny_text, tmp_path):
+    argv = _compress_args(tiny_model_dir, tiny_text, tmp_path / "ck")
+    argv[argv.index("--seq-len") + 1] = 300
+    _one_line_error(*cli(*argv), "seq_len 300 is longer than the model's 256 positions")
+    assert not (tmp_path / "ck").exists()
+
+
+def test_calibration_text_of_exactly_one_window(cli, tiny_model_dir, tmp_path, capsys):
+    """32 tokens make one window of 32: eval accepts it, and so does calibration."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = tmp_path / "one-window.txt"
+    words = "the of and to in is was for on as with by at from his her an which it were are".split()
+    text.write_text(" ".join(words[i % len(words)] for i in range(200)))
+    ids = tokenizer(text.read_text(), add_special_tokens=False).input_ids[:32]
+    text.write_text(tokenizer.decode(ids))
+    assert len(tokenizer(text.read_text(), add_special_tokens=False).input_ids) == 32
+    code, err = cli(*_compress_args(tiny_model_dir, text, tmp_path / "ck"))
+    assert code == 0, err
+
+
+def test_out_paths_that_cannot_be_written_fail_first(cli, tiny_model_dir, tiny_text, tmp_path):
+    _one_line_error(*cli(*_compress_args(tmp_path / "no-model", tiny_text, tiny_text, "--overwrite")),
+                    "exists and is not a directory")
+    plan_argv = ["plan", "--model", tmp_path / "no-model", "--calib-file", tiny_text, "--out"]
+    _one_line_error(*cli(*plan_argv, tmp_path), "is a directory; give the path of a JSON file")
+    _one_line_error(*cli(*plan_argv, tiny_text), "exists (pass --overwrite to replace it)")
+
+
+def test_flags_that_disagree_with_the_plan(cli, tiny_model_dir, tiny_text, tmp_path):
+    plan = uniform_plan({"model.layers.0.self_attn.q_proj": (64, 64)}, 0.5)
+    plan.save(tmp_path / "plan.json")
+    argv = _compress_args(tiny_model_dir, tiny_text, tmp_path / "ck", "--plan", tmp_path / "plan.json")
+    _one_line_error(*cli(*argv, "--keep", 0.9), "--keep 0.9 disagrees with the plan's keep 0.5")
+    _one_line_error(*cli(*argv, "--method", "ara"), "--method ara disagrees with the plan's method 'uniform'")
+    _one_line_error(*cli(*argv, "--param", "beta=0.1"), "--param has no effect with --plan")
+    code, err = cli(*argv, "--keep", 0.5, "--method", "uniform")  # agreeing flags are fine
+    assert code == 0, err
+
+
+def test_generate_refuses_an_empty_prompt(cli, tiny_model_dir):
+    _one_line_error(*cli("generate", tiny_model_dir, "--prompt", " "), "--prompt is empty")
+
+
+def test_bad_device_is_named(cli, tiny_text, tmp_path):
+    _one_line_error(*cli(*_compress_args(tmp_path / "no-model", tiny_text, tmp_path / "ck", "--device", "foo")),
+                    "--device 'foo' is not a device")
