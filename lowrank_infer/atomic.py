@@ -26,12 +26,42 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give it an ordinary file's mode
         os.replace(tmp, path)
+        _fsync_directory(directory)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _fsync_directory(path: str | os.PathLike) -> None:
+    """Make a directory's entries (a rename into it) durable; a no-op where directories cannot
+    be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under ``root`` to disk before a rename publishes it: after a power
+    loss, a directory that was renamed into place must not hold empty or partial files."""
+    for item in root.rglob("*"):
+        if item.is_file() and not item.is_symlink():
+            with open(item, "rb") as f:
+                os.fsync(f.fileno())
+        elif item.is_dir():
+            _fsync_directory(item)
+    _fsync_directory(root)
 
 
 def _ordinary_modes(root: Path) -> None:
@@ -61,7 +91,9 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         _ordinary_modes(tmp)
+        _fsync_tree(tmp)
         _replace_directory(tmp, path)
+        _fsync_directory(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

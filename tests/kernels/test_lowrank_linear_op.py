@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from lowrank_infer.kernels import lowrank_linear, torch_lowrank_linear, triton_lowrank_linear
+from lowrank_infer.kernels import lowrank_linear, torch_lowrank_linear, triton_lowrank_linear, two_matmul_linear
 
 
 class _TwoLayer(torch.nn.Module):
@@ -29,8 +29,12 @@ def test_dispatch_matches_reference(device, dtype, make_inputs, assert_matches_r
     assert_matches_reference(lowrank_linear(x, U, V, b), x, U, V, b)
 
 
-def test_cpu_uses_torch_path():
-    x, U, V = torch.randn(3, 24), torch.randn(37, 7), torch.randn(24, 7)
+def test_cpu_uses_the_fp32_intermediate_path():
+    """In fp16 the fp32-intermediate path and two fp16 matmuls round differently: the CPU
+    dispatch must be the former, bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    x, U, V = (torch.randn(*shape, generator=gen).half() for shape in ((3, 240), (37, 70), (240, 70)))
+    assert not torch.equal(two_matmul_linear(x, U, V), torch_lowrank_linear(x, U, V))
     assert torch.equal(lowrank_linear(x, U, V), torch_lowrank_linear(x, U, V))
 
 

@@ -79,6 +79,30 @@ def test_leftover_of_a_crashed_replace_does_not_block_the_next(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt", stale.name])
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names synced files through /proc (Linux)")
+def test_files_reach_the_disk_before_the_rename_publishes_them(tmp_path, monkeypatch):
+    import lowrank_infer.atomic as atomic
+
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.fspath(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    with atomic_directory(tmp_path / "ckpt") as tmp:
+        (tmp / "a.bin").write_bytes(b"a")
+        (tmp / "b.json").write_text("{}")
+    first_replace = next(i for i, (kind, _) in enumerate(events) if kind == "replace")
+    synced = {os.path.basename(path) for kind, path in events[:first_replace] if kind == "fsync"}
+    assert {"a.bin", "b.json"} <= synced
+
+
 def test_text_file_replaced_whole(tmp_path, umask_022):
     path = tmp_path / "plan.json"
     path.write_text("old")
