@@ -1,11 +1,12 @@
 """Calibration statistics: float64 ``XᵀX`` of every target linear's inputs, one block at a time.
 
-One pass with stand-ins for the decoder blocks records every block's call (block 0's hidden
-states, and each block's own attention mask and position embeddings: models that mix sliding-
-window and full-attention layers give each layer type its own); then each block is moved to
-the compute device, run on the cached hidden states with hooks on its linears, and its outputs
-become the next block's inputs. Peak device memory is one block plus the cached hidden states and one block's
-statistics. Linears that read the same tensor (q/k/v, gate/up) share one statistic.
+One pass with stand-ins for the decoder blocks records every block's call: block 0's hidden
+states, and each block's own attention mask and position embeddings (models that mix
+sliding-window and full-attention layers give each layer type its own). Then each block is
+moved to the compute device, run on the cached hidden states with hooks on its linears, and
+its outputs become the next block's inputs. Peak device memory is one block plus the cached
+hidden states and one block's statistics. Linears that read the same tensor (q/k/v, gate/up)
+share one statistic.
 """
 
 from __future__ import annotations

@@ -203,13 +203,16 @@ def _allocation(args, plan=None) -> tuple[float, str]:
     return plan.keep_target, DEFAULT_METHOD
 
 
-def _check_windows(model, args) -> None:
+def _check_seq_len(args, model=None) -> None:
+    """``--seq-len`` of at least 2 (a window predicts seq_len - 1 tokens); with the model loaded,
+    also within its positions."""
     from lowrank_infer.evaluate import check_seq_len
 
     if args.seq_len < 2:
         raise ValueError(f"--seq-len must be >= 2, got {args.seq_len}")
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    check_seq_len(config, args.seq_len)
+    if model is not None:
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        check_seq_len(config, args.seq_len)
 
 
 def _config(args, device: str, plan=None):
@@ -270,13 +273,14 @@ def cmd_compress(args) -> int:
 
     # Everything that can be checked without the model fails here, before the slow load.
     _check_out_dir(args.out, args.overwrite)
+    _check_seq_len(args)
     plan = RankPlan.load(args.plan) if args.plan else None
     start = time.perf_counter()
     device = _device(args)
     config = _config(args, device, plan)
     # The model stays in host memory; calibration moves one block at a time to --device.
     model, tokenizer, model_id = _load(args.model, args, device="cpu")
-    _check_windows(model, args)
+    _check_seq_len(args, model)
     calib = _calibration_ids(args, tokenizer, needed=config.whiten or (plan is None and config.method == "ara"))
     eval_tokens = _eval_tokens(args.eval_file, tokenizer) if args.eval_file else None
     before = model_size(model)
@@ -304,10 +308,11 @@ def cmd_plan(args) -> int:
     from lowrank_infer.compress import analyze
 
     _check_out_file(args.out, args.overwrite)
+    _check_seq_len(args)
     device = _device(args)
     config = _config(args, device)
     model, tokenizer, model_id = _load(args.model, args, device="cpu")
-    _check_windows(model, args)
+    _check_seq_len(args, model)
     calib = _calibration_ids(args, tokenizer, needed=config.whiten or config.method == "ara")
     plan, _, seconds = analyze(model, config, calib_ids=calib, model_id=model_id)
     plan.save(args.out)
@@ -323,8 +328,7 @@ def cmd_eval(args) -> int:
     text_file = args.text_file or _default_data_file("wikitext2", "test.raw.txt")
     if not text_file:
         raise ValueError("no evaluation text: pass --text-file FILE (or 'wikitext2'), or set LOWRANK_INFER_DATA")
-    if args.seq_len < 2:
-        raise ValueError(f"--seq-len must be >= 2, got {args.seq_len}")
+    _check_seq_len(args)  # the model's positions are checked by perplexity()
     model, tokenizer, model_id = _load(args.model, args)
     tokens = _eval_tokens(text_file, tokenizer)
     result = perplexity(model, tokens, seq_len=args.seq_len, max_windows=args.max_windows, batch_size=args.batch_size)

@@ -222,7 +222,8 @@ def _shape_only_variants(args, opts: dict, device: torch.device, dtype: torch.dt
     if not args.config:
         raise ValueError(f"--shape-only needs --config: one of {_known_configs()}, or a config.json")
     plans = [RankPlan.load(path) for path in args.plan or []]
-    keeps = [check_keep(keep) for keep in (args.keep if args.keep or plans else opts["keep"]) or []]
+    keeps = args.keep or ([] if plans else opts["keep"])
+    keeps = [check_keep(keep) for keep in keeps]
     return shape_only_variants(hf_config(args.config), args.config, keeps, device, dtype, _multiple_of(args), plans)
 
 

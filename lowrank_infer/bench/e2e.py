@@ -185,7 +185,6 @@ def shape_only_variants(
 ) -> list[Variant]:
     """The dense model of ``config``, one random compressed model per uniform keep below 1, and
     one per rank plan in ``plans``."""
-
     if plans:  # fail before any timing, not when the plan's turn comes
         shapes = target_shapes(random_model(config, torch.device("meta"), dtype))
         for plan in plans:
@@ -245,7 +244,8 @@ def _bench_variant(variant: Variant, settings: E2ESettings) -> list[dict]:
     model = variant.build()
     size = model_size(model)
     dense = variant.keep >= 1.0
-    base = {"method": variant.method, "keep": variant.keep, "keep_achieved": 1.0 if dense else model_plan(model).keep_achieved,
+    base = {"method": variant.method, "keep": variant.keep,
+            "keep_achieved": 1.0 if dense else model_plan(model).keep_achieved,
             "model_params": size["params"], "model_bytes": size["bytes"],
             "dtype": str(settings.dtype).removeprefix("torch.")}
     if dense:
@@ -351,8 +351,8 @@ def _progress(row: dict) -> None:
 
 
 _COLUMNS: list[Column] = [
-    ("path", "path", str), ("kernel", "kernel", str), ("method", "method", str), ("keep", "keep", str), ("phase", "phase", str),
-    ("batch", "batch", str), ("tokens", "tokens", str), ("timer", "timer", str),
+    ("path", "path", str), ("kernel", "kernel", str), ("method", "method", str), ("keep", "keep", str),
+    ("phase", "phase", str), ("batch", "batch", str), ("tokens", "tokens", str), ("timer", "timer", str),
     ("ms", "median_ms", lambda v: f"{v:.3f}"), ("tok/s", "tokens_per_s", lambda v: f"{v:.1f}"),
     ("peak MiB", "peak_memory_bytes", lambda v: f"{v / 2**20:.0f}"),
     ("model MiB", "model_bytes", lambda v: f"{v / 2**20:.0f}"),
