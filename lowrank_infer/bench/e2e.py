@@ -22,7 +22,7 @@ from torch import nn
 from lowrank_infer.allocation import RankPlan, plan_from_ranks
 from lowrank_infer.bench.output import Column, markdown_table
 from lowrank_infer.bench.shapes import rank_for_keep
-from lowrank_infer.bench.timing import capture_graph, fixed_calls_ms, free_memory, median_ms
+from lowrank_infer.bench.timing import available_memory, capture_graph, fixed_calls_ms, free_memory, median_ms
 from lowrank_infer.kernels import torch_lowrank_linear, triton_lowrank_linear, two_matmul_linear
 from lowrank_infer.module import LowRankLinear
 from lowrank_infer.report import model_size
@@ -179,16 +179,27 @@ def densify(model: nn.Module) -> nn.Module:
     return model
 
 
+def _check_fits(skeleton: nn.Module, name: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse a dense model larger than the memory free on ``device`` (it is built first):
+    a clear error now instead of an out-of-memory kill minutes later."""
+    need = sum(p.numel() for p in skeleton.parameters()) * dtype.itemsize
+    free = available_memory(device)
+    if free is not None and need > free:
+        raise ValueError(f"{name} in {str(dtype).removeprefix('torch.')} needs {need / 2**30:.1f} GiB for its "
+                         f"weights alone, more than the {free / 2**30:.1f} GiB free on {device}; "
+                         "use a GPU, a 16-bit --dtype or a smaller --config")
+
+
 def shape_only_variants(
     config, name: str, keeps: list[float], device: torch.device, dtype: torch.dtype, multiple_of: int = 1,
     plans: list[RankPlan] = (),
 ) -> list[Variant]:
     """The dense model of ``config``, one random compressed model per uniform keep below 1, and
     one per rank plan in ``plans``."""
-    if plans:  # fail before any timing, not when the plan's turn comes
-        shapes = target_shapes(random_model(config, torch.device("meta"), dtype))
-        for plan in plans:
-            plan.validate(shapes)
+    skeleton = random_model(config, torch.device("meta"), dtype)
+    _check_fits(skeleton, name, device, dtype)
+    for plan in plans:  # fail before any timing, not when the plan's turn comes
+        plan.validate(target_shapes(skeleton))
 
     def build(plan_for: Callable[[nn.Module], RankPlan] | None) -> nn.Module:
         model = random_model(config, device, dtype)

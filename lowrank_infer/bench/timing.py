@@ -6,6 +6,7 @@ Every timer warms its function up first and reports a median, in milliseconds.
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import time
 from typing import Callable
@@ -48,6 +49,16 @@ def resolve_device(spec: str | None) -> torch.device:
     if device.type == "cuda" and device.index >= torch.cuda.device_count():
         raise ValueError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on ``device`` (host RAM for the CPU); None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system that reports it
+        return None
 
 
 def free_memory(device: torch.device) -> None:

@@ -219,6 +219,15 @@ def test_e2e_rejects_a_checkpoint_with_no_low_rank_layer(bench, tmp_path, tiny_c
     assert code == 1 and "keeps every layer dense: there is no low-rank model to compare" in err
 
 
+def test_e2e_model_larger_than_free_memory_fails_before_timing(bench, tiny_config_file, monkeypatch):
+    from lowrank_infer.bench import e2e
+
+    monkeypatch.setattr(e2e, "available_memory", lambda device: 1000)
+    monkeypatch.setattr(e2e, "run_e2e_bench", lambda *a: pytest.fail("timed a model that cannot fit"))
+    code, err = bench("e2e", "--shape-only", "--config", tiny_config_file, "--device", "cpu")
+    assert code == 1 and "in float32 needs" in err and "GiB free on cpu" in err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 @pytest.mark.parametrize("command", [["kernels"], ["e2e", "--shape-only", "--config", "smollm2-135m"]])
 def test_cuda_without_gpu_is_an_error(bench, command):
