@@ -72,7 +72,7 @@ case "${1:?stage}" in
   final)
     setup
     timeout 150 python3 -m pytest tests/kernels -q -k cuda -n 8 -p no:cacheprovider 2>&1 | tee "$RES/tests-kernels-cuda.log" | tail -n 4
-    timeout 90 $BENCH kernels --models llama2-7b --layers q gate --keep 0.6 --multiple-of 16 \
+    timeout 150 $BENCH kernels --models llama2-7b --layers q gate --keep 0.6 --multiple-of 16 \
       --tokens 1 16 32 33 48 64 128 256 512 2048 --providers dense two_matmul triton --rep-ms 50 \
       --json "$RES/kernels-aligned16-midT.json" --markdown "$RES/kernels-aligned16-midT.md" 2>/dev/null
     # The SmolLM2-135M checkpoint (98 MB as GGUF) is larger than the device tool carries; its
