@@ -11,8 +11,10 @@ parameter, where the caller says what a rank is worth to a layer.
 from __future__ import annotations
 
 import heapq
+import math
 from typing import Callable, Mapping
 
+import numpy as np
 import torch
 
 from lowrank_infer.allocation.plan import PlanError, layer_params, max_useful_rank
@@ -129,7 +131,9 @@ def fit_budget(
     First, while the plan is over budget, the rung whose loss per freed parameter is smallest is
     given up; then, while any single rung up still fits, the one with the largest gain per
     parameter is taken. Should coarse rungs still leave more slack than the tolerance, rungs are
-    traded (one down, another up) to fill it. The result never exceeds the budget.
+    traded (one down, another up) to fill it, and if trades stall, a knapsack over every
+    layer's rungs finds the most valuable plan within the tolerance. The result never exceeds
+    the budget.
 
     Args:
         shapes: name → ``(out_features, in_features)``.
@@ -164,6 +168,8 @@ def fit_budget(
     total = _shrink_to(layers, sum(layer.cost(layer.rung) for layer in layers), budget)
     total = _grow_to(layers, total, budget)
     while (budget - total) / dense > KEEP_TOLERANCE and _trade_up(layers, budget - total):
+        total = sum(layer.cost(layer.rung) for layer in layers)
+    if (budget - total) / dense > KEEP_TOLERANCE and _fill_exactly(layers, budget, KEEP_TOLERANCE * dense):
         total = sum(layer.cost(layer.rung) for layer in layers)
     if (budget - total) / dense > KEEP_TOLERANCE:
         raise PlanError(
@@ -223,4 +229,47 @@ def _trade_up(layers: list[_Layer], slack: float) -> bool:
     _, i, j = min(trades)
     layers[i].rung -= 1
     layers[j].rung += 1
+    return True
+
+
+# Budgets up to this many parameters get an exact knapsack (one bucket per parameter); larger
+# ones use buckets whose rounding costs at most a quarter of the tolerance.
+_EXACT_BUDGET = 2_000_000
+_BUCKETS_PER_LAYER = 4
+
+
+def _fill_exactly(layers: list[_Layer], budget: float, tolerance: float) -> bool:
+    """Set every layer's rung to the most valuable plan costing within ``[budget - tolerance,
+    budget]``, by dynamic programming over costs; False (rungs unchanged) if none is found.
+
+    Only reached when greedy steps and pairwise trades leave too much slack: coarse ladders on
+    small layers, so the tables stay small (layers × rungs × buckets).
+    """
+    exact = budget <= _EXACT_BUDGET
+    unit = 1.0 if exact else tolerance / (_BUCKETS_PER_LAYER * len(layers))
+    size = int(budget // unit) + 1
+    best = np.full(size, -np.inf)
+    best[0] = 0.0
+    choices = []
+    for layer in layers:
+        # Costs rounded up to whole buckets: a plan that fits in buckets fits the budget.
+        costs = [math.ceil(layer.cost(r) / unit) for r in range(len(layer.ladder))]
+        new, choice = np.full(size, -np.inf), np.full(size, -1, dtype=np.int32)
+        for rung, cost in enumerate(costs):
+            if cost >= size:
+                continue
+            shifted = np.full(size, -np.inf)
+            shifted[cost:] = best[: size - cost] + layer.value(rung)
+            better = shifted > new
+            new[better], choice[better] = shifted[better], rung
+        best = new
+        choices.append((choice, costs))
+    # Rounding up added under one bucket per layer: from here on, buckets certainly reach the floor.
+    floor = max(0, math.ceil((budget - tolerance) / unit) + (0 if exact else len(layers)))
+    if floor >= size or not np.isfinite(best[floor:]).any():
+        return False
+    bucket = floor + int(np.argmax(best[floor:]))
+    for layer, (choice, costs) in zip(reversed(layers), reversed(choices)):
+        layer.rung = int(choice[bucket])
+        bucket -= costs[layer.rung]
     return True

@@ -40,6 +40,35 @@ def test_fit_budget_lands_just_under_the_budget(keep, start, multiple_of):
         assert rank is None or (rank >= 1 and rank % multiple_of == 0 and rank <= max_useful_rank(*SHAPES[name]))
 
 
+def _brute_force_fits(shapes, keep, multiple_of) -> bool:
+    """Whether any choice of allowed ranks lands within the tolerance under the budget."""
+    import itertools
+
+    ladders = [[*range(multiple_of, max_useful_rank(m, n) + 1, multiple_of), None] for m, n in shapes.values()]
+    dense = sum(m * n for m, n in shapes.values())
+    for choice in itertools.product(*ladders):
+        kept = sum(layer_params(*shape, rank) for shape, rank in zip(shapes.values(), choice)) / dense
+        if keep - 0.005 <= kept <= keep:
+            return True
+    return False
+
+
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.tuples(st.integers(8, 48), st.integers(8, 48)), min_size=2, max_size=4),
+       keep=st.floats(0.3, 0.95), multiple_of=st.sampled_from([4, 8]))
+def test_fit_budget_finds_a_plan_whenever_one_exists(sizes, keep, multiple_of):
+    """Coarse rungs on small layers: greedy steps and trades can stall; the knapsack fallback
+    must still find a plan within the tolerance whenever brute force says one exists."""
+    shapes = {f"model.layers.{i}.mlp.up_proj": size for i, size in enumerate(sizes)}
+    start = {name: multiple_of for name in shapes}
+    if not _brute_force_fits(shapes, keep, multiple_of):
+        with pytest.raises(PlanError):
+            fit_budget(shapes, start, keep, _value, multiple_of=multiple_of)
+        return
+    ranks = fit_budget(shapes, start, keep, _value, multiple_of=multiple_of)
+    assert keep - 0.005 <= _keep(shapes, ranks) <= keep + 1e-12
+
+
 def test_fit_budget_is_tight_without_rounding():
     ranks = fit_budget(SHAPES, {n: 1 for n in SHAPES}, 0.6, _value)
     # Every low-rank step costs at most 224 parameters out of ~258k.
