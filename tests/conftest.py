@@ -7,8 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 from tiny_models import tiny_model, tiny_tokenizer
+
+# The same Hypothesis examples on every run, so that a test run's verdict does not depend on
+# chance; HYPOTHESIS_PROFILE=explore draws new examples each run, to look for failures.
+settings.register_profile("deterministic", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("LOWRANK_INFER_DATA", REPO.parent / "shared" / "data"))
