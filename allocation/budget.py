@@ -169,7 +169,7 @@ def fit_budget(
     total = _grow_to(layers, total, budget)
     while (budget - total) / dense > KEEP_TOLERANCE and _trade_up(layers, budget - total):
         total = sum(layer.cost(layer.rung) for layer in layers)
-    if (budget - total) / dense > KEEP_TOLERANCE and _fill_exactly(layers, budget, KEEP_TOLERANCE * dense):
+    if (budget - total) / dense > KEEP_TOLERANCE and _fill_by_knapsack(layers, budget, KEEP_TOLERANCE * dense):
         total = sum(layer.cost(layer.rung) for layer in layers)
     if (budget - total) / dense > KEEP_TOLERANCE:
         raise PlanError(
@@ -238,7 +238,7 @@ _EXACT_BUDGET = 2_000_000
 _BUCKETS_PER_LAYER = 4
 
 
-def _fill_exactly(layers: list[_Layer], budget: float, tolerance: float) -> bool:
+def _fill_by_knapsack(layers: list[_Layer], budget: float, tolerance: float) -> bool:
     """Set every layer's rung to the most valuable plan costing within ``[budget - tolerance,
     budget]``, by dynamic programming over costs; False (rungs unchanged) if none is found.
 
