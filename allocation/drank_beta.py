@@ -15,12 +15,12 @@ import math
 from typing import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from lowrank_infer.allocation.drank import drank_plan
 from lowrank_infer.allocation.plan import RankPlan
+from lowrank_infer.evaluate import summed_nll
 from lowrank_infer.factorize import Spectrum
 
 __all__ = ["BETA_CANDIDATES", "calibration_loss", "drank_auto_plan"]
@@ -28,17 +28,9 @@ __all__ = ["BETA_CANDIDATES", "calibration_loss", "drank_auto_plan"]
 BETA_CANDIDATES = (0.0, 0.1, 0.2, 0.3)
 
 
-@torch.no_grad()
 def calibration_loss(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> float:
     """Mean next-token cross-entropy of ``model`` over the rows of ``ids`` ([rows, seq_len])."""
-    device = next(model.parameters()).device
-    total, tokens = 0.0, 0
-    for start in range(0, ids.shape[0], batch_size):
-        batch = ids[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        target = batch[:, 1:]
-        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
-        tokens += target.numel()
+    total, tokens = summed_nll(model, ids, batch_size=batch_size)
     return total / tokens
 
 

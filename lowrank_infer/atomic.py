@@ -52,29 +52,28 @@ def _fsync_directory(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
-    """Flush every file under ``root`` to disk before a rename publishes it: after a power
-    loss, a directory that was renamed into place must not hold empty or partial files."""
-    for item in root.rglob("*"):
-        if item.is_file() and not item.is_symlink():
-            with open(item, "rb") as f:
-                os.fsync(f.fileno())
-        elif item.is_dir():
-            _fsync_directory(item)
-    _fsync_directory(root)
+def _finish_tree(root: Path) -> None:
+    """Make ``root`` ready to publish, in one walk over it.
 
-
-def _ordinary_modes(root: Path) -> None:
-    """Modes a plain ``mkdir``/``open`` would give (umask applied) for ``root`` and all in it.
-
-    ``mkdtemp`` makes 0700, and some writers (safetensors via transformers) make 0600 files:
-    a checkpoint must be readable by whoever may read its parent directory.
+    Modes: what a plain ``mkdir``/``open`` would give (umask applied). ``mkdtemp`` makes 0700 and
+    some writers (safetensors via transformers) make 0600 files, yet a checkpoint must be readable
+    by whoever may read its parent directory. Durability: every file and directory is flushed to
+    disk before the rename publishes it, so that after a power loss a directory renamed into
+    place never holds empty or partial files.
     """
     mask = _umask()
-    os.chmod(root, 0o777 & ~mask)
     for item in root.rglob("*"):
-        if not item.is_symlink():
-            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+        if item.is_symlink():
+            continue
+        if item.is_dir():
+            os.chmod(item, 0o777 & ~mask)
+            _fsync_directory(item)
+        else:
+            os.chmod(item, 0o666 & ~mask)
+            with open(item, "rb") as f:
+                os.fsync(f.fileno())
+    os.chmod(root, 0o777 & ~mask)
+    _fsync_directory(root)
 
 
 @contextmanager
@@ -90,8 +89,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
-        _ordinary_modes(tmp)
-        _fsync_tree(tmp)
+        _finish_tree(tmp)
         _replace_directory(tmp, path)
         _fsync_directory(path.parent)
     except BaseException:

@@ -211,8 +211,7 @@ def _check_seq_len(args, model=None) -> None:
     if args.seq_len < 2:
         raise ValueError(f"--seq-len must be >= 2, got {args.seq_len}")
     if model is not None:
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        check_seq_len(config, args.seq_len)
+        check_seq_len(model, args.seq_len)
 
 
 def _config(args, device: str, plan=None):

@@ -109,8 +109,6 @@ def _same_kind(value: Any, default: Any) -> bool:
     """Whether ``value`` may stand where ``default`` does (an int for an int, any number for a float)."""
     if default == "auto":  # D-Rank's beta: "auto" or a number
         return value == "auto" or _is_number(value)
-    if isinstance(default, bool):
-        return isinstance(value, bool)
     if isinstance(default, int):
         return isinstance(value, int) and not isinstance(value, bool)
     if isinstance(default, float):

@@ -10,21 +10,35 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["check_seq_len", "perplexity"]
+__all__ = ["check_seq_len", "perplexity", "summed_nll"]
 
 
-def check_seq_len(config, seq_len: int) -> None:
+def check_seq_len(model: nn.Module, seq_len: int) -> None:
     """Refuse windows longer than the model's position table (``max_position_embeddings``):
     learned position embeddings fail on them with an index error, RoPE models degrade silently."""
-    limit = getattr(config, "max_position_embeddings", None) if config is not None else None
+    config = getattr(model, "config", None)
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    limit = getattr(config, "max_position_embeddings", None)
     if isinstance(limit, int) and seq_len > limit:
         raise ValueError(f"seq_len {seq_len} is longer than the model's {limit} positions "
                          f"(max_position_embeddings); pass --seq-len {limit} or less")
 
 
-def _check_positions(model: nn.Module, seq_len: int) -> None:
-    config = getattr(model, "config", None)
-    check_seq_len(config.get_text_config() if hasattr(config, "get_text_config") else config, seq_len)
+@torch.no_grad()
+def summed_nll(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 1, progress: bool = False,
+               desc: str = "perplexity") -> tuple[float, int]:
+    """``(Σ next-token NLL, tokens predicted)`` over the rows of ``windows`` ([rows, seq_len]),
+    each row scored on its own; a non-finite sum is returned, not raised."""
+    device = next(model.parameters()).device
+    total, counted = 0.0, 0
+    for batch in tqdm(windows.split(batch_size), desc=desc, unit="batch", disable=not progress):
+        batch = batch.to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        target = batch[:, 1:]
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
+        counted += target.numel()
+    return total, counted
 
 
 @torch.no_grad()
@@ -57,7 +71,7 @@ def perplexity(
         raise ValueError(f"seq_len must be >= 2 (a window predicts seq_len - 1 tokens), got {seq_len}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    _check_positions(model, seq_len)
+    check_seq_len(model, seq_len)
     windows = tokens.numel() // seq_len
     if windows == 0:
         raise ValueError(f"evaluation text has {tokens.numel()} tokens, fewer than one window of {seq_len}")
@@ -66,17 +80,10 @@ def perplexity(
             raise ValueError(f"max_windows must be >= 1, got {max_windows}")
         windows = min(windows, max_windows)
     data = tokens[: windows * seq_len].view(windows, seq_len)
-    device = next(model.parameters()).device
-    total_nll, counted = 0.0, 0
     start = time.perf_counter()
-    for batch in tqdm(data.split(batch_size), desc="perplexity", unit="batch", disable=not progress):
-        batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-        if not torch.isfinite(nll):
-            raise ValueError("model produced non-finite logits during evaluation")
-        total_nll += float(nll)
-        counted += batch[:, 1:].numel()
+    total_nll, counted = summed_nll(model, data, batch_size=batch_size, progress=progress)
+    if not math.isfinite(total_nll):
+        raise ValueError("model produced non-finite logits during evaluation")
     mean_nll = total_nll / counted
     return {
         "perplexity": math.exp(mean_nll),
