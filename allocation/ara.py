@@ -22,8 +22,8 @@ Where this implementation deviates from the paper and its official code, and why
 
 - **A CPU-sized schedule.** The official run trains 10 epochs over 256 × 512-token samples at
   ``lr = 1e-3``; the defaults here (100 steps of one 128-token row from 32 calibration rows,
-  ``lr = 0.02``) train SmolLM2-135M on two CPU cores in about 4–6 minutes; the larger learning
-  rate makes up for the ~25× fewer steps. ``α = 100``, ``β = 50`` and the 101 candidates are the
+  ``lr = 0.02``) fit a small model on a few CPU cores in minutes, and the larger learning rate
+  makes up for the ~25× fewer steps. ``α = 100``, ``β = 50`` and the 101 candidates are the
   official values.
 - **Exact error lookup.** ``err_l(r)`` is read at the rank ``⌊r·mn/(m+n)⌋`` itself, not at ``r``
   rounded to the nearest 0.01 as in the official code.
@@ -41,7 +41,8 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Mapping
+from dataclasses import dataclass
+from typing import ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -49,14 +50,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowrank_infer.allocation.budget import captured_energy, fit_budget, spectra_shapes
-from lowrank_infer.allocation.plan import RankPlan, check_keep, plan_from_ranks
+from lowrank_infer.allocation.config import AllocationInputs, MethodConfig
+from lowrank_infer.allocation.plan import RankPlan, plan_from_ranks
+from lowrank_infer.cost import layer_params, use_dense
 from lowrank_infer.factorize import Spectrum
-from lowrank_infer.kernels import use_dense
+from lowrank_infer.structure import replace_module
 
-__all__ = ["ARATrainingError", "ara_plan"]
+__all__ = ["ARAConfig", "ARATrainingError", "ara_plan"]
 
 # Candidate kept fractions 1.00, 0.99, …, 0.00 of k_max: 101 of them, as in the paper.
 RESOLUTION = 100
+# Factors are kept up to the rank at keep 1.2, past break-even, so that dense stays reachable.
+RANK_HEADROOM = 1.2
 
 
 class ARATrainingError(ValueError):
@@ -129,24 +134,66 @@ class _MaskedLinear(nn.Module):
         return F.linear((x @ self.right) * mask.to(x.dtype), self.left, self.linear.bias)
 
 
+@dataclass(frozen=True)
+class ARAConfig(MethodConfig):
+    """ARA: per-layer kept fractions trained on the language-model loss (needs calibration data).
+
+    Attributes:
+        steps: optimizer steps.
+        lr: AdamW learning rate of the logits.
+        alpha: weight of ``(R − keep)²``.
+        beta: weight of the guidance loss toward dense layers.
+        samples: calibration rows used for training (the first ones).
+        seq_len: tokens per training row (the first ones).
+        batch_size: rows per step.
+        dense_threshold: a layer whose learned parameter ratio reaches this stays dense.
+        seed: order of the training rows.
+    """
+
+    steps: int = 100
+    lr: float = 0.02
+    alpha: float = 100.0
+    beta: float = 50.0
+    samples: int = 32
+    seq_len: int = 128
+    batch_size: int = 1
+    dense_threshold: float = 0.99
+    seed: int = 0
+
+    name: ClassVar[str] = "ara"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for label in ("steps", "samples", "seq_len", "batch_size"):
+            if getattr(self, label) < 1:
+                raise ValueError(f"ARA needs {label} >= 1, got {getattr(self, label)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"ARA needs a positive, finite lr, got {self.lr}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+    def factor_cap(self, out_features: int, in_features: int) -> int:
+        """Past break-even (the rank at keep ``RANK_HEADROOM``), so that dense stays reachable."""
+        m, n = out_features, in_features
+        return min(m, n, math.ceil(RANK_HEADROOM * m * n / (m + n)))
+
+    def allocate(self, inputs: AllocationInputs) -> RankPlan:
+        if inputs.model is None or inputs.calib_ids is None:
+            raise ValueError("ARA trains on the model: it needs the model and calibration token ids")
+        return ara_plan(inputs.model, inputs.spectra, inputs.calib_ids, self, model_id=inputs.model_id,
+                        progress=inputs.progress)
+
+
 def ara_plan(
     lm: nn.Module,
     spectra: Mapping[str, Spectrum],
     calib_ids: torch.Tensor,
-    keep: float,
+    config: ARAConfig,
     *,
     model_id: str = "",
     progress: bool = True,
-    steps: int = 100,
-    lr: float = 0.02,
-    alpha: float = 100.0,
-    beta: float = 50.0,
-    samples: int = 32,
-    seq_len: int = 128,
-    batch_size: int = 1,
-    dense_threshold: float = 0.99,
-    multiple_of: int = 1,
-    seed: int = 0,
 ) -> RankPlan:
     """ARA allocation: train per-layer kept-fraction distributions on the LM loss, then finalize.
 
@@ -156,48 +203,34 @@ def ara_plan(
 
     Args:
         lm: the dense causal LM (e.g. ``LlamaForCausalLM``); it returns ``.logits``.
-        spectra: name → whitened :class:`Spectrum` with factors up to ``k_max`` (rank at keep 1.2).
+        spectra: name → whitened :class:`Spectrum` with factors up to ``config.factor_cap``.
         calib_ids: ``[samples, seq_len]`` calibration token ids.
-        keep: fraction of target-linear parameters kept, in (0, 1].
+        config: keep, ``multiple_of`` and the training settings.
         model_id: recorded in the plan.
         progress: show a progress bar with the loss and the parameter ratio ``R``.
-        steps: optimizer steps.
-        lr: AdamW learning rate of the logits.
-        alpha: weight of ``(R − keep)²``.
-        beta: weight of the guidance loss toward dense layers.
-        samples: calibration rows used (the first ones).
-        seq_len: tokens per row used (the first ones).
-        batch_size: rows per step.
-        dense_threshold: a layer whose learned parameter ratio reaches this stays dense.
-        multiple_of: low-rank ranks are multiples of this.
-        seed: order of the training rows.
 
     Raises:
-        PlanError: ``keep`` outside (0, 1].
         ValueError: empty spectra, NaN in them, a spectrum naming no linear of ``lm`` (or of
-            another shape), bad hyper-parameters.
+            another shape), malformed ``calib_ids``.
         ARATrainingError: the loss became NaN; carries ``last_good_plan``.
     """
-    keep = check_keep(keep)
     shapes = spectra_shapes(spectra)
     linears = _check_linears(lm, spectra)
-    ids = _training_ids(calib_ids, samples, seq_len, batch_size, steps)
-    params = {
-        "steps": steps, "lr": lr, "alpha": alpha, "beta": beta, "samples": ids.shape[0],
-        "seq_len": ids.shape[1], "batch_size": batch_size, "dense_threshold": dense_threshold,
-        "multiple_of": multiple_of, "seed": seed,
-    }
+    ids = _training_ids(calib_ids, config)
+    # What the plan records: the settings, with the rows and tokens actually trained on.
+    record = {**config.hyperparameters(), "samples": ids.shape[0], "seq_len": ids.shape[1],
+              "multiple_of": config.multiple_of}
 
     def finalize(fractions: Mapping[str, float]) -> RankPlan:
-        ranks = _final_ranks(spectra, fractions, keep, dense_threshold, multiple_of)
-        return plan_from_ranks(shapes, ranks, keep=keep, method="ara", model=model_id, params=params)
+        ranks = _final_ranks(spectra, fractions, config)
+        return plan_from_ranks(shapes, ranks, keep=config.keep, method="ara", model=model_id, params=record)
 
-    if keep == 1.0:
+    if config.keep == 1.0:
         return finalize({name: 1.0 for name in spectra})
-    masked = {name: _MaskedLinear(linears[name], spectra[name], keep / _headroom(s)) for name, s in spectra.items()}
-    regularizer = _Regularizer(shapes, spectra, list(masked.values()), keep)
+    masked = {name: _MaskedLinear(linears[name], s, config.keep / _headroom(s)) for name, s in spectra.items()}
+    regularizer = _Regularizer(shapes, spectra, list(masked.values()), config.keep)
     with _swapped(lm, masked):
-        fractions = _train(lm, masked, regularizer, ids, params, finalize, progress)
+        fractions = _train(lm, masked, regularizer, ids, config, finalize, progress)
     return finalize(fractions)
 
 
@@ -221,26 +254,21 @@ def _check_linears(lm: nn.Module, spectra: Mapping[str, Spectrum]) -> dict[str, 
     return linears
 
 
-def _training_ids(calib_ids: torch.Tensor, samples: int, seq_len: int, batch_size: int, steps: int) -> torch.Tensor:
+def _training_ids(calib_ids: torch.Tensor, config: ARAConfig) -> torch.Tensor:
     if calib_ids.ndim != 2 or calib_ids.shape[1] < 2:
         raise ValueError(f"calib_ids must be [samples, seq_len >= 2] token ids, got shape {tuple(calib_ids.shape)}")
-    for label, number in (("samples", samples), ("seq_len", seq_len), ("batch_size", batch_size), ("steps", steps)):
-        if number < 1:
-            raise ValueError(f"ARA needs {label} >= 1, got {number}")
-    return calib_ids[:samples, :seq_len]
+    return calib_ids[: config.samples, : config.seq_len]
 
 
 def _headroom(spectrum: Spectrum) -> float:
     """Parameter ratio of a layer at ``k_max``: ``k_max(m+n)/(mn)`` (about 1.2)."""
     m, n = spectrum.out_features, spectrum.in_features
-    return spectrum.max_rank * (m + n) / (m * n)
+    return layer_params(m, n, spectrum.max_rank) / layer_params(m, n, None)
 
 
 @contextmanager
 def _swapped(lm: nn.Module, masked: Mapping[str, _MaskedLinear]):
     """Masked modules in, the model frozen and in eval mode; all of it undone on exit."""
-    from lowrank_infer.surgery import replace_module  # surgery imports this package: no cycle at import time
-
     flags = [(p, p.requires_grad) for p in lm.parameters()]
     training = lm.training
     try:
@@ -256,7 +284,7 @@ def _swapped(lm: nn.Module, masked: Mapping[str, _MaskedLinear]):
         lm.train(training)
 
 
-def _train(lm, masked, regularizer, ids, params, finalize, progress) -> dict[str, float]:
+def _train(lm, masked, regularizer, ids, config: ARAConfig, finalize, progress) -> dict[str, float]:
     """AdamW on the logits; returns each layer's final expected fraction ``ρ``.
 
     Raises ARATrainingError at a non-finite loss or update, with the plan of the last finite logits.
@@ -264,10 +292,10 @@ def _train(lm, masked, regularizer, ids, params, finalize, progress) -> dict[str
     layers = list(masked.values())
     for layer in layers:
         layer.logits.requires_grad_(True)
-    optimizer = torch.optim.AdamW([layer.logits for layer in layers], lr=params["lr"], weight_decay=0.0)
+    optimizer = torch.optim.AdamW([layer.logits for layer in layers], lr=config.lr, weight_decay=0.0)
     device = layers[0].logits.device
-    size = params["batch_size"]
-    order = _row_order(ids.shape[0], params["steps"] * size, params["seed"])
+    size = config.batch_size
+    order = _row_order(ids.shape[0], config.steps * size, config.seed)
     last_good = [layer.logits.detach().clone() for layer in layers]
 
     def failure(what: str, step: int) -> ARATrainingError:
@@ -275,14 +303,14 @@ def _train(lm, masked, regularizer, ids, params, finalize, progress) -> dict[str
         message = f"ARA {what} at step {step}; the plan from the last finite step is in .last_good_plan"
         return ARATrainingError(message, finalize(fractions), step)
 
-    bar = tqdm(range(params["steps"]), desc="ARA", unit="step", disable=not progress)
+    bar = tqdm(range(config.steps), desc="ARA", unit="step", disable=not progress)
     with torch.enable_grad():
         for step in bar:
             batch = ids[order[step * size : (step + 1) * size]].to(device)
             logits = lm(input_ids=batch, use_cache=False).logits[:, :-1].float()
             ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
             ratio, compression, guidance = regularizer()
-            loss = ce + params["alpha"] * compression + params["beta"] * guidance
+            loss = ce + config.alpha * compression + config.beta * guidance
             if not torch.isfinite(loss):
                 raise failure(f"loss became {loss.item()} (cross-entropy {ce.item()})", step)
             optimizer.zero_grad(set_to_none=True)
@@ -340,20 +368,16 @@ class _Regularizer:
 
 
 def _final_ranks(
-    spectra: Mapping[str, Spectrum],
-    fractions: Mapping[str, float],
-    keep: float,
-    dense_threshold: float,
-    multiple_of: int,
+    spectra: Mapping[str, Spectrum], fractions: Mapping[str, float], config: ARAConfig
 ) -> dict[str, int | None]:
     """Dense where the learned ratio reaches ``dense_threshold``; rescale the rest to the budget."""
     shapes = {name: (s.out_features, s.in_features) for name, s in spectra.items()}
     ratio = {name: fractions[name] * _headroom(s) for name, s in spectra.items()}
-    dense = {name for name, r in ratio.items() if r >= dense_threshold}
+    dense = {name for name, r in ratio.items() if r >= config.dense_threshold}
     total = sum(m * n for m, n in shapes.values())
     fixed = sum(m * n for name, (m, n) in shapes.items() if name in dense)
     variable = sum(ratio[name] * m * n for name, (m, n) in shapes.items() if name not in dense)
-    scale = max(keep * total - fixed, 0.0) / variable if variable > 0 else 1.0
+    scale = max(config.keep * total - fixed, 0.0) / variable if variable > 0 else 1.0
     ranks = {
         name: None if name in dense else max(1, math.floor(fractions[name] * scale * s.max_rank))
         for name, s in spectra.items()
@@ -364,4 +388,4 @@ def _final_ranks(
         return 1.0 if rank is None else energy[name][min(rank, len(energy[name]) - 1)]
 
     caps = {name: s.max_rank for name, s in spectra.items()}
-    return fit_budget(shapes, ranks, keep, value, caps=caps, multiple_of=multiple_of)
+    return fit_budget(shapes, ranks, config.keep, value, caps=caps, multiple_of=config.multiple_of)

@@ -17,7 +17,8 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from lowrank_infer.allocation.plan import PlanError, layer_params, max_useful_rank
+from lowrank_infer.allocation.plan import PlanError
+from lowrank_infer.cost import layer_params, max_useful_rank
 from lowrank_infer.factorize import Spectrum
 
 __all__ = ["captured_energy", "fit_budget", "layer_type", "spectra_shapes"]

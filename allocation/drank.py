@@ -33,13 +33,11 @@ Where this implementation deviates from the paper and its official code, and why
   unchanged. A dense Q/K layer gives ``β`` of ``m·n``. Types are matched by name
   (``q_proj``/``k_proj``/``v_proj``, ``query``/``key``/``value``); architectures with fused QKV
   projections get no rebalancing.
-- **β = 0.3 by default here**, as the paper suggests (its official code uses 0.1–0.2), but
-  :func:`~lowrank_infer.compress.compress` and the CLI default to ``beta="auto"``
-  (:func:`~lowrank_infer.allocation.drank_beta.drank_auto_plan`): β is chosen from 0, 0.1,
-  0.2, 0.3 by the calibration loss of each plan. A fixed β is not a sure gain: on SmolLM2-135M
-  (grouped-query attention, 3 KV heads; whitened on WikiText-2) ``β = 0.3`` lowered perplexity
-  by 9% against ``β = 0`` at keep 0.8 but raised it by 6% at keep 0.6, where every ``β`` tried
-  in 0.05–0.3 was worse than uniform allocation and raising V's ranks part-way hurt on its own.
+- **β chosen on data.** :func:`drank_plan` takes the paper's ``β = 0.3`` by default (its
+  official code uses 0.1–0.2), but :class:`DRankConfig` defaults to ``beta="auto"``: each
+  candidate β (0, 0.1, 0.2, 0.3) becomes a plan, the pipeline scores each plan by the loss of
+  the model with it applied, and the lowest wins. No fixed β won at every keep on SmolLM2-135M
+  (grouped-query attention), where a larger β helped at keep 0.8 and hurt at keep 0.6.
 - **Budget repair.** Rounding leftovers are repaired over all layers at once with the same
   objective as the closed form (marginal ``Δ(erank/k)`` per parameter), instead of the official
   code's per-type loop that always picks the layer with the extreme ``erank/ω``.
@@ -48,18 +46,71 @@ Where this implementation deviates from the paper and its official code, and why
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from dataclasses import dataclass
+from typing import ClassVar, Mapping
 
 import torch
+from tqdm.auto import tqdm
 
 from lowrank_infer.allocation.budget import fit_budget, layer_type, spectra_shapes
-from lowrank_infer.allocation.plan import RankPlan, check_keep, layer_params, max_useful_rank, plan_from_ranks
+from lowrank_infer.allocation.config import AllocationInputs, MethodConfig
+from lowrank_infer.allocation.plan import RankPlan, check_keep, plan_from_ranks
+from lowrank_infer.cost import layer_params, max_useful_rank
 from lowrank_infer.factorize import Spectrum
 
-__all__ = ["drank_plan", "effective_rank"]
+__all__ = ["DRankConfig", "drank_plan", "effective_rank"]
 
 # Name components of query, key and value projections across Hugging Face architectures.
 _ROLES = {"q": {"q_proj", "query"}, "k": {"k_proj", "key"}, "v": {"v_proj", "value"}}
+
+
+@dataclass(frozen=True)
+class DRankConfig(MethodConfig):
+    """D-Rank: per-type Lagrange allocation by effective rank, Q/K → V share ``beta``.
+
+    Attributes:
+        beta: share of the query and key layers' parameters moved to the value layers, in
+            [0, 1); ``"auto"`` picks it from ``candidates`` by the loss of each plan on
+            calibration data.
+        candidates: the β values ``"auto"`` tries.
+    """
+
+    beta: float | str = "auto"
+    candidates: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3)
+
+    name: ClassVar[str] = "drank"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for beta in (self.beta,) if self.beta != "auto" else self.candidates:
+            if not (isinstance(beta, (int, float)) and not isinstance(beta, bool) and 0.0 <= beta < 1.0):
+                raise ValueError(f"D-Rank beta must be 'auto' or a number in [0, 1), got {beta!r}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.whiten or self.beta == "auto"
+
+    def allocate(self, inputs: AllocationInputs) -> RankPlan:
+        def plan(beta: float) -> RankPlan:
+            return drank_plan(inputs.spectra, self.keep, model_id=inputs.model_id, beta=beta,
+                              multiple_of=self.multiple_of)
+
+        if self.beta != "auto":
+            return plan(float(self.beta))
+        if inputs.score is None:
+            raise ValueError("D-Rank beta='auto' scores plans on calibration data; pass calibration "
+                             "token ids, or fix beta (the paper's value is 0.3)")
+        scored = []
+        for beta in tqdm(self.candidates, desc="D-Rank beta", unit="plan", disable=not inputs.progress):
+            candidate = plan(beta)
+            loss = inputs.score(candidate)
+            if not math.isfinite(loss):
+                raise ValueError(f"D-Rank beta={beta}: calibration loss is {loss}")
+            scored.append((loss, beta, candidate))
+        _, _, best = min(scored, key=lambda item: item[0])
+        best.params["beta_selection"] = {"candidates": [b for _, b, _ in scored],
+                                         "calibration_loss": [round(loss, 6) for loss, _, _ in scored]}
+        return best
 
 
 def effective_rank(sigma: torch.Tensor) -> float:
@@ -177,20 +228,17 @@ def _move_qk_to_v(
     out = dict(ranks)
     if beta == 0 or not takers or not givers:
         return out
-    given = {name: beta * _cost(*shapes[name], ranks[name]) for name in givers}
+    given = {name: beta * layer_params(*shapes[name], ranks[name]) for name in givers}
     share = sum(given.values()) / len(takers)
     spill = 0.0
     for name in takers:
         m, n = shapes[name]
-        wanted = _cost(m, n, ranks[name]) + share
+        wanted = layer_params(m, n, ranks[name]) + share
         out[name] = None if wanted > max_useful_rank(m, n) * (m + n) else wanted / (m + n)
-        spill += wanted - _cost(m, n, out[name])
+        spill += wanted - layer_params(m, n, out[name])
     refund = spill / sum(given.values())
     for name in givers:
         m, n = shapes[name]
-        out[name] = (_cost(m, n, ranks[name]) - given[name] * (1 - refund)) / (m + n)
+        out[name] = (layer_params(m, n, ranks[name]) - given[name] * (1 - refund)) / (m + n)
     return out
 
-
-def _cost(m: int, n: int, rank: float | None) -> float:
-    return m * n if rank is None else rank * (m + n)

@@ -13,20 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from lowrank_infer.atomic import atomic_write_text
-from lowrank_infer.kernels import use_dense
+from lowrank_infer.cost import layer_params, use_dense
 
 FORMAT_VERSION = 1
 
-__all__ = [
-    "FORMAT_VERSION",
-    "LayerRank",
-    "PlanError",
-    "RankPlan",
-    "check_keep",
-    "layer_params",
-    "max_useful_rank",
-    "plan_from_ranks",
-]
+__all__ = ["FORMAT_VERSION", "LayerRank", "PlanError", "RankPlan", "check_keep", "plan_from_ranks"]
 
 
 class PlanError(ValueError):
@@ -42,18 +33,6 @@ def check_keep(keep: float) -> float:
     if not (0.0 < keep <= 1.0) or math.isnan(keep):
         raise PlanError(f"keep must be in (0, 1] (fraction of target-linear parameters kept), got {keep}")
     return keep
-
-
-def layer_params(out_features: int, in_features: int, rank: int | None) -> int:
-    """Parameters a layer keeps: ``m·n`` when dense (``rank is None``), else ``k·(m+n)``."""
-    if rank is None:
-        return out_features * in_features
-    return rank * (out_features + in_features)
-
-
-def max_useful_rank(out_features: int, in_features: int) -> int:
-    """Largest rank that is still cheaper than the dense layer (``k·(m+n) < m·n``)."""
-    return max(0, (out_features * in_features - 1) // (out_features + in_features))
 
 
 def _is_int(value: Any) -> bool:

@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from dataclasses import dataclass
+from typing import ClassVar, Mapping
 
-from lowrank_infer.allocation.budget import KEEP_TOLERANCE, fit_budget
-from lowrank_infer.allocation.plan import RankPlan, check_keep, layer_params, plan_from_ranks
+from lowrank_infer.allocation.budget import KEEP_TOLERANCE, fit_budget, spectra_shapes
+from lowrank_infer.allocation.config import AllocationInputs, MethodConfig
+from lowrank_infer.allocation.plan import RankPlan, check_keep, plan_from_ranks
+from lowrank_infer.cost import layer_params
 
-__all__ = ["uniform_plan", "uniform_rank"]
+__all__ = ["UniformConfig", "uniform_plan", "uniform_rank"]
+
+
+@dataclass(frozen=True)
+class UniformConfig(MethodConfig):
+    """Uniform allocation: every target linear keeps the same fraction of its parameters."""
+
+    name: ClassVar[str] = "uniform"
+
+    def allocate(self, inputs: AllocationInputs) -> RankPlan:
+        return uniform_plan(spectra_shapes(inputs.spectra), self.keep, model=inputs.model_id,
+                            multiple_of=self.multiple_of)
 
 
 def uniform_rank(out_features: int, in_features: int, keep: float) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -25,11 +26,13 @@ from pathlib import Path
 import torch
 
 from lowrank_infer.atomic import atomic_write_text
-from lowrank_infer.bench.output import command_line, environment, markdown_table
+from lowrank_infer.bench.output import environment, markdown_table
 from lowrank_infer.io import is_compressed_checkpoint
 
 HERE = Path(__file__).resolve().parent
-CLI = [sys.executable, "-m", "lowrank_infer.cli"]
+# Commands are recorded as a user would type them (paths as given, relative ones stay
+# relative) and run through this interpreter.
+CLI = ["lowrank-infer"]
 
 
 def plan_file(args, method: str, keep: float) -> Path | None:
@@ -73,10 +76,11 @@ def eval_command(args, model: str) -> list[str]:
 
 
 def _run(command: list[str], dry_run: bool) -> str:
-    print("+", " ".join(command), flush=True)
+    print("+", shlex.join(command), flush=True)
     if dry_run:
         return ""
-    return subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
+    runnable = [sys.executable, "-m", "lowrank_infer.cli", *command[len(CLI):]]
+    return subprocess.run(runnable, check=True, stdout=subprocess.PIPE, text=True).stdout
 
 
 def _perplexity(stdout: str) -> dict:
@@ -146,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="write one table from earlier result files instead of running anything")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args(argv)
-    commands = [command_line()]
+    commands = [shlex.join(["python", *sys.argv])]
     if args.combine:
         rows, suites = combine(args.combine)
         commands = [*suites, *commands]  # in the order they ran: the suites, then this combination

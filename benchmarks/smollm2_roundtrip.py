@@ -39,7 +39,8 @@ save_file({"logits": logits.contiguous(), "params": torch.tensor(model_size(mode
 
 
 def _compress(args) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    from lowrank_infer.compress import CompressConfig, compress
+    from lowrank_infer.compress import compress
+    from lowrank_infer.allocation import UniformConfig
     from lowrank_infer.data import calibration_ids, load_text, tokenize_text
     from lowrank_infer.io import save_compressed
     from lowrank_infer.models import load_model
@@ -49,7 +50,7 @@ def _compress(args) -> tuple[torch.Tensor, torch.Tensor, dict]:
     dense_params = model_size(model)["params"]
     calib = calibration_ids(tokenize_text(tokenizer, load_text(args.calib_file)), args.samples, args.seq_len)
     start = time.perf_counter()
-    result = compress(model, CompressConfig(keep=args.keep, method="uniform"), calib_ids=calib, model_id=model_id)
+    result = compress(model, UniformConfig(keep=args.keep), calib_ids=calib, model_id=model_id)
     seconds = time.perf_counter() - start
     save_compressed(model, args.out, tokenizer, overwrite=True)
     ids = calib[:2, :128]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowrank_infer.surgery import decoder_blocks
+from lowrank_infer.structure import decoder_blocks
 
 __all__ = ["calibrate"]
 

@@ -9,6 +9,16 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from lowrank_infer.allocation import METHODS, MethodConfig, RankPlan
+from lowrank_infer.compress import analyze, compress, config_for, needs_calibration
+from lowrank_infer.data import calibration_ids, load_text, shared_data_file, tokenize_text
+from lowrank_infer.evaluate import check_seq_len, perplexity
+from lowrank_infer.io import PLAN_FILE, is_compressed_checkpoint, save_compressed
+from lowrank_infer.models import load_model
+from lowrank_infer.report import checkpoint_info, model_size
+
 EXAMPLES = """\
 examples:
   lowrank-infer compress --model smollm2-135m --keep 0.8 --calib-file valid.txt --out smol-0.8
@@ -24,8 +34,6 @@ DEFAULT_KEEP, DEFAULT_METHOD = 0.8, "uniform"
 
 
 def _default_data_file(*parts: str) -> str | None:
-    from lowrank_infer.data import shared_data_file
-
     path = shared_data_file(*parts)
     return str(path) if path else None
 
@@ -53,7 +61,7 @@ def _add_calibration_options(p: argparse.ArgumentParser) -> None:
 def _add_allocation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="alias (smollm2-135m), .gguf file, model directory or hub id")
     p.add_argument("--keep", type=float, help=f"fraction of target-linear parameters kept, in (0, 1] (default {DEFAULT_KEEP})")
-    p.add_argument("--method", choices=["uniform", "drank", "ara"], help=f"rank allocation (default {DEFAULT_METHOD})")
+    p.add_argument("--method", choices=list(METHODS), help=f"rank allocation (default {DEFAULT_METHOD})")
     p.add_argument(
         "--param", action="append", default=[], metavar="NAME=VALUE",
         help="allocation hyper-parameter (repeatable), e.g. --param beta=0.3 for D-Rank (default beta=auto: the candidate 0, 0.1, 0.2, 0.3 with the lowest calibration loss) or --param steps=200 for ARA",
@@ -62,7 +70,7 @@ def _add_allocation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--multiple-of", type=int, default=1,
         help="make every rank a multiple of this; 16 keeps GPU GEMMs on their aligned fast paths "
-        "(measured 3x faster prefill on an H100; see README). Default 1: exact ranks",
+        "(unaligned ranks fall off their fast paths; see README). Default 1: exact ranks",
     )
     p.add_argument("--include", action="append", help="regex: only linears whose name matches (repeatable)")
     p.add_argument("--exclude", action="append", help="regex: skip linears whose name matches (repeatable)")
@@ -137,8 +145,6 @@ def _positive_int(text: str) -> int:
 
 
 def _device(args) -> str:
-    import torch
-
     if args.device:
         try:
             torch.device(args.device)
@@ -151,14 +157,10 @@ def _device(args) -> str:
 
 
 def _dtype(args):
-    import torch
-
     return getattr(torch, args.dtype) if args.dtype else None
 
 
 def _load(spec: str, args, device: str | None = None):
-    from lowrank_infer.models import load_model
-
     return load_model(spec, dtype=_dtype(args), device=device or _device(args))
 
 
@@ -175,10 +177,8 @@ def _parse_params(pairs: list[str]) -> dict:
     return params
 
 
-def _calibration_ids(args, tokenizer, needed: bool):
-    from lowrank_infer.data import calibration_ids, load_text, tokenize_text
-
-    if not needed:
+def _calibration_ids(args, tokenizer, config, plan=None):
+    if not needs_calibration(config, plan):
         return None
     if not args.calib_file:
         raise ValueError("calibration text needed: pass --calib-file FILE (or 'wikitext2'), or set LOWRANK_INFER_DATA")
@@ -186,43 +186,28 @@ def _calibration_ids(args, tokenizer, needed: bool):
     return calibration_ids(tokens, args.calib_samples, args.seq_len, seed=args.seed)
 
 
-def _allocation(args, plan=None) -> tuple[float, str]:
-    """``(keep, method)``: the flags, or their defaults. With a plan they are the plan's, and a
-    flag that says otherwise is an error rather than silently ignored."""
-    from lowrank_infer.allocation import check_keep
-
-    keep = check_keep(DEFAULT_KEEP if args.keep is None else args.keep)
-    if plan is None:
-        return keep, args.method or DEFAULT_METHOD
-    if args.keep is not None and abs(keep - plan.keep_target) > 1e-9:
-        raise ValueError(f"--keep {keep} disagrees with the plan's keep {plan.keep_target}; drop --keep")
-    if args.method is not None and args.method != plan.method:
-        raise ValueError(f"--method {args.method} disagrees with the plan's method {plan.method!r}; drop --method")
-    if args.param:
-        raise ValueError("--param has no effect with --plan (the plan's ranks are fixed); drop it")
-    return plan.keep_target, DEFAULT_METHOD
+def _method_config(args, plan=None):
+    """The method config the flags describe. With a plan, the method and keep default to the
+    plan's, and a flag that says otherwise is an error rather than silently ignored."""
+    method = args.method or (plan.method if plan is not None else DEFAULT_METHOD)
+    keep = args.keep if args.keep is not None else (plan.keep_target if plan is not None else DEFAULT_KEEP)
+    settings = dict(keep=keep, multiple_of=args.multiple_of, whiten=not args.no_whiten,
+                    include=args.include or (), exclude=args.exclude or (), **_parse_params(args.param))
+    if plan is not None and method not in METHODS:
+        return MethodConfig().replace(**settings)  # a plan from elsewhere: only applied
+    config = config_for(method, **settings)
+    if plan is not None:
+        config.check_plan(plan)
+    return config
 
 
 def _check_seq_len(args, model=None) -> None:
     """``--seq-len`` of at least 2 (a window predicts seq_len - 1 tokens); with the model loaded,
     also within its positions."""
-    from lowrank_infer.evaluate import check_seq_len
-
     if args.seq_len < 2:
         raise ValueError(f"--seq-len must be >= 2, got {args.seq_len}")
     if model is not None:
         check_seq_len(model, args.seq_len)
-
-
-def _config(args, device: str, plan=None):
-    from lowrank_infer.compress import CompressConfig
-
-    keep, method = _allocation(args, plan)
-    return CompressConfig(
-        keep=keep, method=method, whiten=not args.no_whiten, include=args.include,
-        exclude=args.exclude, multiple_of=args.multiple_of, batch_size=args.batch_size, device=device,
-        method_params=_parse_params(args.param),
-    )
 
 
 def _check_out_dir(path: str, overwrite: bool) -> None:
@@ -242,15 +227,11 @@ def _check_out_file(path: str, overwrite: bool) -> None:
 
 
 def _eval_tokens(path: str, tokenizer):
-    from lowrank_infer.data import load_text, tokenize_text
-
     return tokenize_text(tokenizer, load_text(path, split="eval"))
 
 
 def _perplexity_on(device: str, model, tokens, args) -> dict:
     """Perplexity of ``model`` on ``device``; the model returns to host memory afterwards."""
-    from lowrank_infer.evaluate import perplexity
-
     try:
         return perplexity(model.to(device), tokens, seq_len=args.seq_len, max_windows=args.eval_windows)
     finally:
@@ -265,26 +246,22 @@ def _say(text: str) -> None:
 
 
 def cmd_compress(args) -> int:
-    from lowrank_infer.allocation import RankPlan
-    from lowrank_infer.compress import compress
-    from lowrank_infer.io import save_compressed
-    from lowrank_infer.report import model_size
-
     # Everything that can be checked without the model fails here, before the slow load.
     _check_out_dir(args.out, args.overwrite)
     _check_seq_len(args)
     plan = RankPlan.load(args.plan) if args.plan else None
     start = time.perf_counter()
     device = _device(args)
-    config = _config(args, device, plan)
+    config = _method_config(args, plan)
     # The model stays in host memory; calibration moves one block at a time to --device.
     model, tokenizer, model_id = _load(args.model, args, device="cpu")
     _check_seq_len(args, model)
-    calib = _calibration_ids(args, tokenizer, needed=config.whiten or (plan is None and config.method == "ara"))
+    calib = _calibration_ids(args, tokenizer, config, plan)
     eval_tokens = _eval_tokens(args.eval_file, tokenizer) if args.eval_file else None
     before = model_size(model)
     ppl_before = _perplexity_on(device, model, eval_tokens, args) if args.eval_file else None
-    result = compress(model, config, calib_ids=calib, plan=plan, model_id=model_id)
+    result = compress(model, config, calib_ids=calib, plan=plan, model_id=model_id, batch_size=args.batch_size,
+                      device=device)
     ppl_after = _perplexity_on(device, model, eval_tokens, args) if args.eval_file else None
     save_compressed(model, args.out, tokenizer, overwrite=args.overwrite)
     after = model_size(model)
@@ -304,16 +281,15 @@ def cmd_compress(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from lowrank_infer.compress import analyze
-
     _check_out_file(args.out, args.overwrite)
     _check_seq_len(args)
     device = _device(args)
-    config = _config(args, device)
+    config = _method_config(args)
     model, tokenizer, model_id = _load(args.model, args, device="cpu")
     _check_seq_len(args, model)
-    calib = _calibration_ids(args, tokenizer, needed=config.whiten or config.method == "ara")
-    plan, _, seconds = analyze(model, config, calib_ids=calib, model_id=model_id)
+    calib = _calibration_ids(args, tokenizer, config)
+    plan, _, seconds = analyze(model, config, calib_ids=calib, model_id=model_id, batch_size=args.batch_size,
+                               device=device)
     plan.save(args.out)
     summary = plan.summary()
     _say(f"{plan.method} plan for {model_id}: keep {plan.keep_target} -> achieved {summary['keep_achieved']:.4f}, "
@@ -322,8 +298,6 @@ def cmd_plan(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from lowrank_infer.evaluate import perplexity
-
     text_file = args.text_file or _default_data_file("wikitext2", "test.raw.txt")
     if not text_file:
         raise ValueError("no evaluation text: pass --text-file FILE (or 'wikitext2'), or set LOWRANK_INFER_DATA")
@@ -341,10 +315,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from lowrank_infer.allocation import RankPlan
-    from lowrank_infer.io import PLAN_FILE, is_compressed_checkpoint
-    from lowrank_infer.report import checkpoint_info
-
     path = Path(args.checkpoint)
     if not is_compressed_checkpoint(path):
         raise ValueError(f"{path} is not a lowrank_infer checkpoint")
@@ -367,8 +337,6 @@ def cmd_info(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    import torch
-
     if not args.prompt.strip():
         raise ValueError("--prompt is empty")
     model, tokenizer, _ = _load(args.model, args)

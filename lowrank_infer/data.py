@@ -65,8 +65,5 @@ def calibration_ids(tokens: torch.Tensor, samples: int, seq_len: int, *, seed: i
     if tokens.numel() < seq_len:
         raise ValueError(f"calibration text has {tokens.numel()} tokens, fewer than one window of {seq_len}")
     generator = torch.Generator().manual_seed(seed)
-    # Starts in [0, numel - seq_len): the last start is never drawn, a bias of one position kept
-    # so that the calibration windows of committed results stay the same; a text of exactly one
-    # window gives start 0.
-    starts = torch.randint(0, max(1, tokens.numel() - seq_len), (samples,), generator=generator)
+    starts = torch.randint(0, tokens.numel() - seq_len + 1, (samples,), generator=generator)
     return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["check_seq_len", "perplexity", "summed_nll"]
+__all__ = ["check_seq_len", "mean_nll", "perplexity", "summed_nll"]
 
 
 def check_seq_len(model: nn.Module, seq_len: int) -> None:
@@ -39,6 +39,12 @@ def summed_nll(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 1, 
         total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
         counted += target.numel()
     return total, counted
+
+
+def mean_nll(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4) -> float:
+    """Mean next-token cross-entropy of ``model`` over the rows of ``windows`` ([rows, seq_len])."""
+    total, tokens = summed_nll(model, windows, batch_size=batch_size)
+    return total / tokens
 
 
 @torch.no_grad()

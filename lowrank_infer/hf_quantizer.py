@@ -19,7 +19,8 @@ from transformers.quantizers.auto import (
 )
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from lowrank_infer.allocation import RankPlan
+from lowrank_infer.allocation.plan import RankPlan
+from lowrank_infer.surgery import build_lowrank_skeleton
 
 QUANT_METHOD = "lowrank_infer"
 
@@ -33,15 +34,11 @@ class LowRankConfig(QuantizationConfigMixin):
         self.quant_method = QUANT_METHOD
         if rank_plan is None:
             raise ValueError("a lowrank_infer quantization_config needs a rank_plan")
-        # Parse once here so a broken plan fails at config load, with the plan's own error.
-        self.rank_plan = RankPlan.from_dict(rank_plan).to_dict()
-
-    @property
-    def plan(self) -> RankPlan:
-        return RankPlan.from_dict(self.rank_plan)
+        # Parsed once, here, so that a broken plan fails at config load with the plan's own error.
+        self.plan = RankPlan.from_dict(rank_plan)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"quant_method": QUANT_METHOD, "rank_plan": self.rank_plan}
+        return {"quant_method": QUANT_METHOD, "rank_plan": self.plan.to_dict()}
 
 
 class LowRankQuantizer(HfQuantizer):
@@ -50,8 +47,6 @@ class LowRankQuantizer(HfQuantizer):
     requires_calibration = True  # a checkpoint must already hold the factors
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        from lowrank_infer.surgery import build_lowrank_skeleton
-
         return build_lowrank_skeleton(model, self.quantization_config.plan)
 
     def _process_model_after_weight_loading(self, model, **kwargs):

@@ -8,21 +8,24 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from lowrank_infer.allocation import RankPlan
+from lowrank_infer.allocation.plan import RankPlan
 from lowrank_infer.atomic import atomic_directory
 from lowrank_infer.hf_quantizer import QUANT_METHOD, LowRankConfig, register
 from lowrank_infer.module import LowRankLinear
-from lowrank_infer.report import safetensors_header
 
 PLAN_FILE = "rank_plan.json"
 
-__all__ = ["PLAN_FILE", "attach_plan", "load_compressed", "model_plan", "save_compressed"]
+__all__ = [
+    "PLAN_FILE", "attach_plan", "is_compressed_checkpoint", "load_compressed", "model_plan", "safetensors_header",
+    "save_compressed",
+]
 
 
 def attach_plan(model: nn.Module, plan: RankPlan) -> None:
@@ -108,6 +111,23 @@ def is_compressed_checkpoint(path: str | os.PathLike) -> bool:
         return False
     qconfig = _read_config(path).get("quantization_config") or {}
     return qconfig.get("quant_method") == QUANT_METHOD
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file (tensor name → dtype, shape, offsets)."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path} is truncated (no safetensors header)")
+        (size,) = struct.unpack("<Q", raw)
+        if size > 100 * 2**20:
+            raise ValueError(f"{path} is not a safetensors file (header size {size})")
+        try:
+            header = json.loads(f.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{path} is not a safetensors file (unreadable header)") from None
+    header.pop("__metadata__", None)
+    return header
 
 
 def _check_shards(path: Path) -> None:

@@ -2,38 +2,20 @@
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
 from torch import nn
 
 from lowrank_infer.allocation import RankPlan
+from lowrank_infer.io import safetensors_header
 
-__all__ = ["checkpoint_info", "model_size", "safetensors_header"]
+__all__ = ["checkpoint_info", "model_size"]
 
 
 def model_size(model: nn.Module) -> dict[str, int]:
     """Whole-model parameters and bytes (tied weights counted once)."""
     params = list(model.parameters())  # nn.Module dedups shared parameters
     return {"params": sum(p.numel() for p in params), "bytes": sum(p.numel() * p.element_size() for p in params)}
-
-
-def safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file (tensor name → dtype, shape, offsets)."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path} is truncated (no safetensors header)")
-        (size,) = struct.unpack("<Q", raw)
-        if size > 100 * 2**20:
-            raise ValueError(f"{path} is not a safetensors file (header size {size})")
-        try:
-            header = json.loads(f.read(size))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"{path} is not a safetensors file (unreadable header)") from None
-    header.pop("__metadata__", None)
-    return header
 
 
 def checkpoint_info(path: Path, plan: RankPlan) -> dict:

@@ -8,7 +8,7 @@ from allocation_helpers import ara_cap, decay_spectrum, llama_names, one_thread,
 
 from lowrank_infer.calibration import calibrate
 from lowrank_infer.factorize import Spectrum, whitened_svd
-from lowrank_infer.surgery import target_linears
+from lowrank_infer.structure import target_linears
 
 
 @pytest.fixture(autouse=True)

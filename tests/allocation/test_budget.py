@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowrank_infer.allocation import PlanError, layer_params, max_useful_rank
+from lowrank_infer.allocation import PlanError
+from lowrank_infer.cost import layer_params, max_useful_rank
 from lowrank_infer.allocation.budget import captured_energy, fit_budget, layer_type, spectra_shapes
 
 from allocation_helpers import decay_spectrum, llama_names

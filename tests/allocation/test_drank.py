@@ -36,7 +36,7 @@ def test_effective_rank_and_energy_are_scale_free_even_where_squares_overflow():
 
 def test_tail_energy_counts_a_rank_rounded_down_to_the_largest_useful_one():
     from lowrank_infer.allocation.drank import _tail_energy
-    from lowrank_infer.allocation import max_useful_rank
+    from lowrank_infer.cost import max_useful_rank
 
     spectra = {"l0.q_proj": sigma_only(torch.ones(64), 64, 64)}
     top = max_useful_rank(64, 64)  # 31: floor(31.8) is still a low-rank layer of rank 31

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lowrank_infer.calibration import calibrate
-from lowrank_infer.surgery import target_linears
+from lowrank_infer.structure import target_linears
 
 from tiny_models import ARCHS, tiny_model
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from lowrank_infer.allocation import uniform_plan
+from lowrank_infer.allocation import RankPlan, uniform_plan
 from lowrank_infer.cli import main
 
 
@@ -155,9 +155,9 @@ def _one_line_error(code, err, *words):
 
 
 @pytest.mark.parametrize(("params", "words"), [
-    (["--method", "drank", "--param", "foo=1"], ["method 'drank' takes no parameter 'foo'", "beta, candidates, samples"]),
-    (["--method", "drank", "--param", "beta=abc"], ["parameter beta='abc'"]),
-    (["--method", "ara", "--param", "steps=1.5"], ["parameter steps=1.5"]),
+    (["--method", "drank", "--param", "foo=1"], ["method 'drank' takes no parameter 'foo'", "beta, candidates"]),
+    (["--method", "drank", "--param", "beta=abc"], ["beta must be 'auto' or a number in [0, 1), got 'abc'"]),
+    (["--method", "ara", "--param", "steps=1.5"], ["steps=1.5 should be like its default 100"]),
     (["--param", "foo=1"], ["method 'uniform' takes no parameter 'foo'"]),
 ])
 def test_bad_method_parameters_fail_before_any_work(cli, tiny_text, tmp_path, params, words):
@@ -216,11 +216,21 @@ def test_flags_that_disagree_with_the_plan(cli, tiny_model_dir, tiny_text, tmp_p
     plan = uniform_plan({"model.layers.0.self_attn.q_proj": (64, 64)}, 0.5)
     plan.save(tmp_path / "plan.json")
     argv = _compress_args(tiny_model_dir, tiny_text, tmp_path / "ck", "--plan", tmp_path / "plan.json")
-    _one_line_error(*cli(*argv, "--keep", 0.9), "--keep 0.9 disagrees with the plan's keep 0.5")
-    _one_line_error(*cli(*argv, "--method", "ara"), "--method ara disagrees with the plan's method 'uniform'")
-    _one_line_error(*cli(*argv, "--param", "beta=0.1"), "--param has no effect with --plan")
+    _one_line_error(*cli(*argv, "--keep", 0.9), "keep 0.9 disagrees with the plan's keep 0.5")
+    _one_line_error(*cli(*argv, "--method", "ara"), "method ara disagrees with the plan's method 'uniform'")
+    _one_line_error(*cli(*argv, "--param", "beta=0.1"), "method 'uniform' takes no parameter 'beta'")
+    _one_line_error(*cli(*argv[:-2], "--plan", _drank_plan(tmp_path), "--param", "beta=0.1"),
+                    "beta=0.1 has no effect with a plan")
     code, err = cli(*argv, "--keep", 0.5, "--method", "uniform")  # agreeing flags are fine
     assert code == 0, err
+
+
+def _drank_plan(tmp_path):
+    """A one-layer D-Rank plan made with the paper's beta."""
+    plan = uniform_plan({"model.layers.0.self_attn.q_proj": (64, 64)}, 0.5)
+    plan = RankPlan(plan.layers, keep_target=0.5, method="drank", params={"beta": 0.3})
+    plan.save(tmp_path / "drank.json")
+    return tmp_path / "drank.json"
 
 
 def test_generate_refuses_an_empty_prompt(cli, tiny_model_dir):

@@ -54,3 +54,11 @@ def test_unknown_source_and_offline_hub(monkeypatch):
 def test_calibration_needs_enough_text():
     with pytest.raises(ValueError, match="fewer than one window"):
         calibration_ids(torch.arange(10), 2, 64)
+
+
+def test_every_window_start_can_be_drawn():
+    """Starts are uniform over all ``numel - seq_len + 1`` positions, the last one included."""
+    tokens = torch.arange(12)
+    starts = calibration_ids(tokens, 400, 10, seed=0)[:, 0]
+    assert set(starts.tolist()) == {0, 1, 2}
+    assert calibration_ids(torch.arange(10), 3, 10).tolist() == [list(range(10))] * 3

@@ -9,7 +9,7 @@ import torch
 
 from lowrank_infer import LowRankLinear, load_compressed, save_compressed
 from lowrank_infer.allocation import RankPlan
-from lowrank_infer.compress import CompressConfig, compress
+from lowrank_infer.compress import compress, config_for
 from lowrank_infer.hf_quantizer import QUANT_METHOD
 from lowrank_infer.report import model_size
 
@@ -21,7 +21,7 @@ IDS = torch.randint(3, 128, (2, 20), generator=torch.Generator().manual_seed(1))
 def _compressed(arch, keep=0.6, method="uniform"):
     model = tiny_model(arch)
     calib = torch.randint(3, 128, (4, 32), generator=torch.Generator().manual_seed(2))
-    result = compress(model, CompressConfig(keep=keep, method=method), calib_ids=calib, progress=False)
+    result = compress(model, config_for(method, keep=keep), calib_ids=calib, progress=False)
     return model, result.plan
 
 

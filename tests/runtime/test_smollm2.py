@@ -38,7 +38,8 @@ def test_compress_save_reload_in_new_process(smollm2, data_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from lowrank_infer import LowRankLinear, save_compressed
-    from lowrank_infer.compress import CompressConfig, compress
+    from lowrank_infer.compress import compress
+    from lowrank_infer.allocation import UniformConfig
     from lowrank_infer.data import calibration_ids, load_text, tokenize_text
     from lowrank_infer.report import model_size
 
@@ -46,7 +47,7 @@ def test_compress_save_reload_in_new_process(smollm2, data_dir, tmp_path):
     model = copy.deepcopy(dense)
     tokens = tokenize_text(tokenizer, load_text(str(data_dir / "wikitext2" / "valid.tokens.txt")))
     calib = calibration_ids(tokens, 4, 128)
-    plan = compress(model, CompressConfig(keep=0.8), calib_ids=calib, progress=False).plan
+    plan = compress(model, UniformConfig(keep=0.8), calib_ids=calib, progress=False).plan
     assert abs(plan.keep_achieved - 0.8) < 0.005
     assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == 210
     ids = calib[:1, :64]

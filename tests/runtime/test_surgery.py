@@ -5,10 +5,11 @@ import torch
 from torch import nn
 
 from lowrank_infer import LowRankLinear
-from lowrank_infer.allocation import LayerRank, PlanError, RankPlan, uniform_plan
-from lowrank_infer.compress import CompressConfig, compress
+from lowrank_infer.allocation import LayerRank, PlanError, RankPlan, UniformConfig, uniform_plan
+from lowrank_infer.compress import compress
 from lowrank_infer.factorize import plain_svd
-from lowrank_infer.surgery import apply_plan, target_shapes
+from lowrank_infer.structure import target_shapes
+from lowrank_infer.surgery import apply_plan
 
 from tiny_models import tiny_model
 
@@ -30,9 +31,9 @@ def test_lm_head_is_not_a_target():
 
 def test_compressing_a_compressed_model_is_refused():
     model = tiny_model("llama")
-    compress(model, CompressConfig(keep=0.6, whiten=False), progress=False)
+    compress(model, UniformConfig(keep=0.6, whiten=False), progress=False)
     with pytest.raises(ValueError, match=r"already compressed \(model\.layers\.0\.self_attn\.q_proj is a LowRankLinear\)"):
-        compress(model, CompressConfig(keep=0.6, whiten=False), progress=False)
+        compress(model, UniformConfig(keep=0.6, whiten=False), progress=False)
 
 
 def test_factors_of_the_wrong_shape_name_the_layer():
@@ -54,7 +55,7 @@ def test_a_plan_for_some_layers_leaves_the_others_dense():
     shapes = {n: s for n, s in target_shapes(reference).items() if ".mlp." in n}
     plan = uniform_plan(shapes, 0.5)
     model = tiny_model("llama")
-    compress(model, CompressConfig(keep=0.5, whiten=False), plan=plan, progress=False)
+    compress(model, UniformConfig(keep=0.5, whiten=False), plan=plan, progress=False)
     lowrank = {n for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
     assert lowrank == set(shapes)
     # The untouched layers are the original weights: q/k/v/o of block 0 equal the reference's.

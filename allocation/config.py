@@ -1,0 +1,147 @@
+"""Method configs: one small frozen dataclass per allocation method, validated when it is made.
+
+A config says everything a method needs to know (the keep ratio, its hyper-parameters) and
+declares what the pipeline must hand it: calibration data (``needs_calibration``), how many
+factors of each layer to keep (``factor_cap``). ``allocate`` turns an :class:`AllocationInputs`
+into a :class:`RankPlan`. The pipeline finds a method's config class by name in
+``lowrank_infer.allocation.METHODS``; adding a method is one module plus one line there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Mapping
+
+import torch
+from torch import nn
+
+from lowrank_infer.allocation.plan import RankPlan, check_keep
+from lowrank_infer.cost import max_useful_rank
+from lowrank_infer.factorize import Spectrum
+
+__all__ = ["AllocationInputs", "MethodConfig"]
+
+
+@dataclass(frozen=True)
+class AllocationInputs:
+    """What the pipeline hands an allocator.
+
+    Attributes:
+        spectra: name → :class:`Spectrum` of every target linear, factors kept up to the
+            config's ``factor_cap``; plan order is this order.
+        model_id: recorded in the plan.
+        model: the dense model the spectra came from (for methods that train on it).
+        calib_ids: ``[samples, seq_len]`` calibration token ids, when the pipeline has them.
+        score: ``plan -> loss`` of the model with ``plan`` applied (lower is better), for
+            methods that choose between candidate plans; None without calibration data.
+        progress: show progress bars.
+    """
+
+    spectra: Mapping[str, Spectrum]
+    model_id: str = ""
+    model: nn.Module | None = None
+    calib_ids: torch.Tensor | None = None
+    score: Callable[[RankPlan], float] | None = None
+    progress: bool = True
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """What every method shares: the budget, rank granularity, whitening and layer selection.
+
+    Attributes:
+        keep: fraction of target-linear parameters kept, in (0, 1].
+        multiple_of: low-rank ranks are multiples of this (16 keeps GPU GEMMs on their aligned
+            fast paths; 1 = exact ranks).
+        whiten: truncation-aware whitened SVD (needs calibration data); False = plain SVD.
+        include: regexes; when given, only target linears matching one of them are compressed.
+        exclude: regexes; target linears matching any of them stay as they are.
+    """
+
+    keep: float = 0.8
+    multiple_of: int = 1
+    whiten: bool = True
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    name: ClassVar[str] = "plan"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keep", check_keep(self.keep))
+        if not _is_int(self.multiple_of) or self.multiple_of < 1:
+            raise ValueError(f"multiple_of must be an integer >= 1, got {self.multiple_of!r}")
+        if not isinstance(self.whiten, bool):
+            raise ValueError(f"whiten must be True or False, got {self.whiten!r}")
+        for key in ("include", "exclude"):
+            object.__setattr__(self, key, tuple(getattr(self, key) or ()))
+        for field in self._hyperparameter_fields():
+            self._check_kind(field.name, getattr(self, field.name), field.default)
+
+    @classmethod
+    def _hyperparameter_fields(cls) -> list[dataclasses.Field]:
+        shared = {field.name for field in dataclasses.fields(MethodConfig)}
+        return [field for field in dataclasses.fields(cls) if field.name not in shared]
+
+    def _check_kind(self, name: str, value: Any, default: Any) -> None:
+        """A hyper-parameter must be like its default: an int for an int, a number for a float
+        (stored as float), a non-empty list of numbers for a tuple."""
+        if isinstance(default, float) and _is_number(value):
+            object.__setattr__(self, name, float(value))
+        elif isinstance(default, tuple) and isinstance(value, (list, tuple)) and value and all(map(_is_number, value)):
+            object.__setattr__(self, name, tuple(float(v) for v in value))
+        elif not (_is_int(default) and _is_int(value)) and not isinstance(default, (str, type(None))):
+            raise ValueError(f"{self.name}: {name}={value!r} should be like its default {default!r}")
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The method's own settings (not the shared ones), as recorded in its plans."""
+        return {field.name: getattr(self, field.name) for field in self._hyperparameter_fields()}
+
+    def replace(self, **changes: Any) -> "MethodConfig":
+        """A copy with ``changes`` (``dataclasses.replace``); an unknown name is a ``ValueError``
+        that lists the names this method takes."""
+        known = {field.name for field in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            own = ", ".join(field.name for field in self._hyperparameter_fields()) or "none"
+            raise ValueError(f"method {self.name!r} takes no parameter {unknown[0]!r} (its parameters: {own})")
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the pipeline must have calibration token ids for this config."""
+        return self.whiten
+
+    def factor_cap(self, out_features: int, in_features: int) -> int:
+        """How many factors of an ``out×in`` layer the allocator may use (default: up to break-even)."""
+        return max(1, max_useful_rank(out_features, in_features))
+
+    def allocate(self, inputs: AllocationInputs) -> RankPlan:
+        """The plan this method makes (methods override this; the base config only applies plans)."""
+        raise ValueError("this config only applies a given rank plan; choose a method (uniform, drank, ara)")
+
+    def check_plan(self, plan: RankPlan) -> None:
+        """Refuse a plan that contradicts this config (another method, keep or hyper-parameter).
+
+        The base config (``name = "plan"``) accepts any plan.
+        """
+        if self.name == MethodConfig.name:
+            return
+        if plan.method != self.name:
+            raise ValueError(f"method {self.name} disagrees with the plan's method {plan.method!r}")
+        if abs(plan.keep_target - self.keep) > 1e-9:
+            raise ValueError(f"keep {self.keep} disagrees with the plan's keep {plan.keep_target}")
+        for field in self._hyperparameter_fields():
+            value = getattr(self, field.name)
+            if value != field.default and plan.params.get(field.name) != value:
+                raise ValueError(f"{self.name}: {field.name}={value!r} has no effect with a plan "
+                                 f"(the plan was made with {plan.params.get(field.name)!r})")
