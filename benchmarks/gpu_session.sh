@@ -8,13 +8,15 @@
 #                                            on the Triton path, and SmolLM2-135M at the ranks of the
 #                                            committed plans (uniform, D-Rank, ARA)
 # Outputs go to $OUT/res and $OUT/results.tar.gz. For `e2e`, put the tuned table that
-# `kernels` wrote into kernels/configs/ first. The committed files were made before the
-# e2e path "fused" was renamed "triton" (same code: the Triton kernels).
+# `kernels` wrote into kernels/configs/ first. The committed files use the benches' older
+# backend names (benchmarks/README.md, "Backends").
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/lowrank-out}
 RES=$OUT/res
 mkdir -p "$RES"
+# `lowrank-infer bench` through the interpreter: a user-level `pip install -e .` may put the
+# console script in a directory that is not on PATH.
 BENCH="python3 -m lowrank_infer.cli bench"
 
 setup() {
@@ -27,14 +29,14 @@ pack() { tar -czf "$OUT/results.tar.gz" -C "$RES" . && ls -la "$RES"; }
 
 kernels_table() {  # NAME SECONDS MODELS...: issue 5's grid (T 1..8192, keep 0.4/0.6/0.8)
   local name=$1 seconds=$2; shift 2
-  timeout "$seconds" $BENCH kernels --models "$@" --providers dense two_matmul triton \
+  timeout "$seconds" $BENCH kernels --models "$@" --backends dense cublas triton \
     --json "$RES/kernels-$name.json" --markdown "$RES/kernels-$name.md" 2>"$RES/kernels-$name.log"
   echo "kernels $name rc=$?"; tail -n 2 "$RES/kernels-$name.log"
 }
 
 e2e() {  # CONFIG SECONDS KEEPS...
   local cfg=$1 seconds=$2; shift 2
-  timeout "$seconds" $BENCH e2e --shape-only --config "$cfg" --keep "$@" --paths triton two_matmul \
+  timeout "$seconds" $BENCH e2e --shape-only --config "$cfg" --keep "$@" --backends dense triton cublas \
     --json "$RES/e2e-$cfg.json" --markdown "$RES/e2e-$cfg.md" 2>"$RES/e2e-$cfg.log"
   echo "e2e $cfg rc=$?"; tail -n 3 "$RES/e2e-$cfg.log"
 }
@@ -63,22 +65,22 @@ case "${1:?stage}" in
     setup
     for q in 16 64; do
       timeout 40 $BENCH kernels --models llama2-7b --layers q gate --keep 0.6 --multiple-of $q \
-        --tokens 1 16 32 64 2048 --providers dense two_matmul triton --rep-ms 50 \
+        --tokens 1 16 32 64 2048 --backends dense cublas triton --rep-ms 50 \
         --json "$RES/kernels-aligned$q.json" --markdown "$RES/kernels-aligned$q.md" 2>/dev/null
     done
-    timeout 110 $BENCH e2e --shape-only --config llama2-7b --keep 0.6 --multiple-of 16 --paths triton two_matmul \
+    timeout 110 $BENCH e2e --shape-only --config llama2-7b --keep 0.6 --multiple-of 16 --backends dense triton cublas \
       --json "$RES/e2e-aligned16.json" --markdown "$RES/e2e-aligned16.md" 2>"$RES/e2e-aligned16.log"
     pack ;;
   final)
     setup
     timeout 150 python3 -m pytest tests/kernels -q -k cuda -n 8 -p no:cacheprovider 2>&1 | tee "$RES/tests-kernels-cuda.log" | tail -n 4
     timeout 150 $BENCH kernels --models llama2-7b --layers q gate --keep 0.6 --multiple-of 16 \
-      --tokens 1 16 32 33 48 64 128 256 512 2048 --providers dense two_matmul triton --rep-ms 50 \
+      --tokens 1 16 32 33 48 64 128 256 512 2048 --backends dense cublas triton --rep-ms 50 \
       --json "$RES/kernels-aligned16-midT.json" --markdown "$RES/kernels-aligned16-midT.md" 2>/dev/null
     # The SmolLM2-135M checkpoint (98 MB as GGUF) is larger than the device tool carries; its
     # speed depends on its ranks, not on the values of its factors, so the committed plans run
     # with random factors.
-    timeout 200 $BENCH e2e --shape-only --config smollm2-135m --paths two_matmul triton \
+    timeout 200 $BENCH e2e --shape-only --config smollm2-135m --backends dense cublas triton \
       --plan benchmarks/results/plans/smollm2-135m_{uniform,drank,ara}_keep{0.8,0.6}.json \
       --json "$RES/e2e-smollm2-135m-plans.json" --markdown "$RES/e2e-smollm2-135m-plans.md" 2>"$RES/e2e-smollm2-135m-plans.log"
     pack ;;

@@ -1,15 +1,19 @@
-"""pytest-benchmark cases of the layer providers, each checked against float64 before it is timed.
+"""pytest-benchmark cases of the layer backends, each checked against float64 before it is timed.
 
-``pytest benchmarks/test_kernel_bench.py --benchmark-only`` times them; a normal test run
-(best with ``--benchmark-disable``) runs each once, as a correctness test. The README's kernel
-numbers come from ``benchmarks/run_kernels.py``, whose timers handle L2 and launch overhead.
+``pytest benchmarks/test_kernel_bench.py -o addopts= --benchmark-only`` times them; a normal
+test run (benchmarks disabled) runs each once, as a correctness test. The README's kernel
+numbers come from ``lowrank-infer bench kernels``, whose timers handle L2 and launch overhead.
 """
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from lowrank_infer.bench.providers import PROVIDERS, check_provider, make_operands, reference
-from lowrank_infer.bench.shapes import MODELS, rank_for_keep
+from lowrank_infer.bench.backends import BACKENDS, CPU_BACKENDS, running
+from lowrank_infer.bench.kernels import layer_rank
+from lowrank_infer.bench.operands import check_call, make_operands, reference
+from lowrank_infer.bench.shapes import MODELS
+from lowrank_infer.kernels import lowrank_linear
 
 pytest.importorskip("pytest_benchmark")
 
@@ -20,25 +24,22 @@ KEEP = 0.6
 CASES = [("smollm2-135m", "q", 1), ("smollm2-135m", "down", 64)]
 if DEVICE.type == "cuda":
     CASES += [("llama2-7b", "q", 1), ("llama2-7b", "down", 512)]
-# Triton on CPU runs in its interpreter: far too slow to benchmark, and tested in tests/kernels.
-NAMES = [name for name in PROVIDERS if DEVICE.type == "cuda" or not name.startswith("triton")]
 
 
 @pytest.mark.benchmark(max_time=0.2, min_rounds=3)
-@pytest.mark.parametrize("provider", NAMES)
+@pytest.mark.parametrize("backend", BACKENDS if DEVICE.type == "cuda" else CPU_BACKENDS)
 @pytest.mark.parametrize(("model", "layer", "tokens"), CASES)
-def test_provider(benchmark, provider, model, layer, tokens):
+def test_backend(benchmark, backend, model, layer, tokens):
     m, n = MODELS[model].layer_shapes()[layer]
-    impl = PROVIDERS[provider]
-    operands = make_operands(m, n, None if impl.dense else rank_for_keep(m, n, KEEP), tokens, DTYPE, DEVICE)
-    ref = reference(operands)
-    if impl.prepare is not None:
-        operands = impl.prepare(operands)
-    assert check_provider(impl, operands, ref) is None
+    dense = backend == "dense"
+    operands = make_operands(m, n, None if dense else layer_rank(m, n, KEEP), tokens, DTYPE, DEVICE)
+    fn = F.linear if dense else lowrank_linear
 
     def call():
-        impl.fn(*operands)
+        fn(*operands)
         if DEVICE.type == "cuda":
             torch.cuda.synchronize()  # wall-clock timer: wait for the kernel itself
 
-    benchmark(call)
+    with running(backend):
+        assert check_call(fn, operands, reference(operands)) is None
+        benchmark(call)

@@ -1,25 +1,25 @@
 """Speed benchmarks: ``lowrank-infer bench kernels`` (one layer) and ``bench e2e`` (a whole model).
 
-Library entry points for scripts; the CLI lives in :mod:`lowrank_infer.bench.cli`.
+Both time the library as users run it: ``lowrank_linear`` under each backend of
+:data:`BACKENDS` (``dense`` = the dense baseline), models compressed by ``apply_plan``.
 """
 
+from lowrank_infer.bench.backends import BACKENDS, backend_of
 from lowrank_infer.bench.cli import add_bench_parser
-from lowrank_infer.bench.e2e import E2ESettings, lowrank_path, run_e2e_bench
+from lowrank_infer.bench.e2e import E2ESettings, run_e2e_bench
 from lowrank_infer.bench.kernels import KernelSettings, run_kernel_bench
-from lowrank_infer.bench.providers import PROVIDERS, Provider
 from lowrank_infer.bench.roofline import Peaks, measure_peaks
 from lowrank_infer.bench.shapes import MODELS, layer_shapes
 
 __all__ = [
+    "BACKENDS",
     "E2ESettings",
     "KernelSettings",
     "MODELS",
-    "PROVIDERS",
     "Peaks",
-    "Provider",
     "add_bench_parser",
+    "backend_of",
     "layer_shapes",
-    "lowrank_path",
     "measure_peaks",
     "run_e2e_bench",
     "run_kernel_bench",

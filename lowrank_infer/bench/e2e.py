@@ -9,90 +9,45 @@ memory belongs to the model being measured.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
 
-from lowrank_infer.allocation import RankPlan, plan_from_ranks
-from lowrank_infer.bench.output import Column, markdown_table
-from lowrank_infer.bench.shapes import rank_for_keep
+from lowrank_infer.allocation import RankPlan, uniform_plan
+from lowrank_infer.bench.backends import running
+from lowrank_infer.bench.output import Column, add_speedups, markdown_table
 from lowrank_infer.bench.timing import available_memory, capture_graph, fixed_calls_ms, free_memory, median_ms
-from lowrank_infer.kernels import torch_lowrank_linear, triton_lowrank_linear, two_matmul_linear
-from lowrank_infer.module import LowRankLinear
+from lowrank_infer.io import PLAN_FILE, is_compressed_checkpoint, load_compressed
 from lowrank_infer.report import model_size
-from lowrank_infer.surgery import replace_module, target_shapes
+from lowrank_infer.structure import target_shapes
+from lowrank_infer.surgery import apply_plan, dequantize
 
 __all__ = [
-    "LOWRANK_PATHS",
     "E2ESettings",
     "Variant",
-    "check_paths",
     "checkpoint_variants",
-    "densify",
-    "lowrank_path",
     "markdown_report",
-    "random_compress",
+    "random_factors",
     "random_model",
     "run_e2e_bench",
     "shape_only_variants",
-    "uniform_random_plan",
 ]
 
-# How a LowRankLinear computes U·(Vᵀx) in a run. "two_matmul" is also what the library runs
-# on CUDA by default (the "cublas" backend); results files made before the backends were
-# split call the Triton path "fused".
-LOWRANK_PATHS = {
-    "triton": triton_lowrank_linear,  # the Triton kernels, fp32 intermediate (CUDA)
-    "torch_lowrank": torch_lowrank_linear,  # two matmuls, fp32 intermediate
-    "two_matmul": two_matmul_linear,  # two matmuls in the model dtype (cuBLAS on CUDA)
-}
 # Decode steps run on a side stream before a graph is captured.
 _DECODE_WARMUP = 3
 
 
-@contextlib.contextmanager
-def lowrank_path(name: str) -> Iterator[None]:
-    """Inside the block, every ``LowRankLinear`` computes through ``LOWRANK_PATHS[name]``.
-
-    ``LowRankLinear.forward`` looks up ``lowrank_infer.module.lowrank_linear`` at call time, so
-    rebinding that name switches every layer of every model at once, with no model rebuilt.
-    """
-    from lowrank_infer import module
-
-    saved = module.lowrank_linear
-    module.lowrank_linear = LOWRANK_PATHS[name]
-    try:
-        yield
-    finally:
-        module.lowrank_linear = saved
-
-
-def check_paths(names: list[str]) -> list[str]:
-    """``names`` if each is a key of :data:`LOWRANK_PATHS`.
-
-    Raises:
-        ValueError: an unknown name, listing the known ones.
-    """
-    unknown = [name for name in names if name not in LOWRANK_PATHS]
-    if unknown:
-        raise ValueError(f"unknown path {', '.join(map(repr, unknown))} (known: {', '.join(LOWRANK_PATHS)})")
-    return names
-
-
 @dataclass(frozen=True)
 class Variant:
-    """A model to measure: ``keep`` 1.0 is the dense baseline; ``build`` makes it on demand;
-    ``method`` names the allocation that chose its ranks."""
+    """A model to measure: ``build`` makes it on demand; ``plan`` is None for the dense baseline."""
 
-    keep: float
     build: Callable[[], nn.Module]
-    method: str = "dense"
+    plan: RankPlan | None = None
 
 
 @dataclass(frozen=True)
@@ -104,7 +59,7 @@ class E2ESettings:
     context: int  # tokens in the KV cache before the timed decode steps
     decode_steps: int  # steps per timed trial
     trials: int
-    paths: list[str]
+    backends: list[str]  # "dense" measures the dense variant, the others each compressed one
     device: torch.device
     dtype: torch.dtype
     rep_ms: float
@@ -122,61 +77,27 @@ def random_model(config, device: torch.device, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
-def uniform_random_plan(model: nn.Module, keep: float, name: str = "", multiple_of: int = 1) -> RankPlan:
-    """The uniform plan of ``keep`` for ``model``'s target linears, with the kernel bench's ranks
-    (rounded down to a multiple of ``multiple_of``: the achieved keep is reported)."""
-    shapes = target_shapes(model)
-    ranks = {layer: rank_for_keep(m, n, keep, multiple_of) for layer, (m, n) in shapes.items()}
-    params = {"multiple_of": multiple_of} if multiple_of > 1 else {}
-    return plan_from_ranks(shapes, ranks, keep=keep, method="uniform", model=name, params=params)
+def random_factors(model: nn.Module) -> Callable[[str, int], tuple[torch.Tensor, torch.Tensor]]:
+    """``factors`` for :func:`~lowrank_infer.surgery.apply_plan`: random ``U``, ``V`` of a layer of ``model``.
 
-
-def random_compress(model: nn.Module, plan: RankPlan) -> nn.Module:
-    """Swap the target linears that ``plan`` makes low-rank for ``LowRankLinear`` with random factors.
-
-    The factors are scaled so that ``U @ V.T`` has the replaced weight's entry scale, which keeps
-    activations as tame as in the dense model; no SVD is computed. Timing does not depend on the
-    weights' values, so this measures the speed of a real plan without its checkpoint.
-
-    Raises:
-        PlanError: the plan does not fit the model (naming the first mismatching layer).
+    Scaled so that ``U @ V.T`` has the replaced weight's entry scale, which keeps activations as
+    tame as in the dense model; no SVD is computed. Timing does not depend on the weights'
+    values, so this measures the speed of a real plan without its checkpoint.
     """
-    from lowrank_infer.io import attach_plan
 
-    plan.validate(target_shapes(model))
-    for layer in plan.layers:
-        if layer.rank is not None:
-            replace_module(model, layer.name, _random_lowrank(model.get_submodule(layer.name), layer.rank))
-    attach_plan(model, plan)
-    return model
-
-
-def _random_lowrank(linear: nn.Linear, rank: int) -> LowRankLinear:
-    weight = linear.weight
-    new = LowRankLinear(linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
-                        device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
+    def factors(name: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = model.get_submodule(name).weight
         # An entry of U @ V.T sums k products of N(0, s²) pairs: variance k·s⁴ = var(W).
         scale = (weight.float().var().item() / rank) ** 0.25
-        new.U.normal_(0.0, scale)
-        new.V.normal_(0.0, scale)
-        if linear.bias is not None:
-            new.bias.copy_(linear.bias)
-    return new
+        U, V = (torch.randn(rows, rank, device=weight.device, dtype=weight.dtype) * scale for rows in weight.shape)
+        return U, V
+
+    return factors
 
 
-def densify(model: nn.Module) -> nn.Module:
-    """Replace every low-rank ``LowRankLinear`` by an ``nn.Linear`` holding ``U @ V.T``, in place."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LowRankLinear) and not module.is_dense:
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                               device=module.U.device, dtype=module.U.dtype)
-            with torch.no_grad():
-                linear.weight.copy_(module.dense_weight())
-                if module.bias is not None:
-                    linear.bias.copy_(module.bias)
-            replace_module(model, name, linear)
-    return model
+def _random_compressed(config, plan: RankPlan, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    model = random_model(config, device, dtype)
+    return apply_plan(model, plan, random_factors(model))
 
 
 def _check_fits(skeleton: nn.Module, name: str, device: torch.device, dtype: torch.dtype) -> None:
@@ -194,25 +115,22 @@ def shape_only_variants(
     config, name: str, keeps: list[float], device: torch.device, dtype: torch.dtype, multiple_of: int = 1,
     plans: list[RankPlan] = (),
 ) -> list[Variant]:
-    """The dense model of ``config``, one random compressed model per uniform keep below 1, and
-    one per rank plan in ``plans``."""
+    """The dense model of ``config``, then random compressed models: one per uniform keep below 1
+    (:func:`~lowrank_infer.allocation.uniform_plan`) and one per rank plan in ``plans``.
+
+    Raises:
+        ValueError: the dense model does not fit on ``device``, a uniform plan cannot be made, or
+            a plan does not fit the model (all found before anything is built).
+    """
     skeleton = random_model(config, torch.device("meta"), dtype)
     _check_fits(skeleton, name, device, dtype)
-    for plan in plans:  # fail before any timing, not when the plan's turn comes
-        plan.validate(target_shapes(skeleton))
-
-    def build(plan_for: Callable[[nn.Module], RankPlan] | None) -> nn.Module:
-        model = random_model(config, device, dtype)
-        return model if plan_for is None else random_compress(model, plan_for(model))
-
-    def uniform(keep: float) -> Callable[[nn.Module], RankPlan]:
-        return lambda model: uniform_random_plan(model, keep, name, multiple_of)
-
-    variants = [Variant(1.0, functools.partial(build, None))]
-    variants += [Variant(keep, functools.partial(build, uniform(keep)), "uniform") for keep in keeps if keep < 1.0]
-    variants += [Variant(plan.keep_target, functools.partial(build, lambda _model, p=plan: p), plan.method)
-                 for plan in plans]
-    return variants
+    shapes = target_shapes(skeleton)
+    uniform = [uniform_plan(shapes, keep, model=name, multiple_of=multiple_of) for keep in keeps if keep < 1.0]
+    for plan in plans:
+        plan.validate(shapes)
+    compressed = [Variant(functools.partial(_random_compressed, config, plan, device, dtype), plan)
+                  for plan in uniform + list(plans)]
+    return [Variant(functools.partial(random_model, config, device, dtype)), *compressed]
 
 
 def checkpoint_variants(path: str, device: torch.device, dtype: torch.dtype | None) -> tuple[RankPlan, list[Variant]]:
@@ -221,8 +139,6 @@ def checkpoint_variants(path: str, device: torch.device, dtype: torch.dtype | No
     Raises:
         ValueError: ``path`` is not a compressed checkpoint directory, or it has no low-rank layer.
     """
-    from lowrank_infer.io import PLAN_FILE, is_compressed_checkpoint, load_compressed
-
     if not is_compressed_checkpoint(path):
         raise ValueError(f"{path} is not a lowrank_infer compressed model directory "
                          "(make one with 'lowrank-infer compress')")
@@ -230,57 +146,49 @@ def checkpoint_variants(path: str, device: torch.device, dtype: torch.dtype | No
     if all(layer.rank is None for layer in plan.layers):
         raise ValueError(f"{path} keeps every layer dense: there is no low-rank model to compare with dense")
     load = functools.partial(load_compressed, path, device=str(device), dtype=dtype)
-    return plan, [Variant(1.0, lambda: densify(load())), Variant(plan.keep_target, load, plan.method)]
+    return plan, [Variant(lambda: dequantize(load())), Variant(load, plan)]
 
 
 # ---------------------------------------------------------------- measurements
 
 
 def run_e2e_bench(variants: list[Variant], settings: E2ESettings) -> list[dict]:
-    """Rows of prefill and decode measurements of every variant, and of every path of each
-    compressed one, with ``speedup_vs_dense`` where the dense row succeeded.
+    """Rows of prefill and decode measurements: the dense variant with backend ``dense``, each
+    compressed one with every other backend, and ``speedup_vs_dense`` where the dense row succeeded.
     """
     rows: list[dict] = []
     with torch.inference_mode():
         for variant in variants:
-            rows += _bench_variant(variant, settings)
-            free_memory(settings.device)
-    _add_speedups(rows)
+            backends = [name for name in settings.backends if (name == "dense") == (variant.plan is None)]
+            if backends:
+                rows += _bench_variant(variant, backends, settings)
+                free_memory(settings.device)
+    add_speedups(rows, ("phase", "batch", "tokens"))
     return rows
 
 
-def _bench_variant(variant: Variant, settings: E2ESettings) -> list[dict]:
-    from lowrank_infer.io import model_plan
-
+def _bench_variant(variant: Variant, backends: list[str], settings: E2ESettings) -> list[dict]:
     model = variant.build()
     size = model_size(model)
-    dense = variant.keep >= 1.0
-    base = {"method": variant.method, "keep": variant.keep,
-            "keep_achieved": 1.0 if dense else model_plan(model).keep_achieved,
-            "model_params": size["params"], "model_bytes": size["bytes"],
+    plan = variant.plan
+    labels = (dict(method=plan.method, keep=plan.keep_target, keep_achieved=plan.keep_achieved) if plan
+              else dict(method="dense", keep=1.0, keep_achieved=1.0))
+    base = {**labels, "model_params": size["params"], "model_bytes": size["bytes"],
             "dtype": str(settings.dtype).removeprefix("torch.")}
-    if dense:
-        return _measure_path(model, "dense", base, settings)
     rows = []
-    for path in settings.paths:
-        with lowrank_path(path):
-            rows += _measure_path(model, path, base, settings)
+    for backend in backends:
+        with running(backend):
+            rows += _measure_backend(model, {"backend": backend, **base}, settings)
     return rows
 
 
-def _measure_path(model: nn.Module, path: str, base: dict, settings: E2ESettings) -> list[dict]:
-    kernel = _kernel_name(path, settings.device)
-    print(f"keep {base['keep']} path {path} ({kernel}):", file=sys.stderr, flush=True)
+def _measure_backend(model: nn.Module, base: dict, settings: E2ESettings) -> list[dict]:
+    print(f"{base['method']} keep {base['keep']} backend {base['backend']}:", file=sys.stderr, flush=True)
     rows = [_measurement(functools.partial(_prefill_ms, model, length, settings), settings.device,
                          phase="prefill", batch=1, tokens=length) for length in settings.prompt_lens]
     rows += [_measurement(functools.partial(_decode_ms, model, batch, settings), settings.device,
                           phase="decode", batch=batch, tokens=settings.context) for batch in settings.batches]
-    return [{"path": path, "kernel": kernel, **base, **row} for row in rows]
-
-
-def _kernel_name(path: str, device: torch.device) -> str:
-    """What a path runs on ``device`` (two_matmul is cuBLAS on CUDA)."""
-    return "cublas" if path == "two_matmul" and device.type == "cuda" else path
+    return [{**base, **row} for row in rows]
 
 
 def _measurement(measure: Callable[[], tuple[float, str]], device: torch.device, **row) -> dict:
@@ -349,20 +257,13 @@ def _prepare_step(step: Callable[[], None], device: torch.device) -> tuple[Calla
     return graph.replay, "cuda_graph"
 
 
-def _add_speedups(rows: list[dict]) -> None:
-    dense_ms = {(r["phase"], r["batch"], r["tokens"]): r["median_ms"] for r in rows if r["path"] == "dense"}
-    for row in rows:
-        base = dense_ms.get((row["phase"], row["batch"], row["tokens"]))
-        row["speedup_vs_dense"] = base / row["median_ms"] if base and row["median_ms"] else None
-
-
 def _progress(row: dict) -> None:
     timing = f"{row['median_ms']:.3f} ms" if row["median_ms"] is not None else row["status"]
     print(f"  {row['phase']} batch {row['batch']} tokens {row['tokens']}: {timing}", file=sys.stderr, flush=True)
 
 
 _COLUMNS: list[Column] = [
-    ("path", "path", str), ("kernel", "kernel", str), ("method", "method", str), ("keep", "keep", str),
+    ("backend", "backend", str), ("method", "method", str), ("keep", "keep", str),
     ("phase", "phase", str), ("batch", "batch", str), ("tokens", "tokens", str), ("timer", "timer", str),
     ("ms", "median_ms", lambda v: f"{v:.3f}"), ("tok/s", "tokens_per_s", lambda v: f"{v:.1f}"),
     ("peak MiB", "peak_memory_bytes", lambda v: f"{v / 2**20:.0f}"),

@@ -1,4 +1,4 @@
-"""``bench kernels``: every provider on every layer shape, rank and token count, checked then timed."""
+"""``bench kernels``: every backend on every layer shape, rank and token count, checked then timed."""
 
 from __future__ import annotations
 
@@ -7,14 +7,19 @@ import sys
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from lowrank_infer.bench.output import Column, markdown_table
-from lowrank_infer.bench.providers import Provider, check_provider, make_operands, reference
+from lowrank_infer.allocation import check_keep, uniform_rank
+from lowrank_infer.bench.backends import running
+from lowrank_infer.bench.operands import check_call, make_operands, reference
+from lowrank_infer.bench.output import Column, add_speedups, markdown_table
 from lowrank_infer.bench.roofline import Peaks, layer_cost, throughput
-from lowrank_infer.bench.shapes import LayerShape, rank_for_keep
+from lowrank_infer.bench.shapes import LayerShape
 from lowrank_infer.bench.timing import cuda_graph_ms, free_memory, median_ms
+from lowrank_infer.cost import layer_params, use_dense
+from lowrank_infer.kernels import lowrank_linear
 
-__all__ = ["GRAPH_MAX_TOKENS", "KernelSettings", "markdown_report", "run_kernel_bench"]
+__all__ = ["GRAPH_MAX_TOKENS", "KernelSettings", "layer_rank", "markdown_report", "run_kernel_bench"]
 
 # Decode-sized calls (up to this many tokens) are timed as CUDA-graph replays: eagerly their
 # CPU launch overhead would be measured instead of the GPU.
@@ -27,38 +32,53 @@ _MAX_COPIES = 2048
 _MIN_GRAPH_CALLS = 32
 
 
+def layer_rank(m: int, n: int, keep: float, multiple_of: int = 1) -> int:
+    """The uniform rank of an ``m×n`` layer at ``keep`` (:func:`uniform_rank`), rounded down to a
+    multiple of ``multiple_of`` (at least one multiple).
+
+    One layer is timed alone, so no budget is repaired across layers: the row reports the
+    fraction its rank actually keeps.
+
+    Raises:
+        ValueError: ``keep`` is outside (0, 1], or the rank reaches break-even (dense).
+    """
+    rank = max(multiple_of, uniform_rank(m, n, check_keep(keep)) // multiple_of * multiple_of)
+    if use_dense(m, n, rank):
+        raise ValueError(f"keep {keep} with multiple_of {multiple_of} leaves a {m}x{n} layer dense "
+                         f"(rank {rank}): pick a smaller keep or multiple_of")
+    return rank
+
+
 @dataclass(frozen=True)
 class KernelSettings:
-    """What to time: shapes × keeps × token counts × providers, on one device and dtype."""
+    """What to time: shapes × (keep, rank) × token counts × backends, on one device and dtype."""
 
-    shapes: list[LayerShape]
-    keeps: list[float]
+    ranks: dict[LayerShape, list[tuple[float, int]]]  # shape -> [(keep, rank)]
     tokens: list[int]
-    providers: list[Provider]
+    backends: list[str]
     device: torch.device
     dtype: torch.dtype
     rep_ms: float
-    multiple_of: int = 1
 
 
 def run_kernel_bench(settings: KernelSettings, peaks: Peaks) -> list[dict]:
-    """One result row per (shape, tokens, provider[, keep]); dense rows are independent of keep.
+    """One result row per (shape, tokens, backend[, keep]); dense rows are independent of keep.
 
     Args:
         settings: the grid to time.
         peaks: this run's measured peaks, for roofline fractions.
     """
-    dense = [p for p in settings.providers if p.dense]
-    lowrank = [p for p in settings.providers if not p.dense]
+    dense = [name for name in settings.backends if name == "dense"]
+    lowrank = [name for name in settings.backends if name != "dense"]
     rows: list[dict] = []
-    for shape in settings.shapes:
-        ranks = [(keep, rank_for_keep(shape.m, shape.n, keep, settings.multiple_of)) for keep in settings.keeps] if lowrank else []
+    for shape, ranks in settings.ranks.items():
         for tokens in settings.tokens:
             if dense:
                 rows += _bench_group(dense, shape, None, None, tokens, settings, peaks)
-            for keep, k in ranks:
-                rows += _bench_group(lowrank, shape, keep, k, tokens, settings, peaks)
-    _add_speedups(rows)
+            if lowrank:
+                for keep, k in ranks:
+                    rows += _bench_group(lowrank, shape, keep, k, tokens, settings, peaks)
+    add_speedups(rows, ("model", "layer", "tokens"))
     return rows
 
 
@@ -71,33 +91,35 @@ def _copies(shape: LayerShape, k: int | None, tokens: int, settings: KernelSetti
 
 
 def _bench_group(
-    providers: list[Provider], shape: LayerShape, keep: float | None, k: int | None, tokens: int,
+    backends: list[str], shape: LayerShape, keep: float | None, k: int | None, tokens: int,
     settings: KernelSettings, peaks: Peaks,
 ) -> list[dict]:
-    """Rows of ``providers`` that share one case's operands and float64 reference."""
+    """Rows of ``backends`` that share one case's operands and float64 reference."""
     base = {"model": shape.model, "layer": shape.layer, "m": shape.m, "n": shape.n, "k": k, "keep": keep,
-            "tokens": tokens, "dtype": str(settings.dtype).removeprefix("torch.")}
+            "keep_achieved": layer_params(shape.m, shape.n, k) / (shape.m * shape.n), "tokens": tokens,
+            "dtype": str(settings.dtype).removeprefix("torch.")}
     try:
         sets = [make_operands(shape.m, shape.n, k, tokens, settings.dtype, settings.device)
                 for _ in range(_copies(shape, k, tokens, settings))]
         ref = reference(sets[0])
     except torch.cuda.OutOfMemoryError as err:
-        return [_failed({**base, "provider": p.name}, f"inputs: {err}") for p in providers]
-    rows = [_bench_provider(p, sets, ref, {**base, "provider": p.name}, settings, peaks) for p in providers]
+        return [_failed({**base, "backend": name}, f"inputs: {err}") for name in backends]
+    rows = []
+    for name in backends:
+        with running(name):
+            rows.append(_bench_backend(sets, ref, {**base, "backend": name}, settings, peaks))
     del sets, ref
     free_memory(settings.device)
     return rows
 
 
-def _bench_provider(
-    provider: Provider, sets: list[tuple], ref: torch.Tensor, row: dict, settings: KernelSettings, peaks: Peaks,
-) -> dict:
-    if provider.prepare is not None:
-        sets = [provider.prepare(ops) for ops in sets]
-    failure = check_provider(provider, sets[0], ref)
+def _bench_backend(sets: list[tuple], ref: torch.Tensor, row: dict, settings: KernelSettings, peaks: Peaks) -> dict:
+    """Check, then time, one backend's call on ``sets`` (already switched to that backend)."""
+    fn = F.linear if row["backend"] == "dense" else lowrank_linear
+    failure = check_call(fn, sets[0], ref)
     if failure is None:
         try:
-            row["median_ms"], row["timer"] = _time(provider, sets, row["tokens"], settings)
+            row["median_ms"], row["timer"] = _time(fn, sets, row, settings)
         except Exception as err:  # noqa: BLE001 - a failed timing fails this row, not the run
             failure = f"timing: {type(err).__name__}: {err}"[:200]
     if failure is not None:
@@ -109,19 +131,19 @@ def _bench_provider(
     return row
 
 
-def _time(provider: Provider, sets: list[tuple], tokens: int, settings: KernelSettings) -> tuple[float, str]:
-    """``(median ms, timer name)`` of one call of ``provider``."""
+def _time(fn, sets: list[tuple], row: dict, settings: KernelSettings) -> tuple[float, str]:
+    """``(median ms, timer name)`` of one call of ``fn``."""
     if settings.device.type == "cpu":
-        return median_ms(functools.partial(provider.fn, *sets[0]), settings.device, settings.rep_ms), "perf_counter"
-    if tokens > GRAPH_MAX_TOKENS:
-        return median_ms(functools.partial(provider.fn, *sets[0]), settings.device, settings.rep_ms), "do_bench"
-    calls = [functools.partial(provider.fn, *ops) for ops in sets]
+        return median_ms(functools.partial(fn, *sets[0]), settings.device, settings.rep_ms), "perf_counter"
+    if row["tokens"] > GRAPH_MAX_TOKENS:
+        return median_ms(functools.partial(fn, *sets[0]), settings.device, settings.rep_ms), "do_bench"
+    calls = [functools.partial(fn, *ops) for ops in sets]
     calls *= -(-_MIN_GRAPH_CALLS // len(calls))
     try:
         return cuda_graph_ms(calls, settings.device, settings.rep_ms), "cuda_graph"
     except RuntimeError as err:
         # Still a number, but the timer column shows that launch overhead is in it.
-        print(f"  {provider.name}: CUDA graph capture failed, timing eagerly: {str(err).splitlines()[0]}",
+        print(f"  {row['backend']}: CUDA graph capture failed, timing eagerly: {str(err).splitlines()[0]}",
               file=sys.stderr, flush=True)
         return median_ms(calls[0], settings.device, settings.rep_ms), "do_bench"
 
@@ -131,24 +153,16 @@ def _failed(row: dict, reason: str) -> dict:
             "compute_frac": None, "roofline_frac": None, "status": f"failed: {reason}"}
 
 
-def _add_speedups(rows: list[dict]) -> None:
-    """``speedup_vs_dense`` = dense time / row time, for rows whose dense case was timed."""
-    dense_ms = {(r["model"], r["layer"], r["tokens"]): r["median_ms"] for r in rows if r["k"] is None}
-    for row in rows:
-        base = dense_ms.get((row["model"], row["layer"], row["tokens"]))
-        row["speedup_vs_dense"] = base / row["median_ms"] if base and row["median_ms"] else None
-
-
 def _progress(row: dict) -> None:
     keep = "dense" if row["keep"] is None else f"keep {row['keep']}"
     timing = f"{row['median_ms']:.4f} ms" if row["median_ms"] is not None else row["status"]
     print(f"  {row['model']} {row['layer']} {row['m']}x{row['n']} {keep} T={row['tokens']} "
-          f"{row['provider']}: {timing}", file=sys.stderr, flush=True)
+          f"{row['backend']}: {timing}", file=sys.stderr, flush=True)
 
 
 _COLUMNS: list[Column] = [
     ("model", "model", str), ("layer", "layer", str), ("m", "m", str), ("n", "n", str), ("k", "k", str),
-    ("keep", "keep", str), ("T", "tokens", str), ("provider", "provider", str), ("timer", "timer", str),
+    ("keep", "keep", str), ("T", "tokens", str), ("backend", "backend", str), ("timer", "timer", str),
     ("ms", "median_ms", lambda v: f"{v:.4f}"), ("GB/s", "gbs", lambda v: f"{v:.0f}"),
     ("TFLOP/s", "tflops", lambda v: f"{v:.1f}"), ("roofline", "roofline_frac", lambda v: f"{v:.0%}"),
     ("x dense", "speedup_vs_dense", lambda v: f"{v:.2f}"), ("status", "status", str),

@@ -1,4 +1,4 @@
-"""Benchmark documents: the environment they were measured in, JSON files and markdown tables."""
+"""Benchmark documents: the environment they were measured in, speedups, JSON files and markdown tables."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 
 from lowrank_infer.atomic import atomic_write_text
 
-__all__ = ["Column", "command_line", "environment", "markdown_table", "write_outputs"]
+__all__ = ["Column", "add_speedups", "command_line", "environment", "markdown_table", "write_outputs"]
 
 # (header, row key, format of a present value); a missing value prints as "-".
 Column = tuple[str, str, Callable[[object], str]]
@@ -51,6 +51,15 @@ def environment(device: torch.device) -> dict:
 def command_line() -> str:
     """The command this process was started with, interpreter and ``-m`` included, quoted for a shell."""
     return shlex.join(sys.orig_argv)
+
+
+def add_speedups(rows: list[dict], case: tuple[str, ...]) -> None:
+    """Set ``speedup_vs_dense`` = dense time / row time on every row whose dense case (the
+    row with the same ``case`` fields and backend ``dense``) was timed; else None."""
+    dense_ms = {tuple(r[key] for key in case): r["median_ms"] for r in rows if r["backend"] == "dense"}
+    for row in rows:
+        base = dense_ms.get(tuple(row[key] for key in case))
+        row["speedup_vs_dense"] = base / row["median_ms"] if base and row["median_ms"] else None
 
 
 def _cell(row: dict, key: str, fmt: Callable[[object], str]) -> str:

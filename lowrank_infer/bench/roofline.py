@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from lowrank_infer.bench.timing import median_ms
+from lowrank_infer.cost import layer_params
 
 __all__ = ["Peaks", "layer_cost", "measure_peaks", "throughput"]
 
@@ -62,10 +63,10 @@ def layer_cost(m: int, n: int, k: int | None, tokens: int, elem_bytes: int) -> t
     """``(bytes, flops)`` of one layer call on ``tokens`` rows; ``k`` None means dense.
 
     Bytes count what must cross HBM at least once: x, the weights (W, or U and V) and y. The
-    low-rank intermediate ``x @ V`` is not counted: the fused kernel keeps it on chip, and for
-    the two-matmul paths its round trip is overhead the roofline should expose.
+    low-rank intermediate ``x @ V`` is not counted: the Triton kernels keep it on chip, and for
+    the two-matmul backends its round trip is overhead the roofline should expose.
     """
-    weights = m * n if k is None else k * (m + n)
+    weights = layer_params(m, n, k)
     flops = 2 * tokens * weights
     return (tokens * n + weights + tokens * m) * elem_bytes, flops
 

@@ -11,10 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from lowrank_infer.allocation import check_keep, uniform_rank
-from lowrank_infer.kernels import use_dense
-
-__all__ = ["LAYERS", "MODELS", "LayerShape", "ModelDims", "hf_config", "layer_shapes", "rank_for_keep"]
+__all__ = ["LAYERS", "MODELS", "LayerShape", "ModelDims", "hf_config", "layer_shapes"]
 
 # Projection names of a decoder block, in model order.
 LAYERS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -102,21 +99,6 @@ def layer_shapes(models: list[str], layers: list[str] = LAYERS) -> list[LayerSha
                 by_shape.setdefault(shape, []).append(name)
         shapes += [LayerShape(model, "/".join(names), m, n) for (m, n), names in by_shape.items()]
     return shapes
-
-
-def rank_for_keep(m: int, n: int, keep: float, multiple_of: int = 1) -> int:
-    """The rank uniform allocation gives an ``m×n`` layer at ``keep``: ``floor(keep·m·n/(m+n))``,
-    rounded down to a multiple of ``multiple_of`` (at least one multiple).
-
-    Raises:
-        ValueError: ``keep`` is outside (0, 1), or the rank would reach break-even (dense).
-    """
-    keep = check_keep(keep)
-    rank = max(multiple_of, uniform_rank(m, n, keep) // multiple_of * multiple_of)
-    if use_dense(m, n, rank):
-        raise ValueError(f"keep {keep} with multiple_of {multiple_of} leaves a {m}x{n} layer dense "
-                         f"(rank {rank}): pick a smaller keep or multiple_of")
-    return rank
 
 
 def hf_config(spec: str):

@@ -1,4 +1,4 @@
-"""Bench-test setup: one CPU thread, a tiny model config, and the in-process ``bench`` command."""
+"""Bench-test setup: one CPU thread, a tiny model config, and the in-process ``lowrank-infer bench``."""
 
 import json
 
@@ -29,11 +29,11 @@ def tiny_config_file(tmp_path):
 
 @pytest.fixture
 def bench(capsys):
-    """``bench(*argv) -> (exit code, stderr)`` through ``lowrank_infer.bench.cli.main``."""
-    from lowrank_infer.bench.cli import main
+    """``bench(*argv) -> (exit code, stderr)``: ``lowrank-infer bench *argv``, in process."""
+    from lowrank_infer.cli import main
 
     def run(*argv):
-        code = main([str(a) for a in argv])
+        code = main(["bench", *map(str, argv)])
         return code, capsys.readouterr().err
 
     return run

@@ -11,14 +11,13 @@ import torch
 from lowrank_infer.bench.cli import add_bench_parser, cmd_kernels
 
 KERNEL_ROW_KEYS = {
-    "provider", "model", "layer", "m", "n", "k", "keep", "tokens", "dtype", "timer", "median_ms", "gbs",
-    "tflops", "mem_frac", "compute_frac", "roofline_frac", "speedup_vs_dense", "status",
+    "backend", "model", "layer", "m", "n", "k", "keep", "keep_achieved", "tokens", "dtype", "timer", "median_ms",
+    "gbs", "tflops", "mem_frac", "compute_frac", "roofline_frac", "speedup_vs_dense", "status",
 }
 E2E_ROW_KEYS = {
-    "path", "kernel", "method", "keep", "keep_achieved", "phase", "batch", "tokens", "dtype", "timer", "median_ms",
+    "backend", "method", "keep", "keep_achieved", "phase", "batch", "tokens", "dtype", "timer", "median_ms",
     "tokens_per_s", "peak_memory_bytes", "model_params", "model_bytes", "speedup_vs_dense", "status",
 }
-CPU_PROVIDERS = ["--providers", "dense", "torch_lowrank", "two_matmul"]  # triton: interpreter, too slow
 
 
 def _kernels_quick(bench, tmp_path, *extra):
@@ -29,85 +28,95 @@ def _kernels_quick(bench, tmp_path, *extra):
     return json.loads(out.read_text())
 
 
-def test_kernels_quick_writes_json_and_markdown(bench, tmp_path, capsys):
+def test_kernels_quick_writes_json_and_markdown(bench, tmp_path):
     md = tmp_path / "kernels.md"
-    doc = _kernels_quick(bench, tmp_path, *CPU_PROVIDERS, "--markdown", md)
+    doc = _kernels_quick(bench, tmp_path, "--markdown", md)
     assert doc["benchmark"] == "kernels" and doc["dtype"] == "float32" and doc["device"] == "cpu"
     assert doc["environment"]["device_label"].startswith("CPU")
     assert {"torch", "triton", "transformers", "host"} <= doc["environment"].keys()
     assert doc["command"] == shlex.join(sys.orig_argv) and doc["args"]["quick"] is True
     assert doc["peaks"]["bandwidth_gbs"] > 0 and doc["peaks"]["matmul_tflops"] > 0
     rows = doc["rows"]
-    assert len(rows) == 2 * 3  # tokens x providers; quick: smollm2 q at keep 0.6
+    assert len(rows) == 2 * 2  # tokens x backends; quick on CPU: smollm2 q at keep 0.6, dense and torch
     for row in rows:
         assert row.keys() >= KERNEL_ROW_KEYS
         assert row["status"] == "ok" and row["median_ms"] > 0 and row["gbs"] > 0 and row["tflops"] > 0
         assert row["model"] == "smollm2-135m" and (row["m"], row["n"]) == (576, 576)
-    dense = [r for r in rows if r["provider"] == "dense"]
+    dense = [r for r in rows if r["backend"] == "dense"]
     assert all(r["k"] is None and r["speedup_vs_dense"] == 1.0 for r in dense)
-    assert {r["k"] for r in rows if r["provider"] != "dense"} == {int(0.6 * 576 * 576 // 1152)}
-    assert "| provider |" in md.read_text()
+    lowrank = [r for r in rows if r["backend"] == "torch"]
+    assert len(lowrank) == 2 and {r["k"] for r in lowrank} == {int(0.6 * 576 * 576 // 1152)}
+    assert lowrank[0]["keep_achieved"] == pytest.approx(172 * 1152 / 576**2)
+    assert "| backend |" in md.read_text()
 
 
-def test_broken_provider_is_reported_failed_and_not_timed(bench, tmp_path, monkeypatch):
-    from lowrank_infer.bench import providers
-    from lowrank_infer.kernels import torch_lowrank_linear
+def _wrong(x, U, V):
+    return 2 * ((x @ V) @ U.T)
+
+
+def _raising(x, U, V):
+    raise RuntimeError("no kernel image")
+
+
+@pytest.mark.parametrize(("broken", "status"), [
+    (_wrong, "failed: relative error"), (_raising, "failed: RuntimeError: no kernel image"),
+])
+def test_broken_backend_is_reported_failed_and_not_timed(bench, tmp_path, monkeypatch, broken, status):
+    from lowrank_infer.bench import kernels
 
     calls = []
 
-    def wrong(x, U, V):
+    def spy(x, U, V):
         calls.append(x.shape[0])
-        return 2 * torch_lowrank_linear(x, U, V)
+        return broken(x, U, V)
 
-    def raising(x, U, V):
-        raise RuntimeError("no kernel image")
-
-    monkeypatch.setitem(providers.PROVIDERS, "wrong", providers.Provider("wrong", wrong))
-    monkeypatch.setitem(providers.PROVIDERS, "raising", providers.Provider("raising", raising))
-    rows = _kernels_quick(bench, tmp_path, "--providers", "dense", "wrong", "raising")["rows"]
-    assert calls == [1, 4]  # the correctness check only: a failed provider is never timed
-    by_provider = {(r["provider"], r["tokens"]): r for r in rows}
+    monkeypatch.setattr(kernels, "lowrank_linear", spy)
+    rows = _kernels_quick(bench, tmp_path)["rows"]
+    assert calls == [1, 4]  # the correctness check only: a failed backend is never timed
+    by_backend = {(r["backend"], r["tokens"]): r for r in rows}
     for tokens in (1, 4):
-        assert by_provider[("dense", tokens)]["status"] == "ok"
-        wrong_row, raising_row = by_provider[("wrong", tokens)], by_provider[("raising", tokens)]
-        assert wrong_row["status"].startswith("failed: relative error")
-        assert raising_row["status"] == "failed: RuntimeError: no kernel image"
-        assert wrong_row["median_ms"] is None and raising_row["median_ms"] is None
-        assert wrong_row["speedup_vs_dense"] is None
+        assert by_backend[("dense", tokens)]["status"] == "ok"
+        row = by_backend[("torch", tokens)]
+        assert row["status"].startswith(status)
+        assert row["median_ms"] is None and row["speedup_vs_dense"] is None
 
 
-def _check_e2e_rows(rows, paths):
-    assert {r["path"] for r in rows} == {"dense", *paths}
+def _check_e2e_rows(rows, backends):
+    assert {r["backend"] for r in rows} == set(backends)
     for row in rows:
         assert row.keys() >= E2E_ROW_KEYS
         assert row["status"] == "ok", row["status"]
         assert row["median_ms"] > 0 and row["tokens_per_s"] > 0 and row["timer"] == "perf_counter"
     assert {r["phase"] for r in rows} == {"prefill", "decode"}
-    dense_bytes = {r["model_bytes"] for r in rows if r["path"] == "dense"}
-    low_bytes = {r["model_bytes"] for r in rows if r["path"] != "dense"}
+    dense_bytes = {r["model_bytes"] for r in rows if r["backend"] == "dense"}
+    low_bytes = {r["model_bytes"] for r in rows if r["backend"] != "dense"}
     assert len(dense_bytes) == len(low_bytes) == 1 and low_bytes.pop() < dense_bytes.pop()
 
 
-def test_e2e_shape_only_quick(bench, tmp_path, tiny_config_file):
-    out, md = tmp_path / "e2e.json", tmp_path / "e2e.md"
-    code, err = bench("e2e", "--shape-only", "--config", tiny_config_file, "--quick", "--device", "cpu",
-                      "--rep-ms", 1, "--json", out, "--markdown", md)
+def _e2e(bench, tmp_path, *argv):
+    out = tmp_path / "e2e.json"
+    code, err = bench("e2e", *argv, "--quick", "--device", "cpu", "--rep-ms", 1, "--json", out)
     assert code == 0, err
-    doc = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_e2e_shape_only_quick(bench, tmp_path, tiny_config_file):
+    md = tmp_path / "e2e.md"
+    doc = _e2e(bench, tmp_path, "--shape-only", "--config", tiny_config_file, "--markdown", md)
     assert doc["benchmark"] == "e2e" and doc["shape_only"] and doc["model"] == str(tiny_config_file)
-    _check_e2e_rows(doc["rows"], {"torch_lowrank", "two_matmul"})
-    assert {r["keep"] for r in doc["rows"]} == {1.0, 0.6}
-    assert "| path |" in md.read_text()
+    _check_e2e_rows(doc["rows"], {"dense", "torch"})
+    assert {(r["method"], r["keep"]) for r in doc["rows"]} == {("dense", 1.0), ("uniform", 0.6)}
+    assert "| backend |" in md.read_text()
 
 
 def _tiny_plan(tiny_config_file, path, **edit):
     """A non-uniform plan for the tiny config: some layers dense, the rest at assorted ranks."""
     from lowrank_infer.allocation import plan_from_ranks
-    from lowrank_infer.bench.e2e import random_model
-    from lowrank_infer.bench.shapes import hf_config
-    from lowrank_infer.surgery import target_shapes
 
-    shapes = target_shapes(random_model(hf_config(str(tiny_config_file)), torch.device("meta"), torch.float32))
+    shapes = {f"model.layers.{i}.{name}": shape for i in range(2) for name, shape in (
+        ("self_attn.q_proj", (64, 64)), ("self_attn.k_proj", (32, 64)), ("self_attn.v_proj", (32, 64)),
+        ("self_attn.o_proj", (64, 64)), ("mlp.gate_proj", (160, 64)), ("mlp.up_proj", (160, 64)),
+        ("mlp.down_proj", (64, 160)))}
     ranks = {name: None if "mlp" in name and "layers.1" in name else 3 + i for i, name in enumerate(shapes)}
     plan = plan_from_ranks(shapes, ranks, keep=0.55, method="ara", model="tiny")
     for name, shape in edit.items():  # e.g. a layer of another width: the plan no longer fits
@@ -116,37 +125,26 @@ def _tiny_plan(tiny_config_file, path, **edit):
     return plan
 
 
-def test_e2e_shape_only_measures_a_plan_at_its_ranks(bench, tmp_path, tiny_config_file, monkeypatch):
-    from lowrank_infer.bench import e2e
-
+def test_e2e_shape_only_measures_only_the_plan_beside_dense(bench, tmp_path, tiny_config_file):
     plan = _tiny_plan(tiny_config_file, tmp_path / "plan.json")
-    built = []
-    original = e2e.random_compress
-    monkeypatch.setattr(e2e, "random_compress", lambda model, p: built.append(original(model, p)) or built[-1])
-    out = tmp_path / "e2e.json"
-    code, err = bench("e2e", "--shape-only", "--config", tiny_config_file, "--plan", tmp_path / "plan.json",
-                      "--quick", "--device", "cpu", "--rep-ms", 1, "--paths", "torch_lowrank", "--json", out)
-    assert code == 0, err
-    rows = json.loads(out.read_text())["rows"]
-    _check_e2e_rows(rows, {"torch_lowrank"})
-    # Only the plan is measured beside dense: no default uniform keep.
+    rows = _e2e(bench, tmp_path, "--shape-only", "--config", tiny_config_file, "--plan", tmp_path / "plan.json")["rows"]
+    _check_e2e_rows(rows, {"dense", "torch"})
     assert {(r["method"], r["keep"]) for r in rows} == {("dense", 1.0), ("ara", 0.55)}
     assert all(r["keep_achieved"] == pytest.approx(plan.keep_achieved) for r in rows if r["method"] == "ara")
-    (model,) = built
-    for layer in plan.layers:
-        module = model.get_submodule(layer.name)
-        assert (getattr(module, "rank", None) if layer.rank else type(module).__name__) == (layer.rank or "Linear")
 
 
 def test_e2e_shape_only_plan_and_keep_together(bench, tmp_path, tiny_config_file):
     _tiny_plan(tiny_config_file, tmp_path / "plan.json")
-    out = tmp_path / "e2e.json"
-    code, err = bench("e2e", "--shape-only", "--config", tiny_config_file, "--plan", tmp_path / "plan.json",
-                      "--keep", 0.7, "--quick", "--device", "cpu", "--rep-ms", 1, "--paths", "two_matmul",
-                      "--json", out)
-    assert code == 0, err
-    rows = json.loads(out.read_text())["rows"]
+    rows = _e2e(bench, tmp_path, "--shape-only", "--config", tiny_config_file, "--plan", tmp_path / "plan.json",
+                "--keep", 0.7)["rows"]
     assert {(r["method"], r["keep"]) for r in rows} == {("dense", 1.0), ("uniform", 0.7), ("ara", 0.55)}
+    uniform = {r["keep_achieved"] for r in rows if r["method"] == "uniform"}
+    assert len(uniform) == 1 and 0.695 <= uniform.pop() <= 0.7  # the library's uniform plans keep within 0.005
+
+
+def test_e2e_without_dense_has_no_speedups(bench, tmp_path, tiny_config_file):
+    rows = _e2e(bench, tmp_path, "--shape-only", "--config", tiny_config_file, "--backends", "torch")["rows"]
+    assert {r["backend"] for r in rows} == {"torch"} and all(r["speedup_vs_dense"] is None for r in rows)
 
 
 def test_e2e_plan_that_does_not_fit_fails_before_timing(bench, tmp_path, tiny_config_file):
@@ -157,30 +155,40 @@ def test_e2e_plan_that_does_not_fit_fails_before_timing(bench, tmp_path, tiny_co
     assert "model.layers.0.self_attn.q_proj' is 64x65 but the model's is 64x64" in err
 
 
-def test_e2e_compressed_checkpoint_against_its_dense_counterpart(bench, tmp_path, tiny_config_file):
-    from lowrank_infer.bench.e2e import random_compress, random_model, uniform_random_plan
+def _save_checkpoint(config_file, path, keep):
+    """A compressed checkpoint of the tiny config: random weights, the library's uniform plan."""
+    from lowrank_infer.allocation import uniform_plan
+    from lowrank_infer.bench.e2e import random_factors, random_model
     from lowrank_infer.bench.shapes import hf_config
-    from lowrank_infer.io import save_compressed
+    from lowrank_infer.io import attach_plan, save_compressed
+    from lowrank_infer.structure import target_shapes
+    from lowrank_infer.surgery import apply_plan
 
-    model = random_model(hf_config(str(tiny_config_file)), torch.device("cpu"), torch.float32)
-    model = random_compress(model, uniform_random_plan(model, 0.5))
-    save_compressed(model, tmp_path / "ckpt")
-    out = tmp_path / "e2e.json"
-    code, err = bench("e2e", tmp_path / "ckpt", "--quick", "--device", "cpu", "--rep-ms", 1,
-                      "--paths", "torch_lowrank", "--json", out)
-    assert code == 0, err
-    rows = json.loads(out.read_text())["rows"]
-    _check_e2e_rows(rows, {"torch_lowrank"})
+    model = random_model(hf_config(str(config_file)), torch.device("cpu"), torch.float32)
+    plan = uniform_plan(target_shapes(model), keep)
+    apply_plan(model, plan, random_factors(model))
+    attach_plan(model, plan)
+    save_compressed(model, path)
+
+
+def test_e2e_compressed_checkpoint_against_its_dense_counterpart(bench, tmp_path, tiny_config_file):
+    _save_checkpoint(tiny_config_file, tmp_path / "ckpt", 0.5)
+    rows = _e2e(bench, tmp_path, tmp_path / "ckpt")["rows"]
+    _check_e2e_rows(rows, {"dense", "torch"})
     assert {r["keep"] for r in rows} == {1.0, 0.5}
 
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["kernels", "--models", "gpt5"], "unknown model 'gpt5' (known: llama2-7b, llama3-8b"),
     (["kernels", "--layers", "qkv"], "unknown layer 'qkv' (known: q, k, v, o"),
-    (["kernels", "--providers", "cutlass"], "unknown provider 'cutlass' (known: dense"),
+    (["kernels", "--backends", "cutlass"], "unknown backend 'cutlass' (known: dense, cublas, triton, torch)"),
+    (["kernels", "--backends", "dense", "triton"], "on cpu, lowrank_linear runs torch math whatever the backend"),
     (["kernels", "--keep", "1.0"], "leaves a 576x576 layer dense"),
+    (["kernels", "--keep", "1.5"], "keep must be in (0, 1]"),
     (["kernels", "--layers", "q", "--multiple-of", "1024"], "multiple_of 1024 leaves a 576x576 layer dense"),
+    (["kernels", "--multiple-of", "0"], "--multiple-of must be positive"),
     (["kernels", "--json", "."], "--json . is a directory"),
+    (["kernels", "--rep-ms", "0"], "--rep-ms must be positive"),
     (["e2e", "--shape-only", "--config", "smollm2-135m", "--markdown", "."], "--markdown . is a directory"),
     (["kernels", "--tokens", "0"], "--tokens must be positive"),
     (["e2e", "--shape-only", "--config", "gpt5"], "unknown config 'gpt5'"),
@@ -188,7 +196,8 @@ def test_e2e_compressed_checkpoint_against_its_dense_counterpart(bench, tmp_path
     (["e2e"], "give a compressed model directory, or --shape-only"),
     (["e2e", "some-dir", "--plan", "p.json"], "--config, --keep and --plan apply to --shape-only"),
     (["e2e", "--shape-only", "--config", "smollm2-135m", "--plan", "missing.json"], "rank plan file not found"),
-    (["e2e", "--shape-only", "--config", "smollm2-135m", "--paths", "cublas"], "unknown path 'cublas'"),
+    (["e2e", "--shape-only", "--config", "smollm2-135m", "--keep", "0.001"], "below the smallest plan possible"),
+    (["e2e", "--shape-only", "--config", "smollm2-135m", "--backends", "cublas"], "would time torch under another"),
 ])
 def test_bad_input_is_one_line_error(bench, argv, message):
     code, err = bench(*argv, "--device", "cpu")
@@ -205,16 +214,7 @@ def test_e2e_rejects_a_directory_that_is_not_a_compressed_model(bench, tmp_path,
 
 
 def test_e2e_rejects_a_checkpoint_with_no_low_rank_layer(bench, tmp_path, tiny_config_file):
-    from lowrank_infer.allocation import plan_from_ranks
-    from lowrank_infer.bench.e2e import random_compress, random_model
-    from lowrank_infer.bench.shapes import hf_config
-    from lowrank_infer.io import save_compressed
-    from lowrank_infer.surgery import target_shapes
-
-    model = random_model(hf_config(str(tiny_config_file)), torch.device("cpu"), torch.float32)
-    shapes = target_shapes(model)
-    dense = plan_from_ranks(shapes, dict.fromkeys(shapes), keep=1.0, method="uniform")
-    save_compressed(random_compress(model, dense), tmp_path / "ck")
+    _save_checkpoint(tiny_config_file, tmp_path / "ck", 1.0)
     code, err = bench("e2e", tmp_path / "ck", "--device", "cpu")
     assert code == 1 and "keeps every layer dense: there is no low-rank model to compare" in err
 

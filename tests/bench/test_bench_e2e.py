@@ -1,63 +1,76 @@
-"""Model building and the low-rank path switch of ``bench e2e``."""
+"""Model building and the backend switch of ``bench e2e``."""
 
 import pytest
 import torch
 
 from lowrank_infer import LowRankLinear
+from lowrank_infer.allocation import plan_from_ranks, uniform_plan
 from lowrank_infer.bench import e2e
 from lowrank_infer.bench.shapes import hf_config
-from lowrank_infer.io import model_plan
+from lowrank_infer.kernels import get_backend
+from lowrank_infer.structure import target_shapes
+from lowrank_infer.surgery import apply_plan
+
+CPU = torch.device("cpu")
 
 
 @pytest.fixture
 def tiny(tiny_config_file):
     torch.manual_seed(0)
-    return e2e.random_model(hf_config(str(tiny_config_file)), torch.device("cpu"), torch.float32)
+    return e2e.random_model(hf_config(str(tiny_config_file)), CPU, torch.float32)
 
 
-def test_lowrank_path_switches_every_layer_and_restores(monkeypatch):
-    from lowrank_infer import module
-
-    calls = []
-
-    def spy(x, U, V, bias=None):
-        calls.append(x.shape)
-        return e2e.two_matmul_linear(x, U, V, bias)
-
-    monkeypatch.setitem(e2e.LOWRANK_PATHS, "spy", spy)
-    layer = LowRankLinear.from_factors(torch.randn(8, 2), torch.randn(6, 2), torch.randn(8))
-    original = module.lowrank_linear
-    with e2e.lowrank_path("spy"):
-        y = layer(torch.randn(3, 6))
-    assert calls == [(3, 6)] and y.shape == (3, 8)
-    assert module.lowrank_linear is original
-    layer(torch.randn(3, 6))
-    assert len(calls) == 1
+def _settings(backends, **timing):
+    timing = {"prompt_lens": [4], "batches": [1], "context": 4, "decode_steps": 1, "trials": 1} | timing
+    return e2e.E2ESettings(**timing, backends=backends, device=CPU, dtype=torch.float32, rep_ms=1)
 
 
-def test_random_compress_follows_the_uniform_plan(tiny):
+def test_random_factors_have_the_weight_scale_and_the_plan_shapes():
+    linear = torch.nn.Linear(512, 384)
+    torch.nn.init.normal_(linear.weight, std=0.05)
+    model = torch.nn.Sequential(linear)
+    U, V = e2e.random_factors(model)("0", 96)
+    assert U.shape == (384, 96) and V.shape == (512, 96) and U.dtype == linear.weight.dtype
+    assert 0.8 < (U @ V.T).std().item() / 0.05 < 1.25
+
+
+def test_random_factors_keep_a_model_s_logits_tame(tiny):
     ids = torch.randint(128, (1, 12))
     with torch.no_grad():
         dense_logits = tiny(ids).logits
-        model = e2e.random_compress(tiny, e2e.uniform_random_plan(tiny, 0.5, name="tiny"))
-        logits = model(ids).logits
-    plan = model_plan(model)
-    assert plan.keep_target == 0.5 and plan.model == "tiny"
-    for layer in plan.layers:
-        assert model.get_submodule(layer.name).rank == layer.rank
+        plan = uniform_plan(target_shapes(tiny), 0.5)
+        logits = apply_plan(tiny, plan, e2e.random_factors(tiny))(ids).logits
     assert torch.isfinite(logits).all()
-    assert 0.2 < logits.std() / dense_logits.std() < 5  # factors scaled like the dense weights
+    assert 0.2 < logits.std() / dense_logits.std() < 5
 
 
-def test_densify_computes_the_same_function(tiny):
-    model = e2e.random_compress(tiny, e2e.uniform_random_plan(tiny, 0.5))
-    ids = torch.randint(128, (2, 9))
-    with torch.no_grad():
-        before = model(ids).logits
-        e2e.densify(model)
-        after = model(ids).logits
-    assert not any(isinstance(m, LowRankLinear) and not m.is_dense for m in model.modules())
-    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+def test_shape_only_variants_build_each_plan_at_its_ranks(tiny_config_file):
+    config = hf_config(str(tiny_config_file))
+    shapes = target_shapes(e2e.random_model(config, torch.device("meta"), torch.float32))
+    plan = plan_from_ranks(shapes, {name: None if "mlp" in name else 5 for name in shapes}, keep=0.7, method="ara")
+    variants = e2e.shape_only_variants(config, "tiny", [0.6, 1.0], CPU, torch.float32, plans=[plan])
+    assert [(v.plan.method, v.plan.keep_target) if v.plan else None for v in variants] == [
+        None, ("uniform", 0.6), ("ara", 0.7)]
+    assert not any(isinstance(m, LowRankLinear) for m in variants[0].build().modules())
+    for variant in variants[1:]:
+        model = variant.build()
+        for layer in variant.plan.layers:
+            module = model.get_submodule(layer.name)
+            assert (module.rank if layer.rank else type(module)) == (layer.rank or torch.nn.Linear)
+
+
+def test_each_backend_runs_while_its_rows_are_measured(tiny):
+    plan = uniform_plan(target_shapes(tiny), 0.5)
+    model = apply_plan(tiny, plan, e2e.random_factors(tiny))
+    seen = []
+    layer = next(m for m in model.modules() if isinstance(m, LowRankLinear))
+    layer.register_forward_pre_hook(lambda *_: seen.append(get_backend()))
+    before = get_backend()
+    rows = e2e.run_e2e_bench([e2e.Variant(lambda: model, plan)], _settings(["dense", "triton", "torch"]))
+    assert [r["backend"] for r in rows] == ["triton", "triton", "torch", "torch"]  # prefill, decode each
+    first_torch = seen.index("torch")
+    assert set(seen[:first_torch]) == {"triton"} and set(seen[first_torch:]) == {"torch"}
+    assert get_backend() == before
 
 
 def test_decode_steps_exactly_fill_the_static_cache(monkeypatch):
@@ -71,11 +84,10 @@ def test_decode_steps_exactly_fill_the_static_cache(monkeypatch):
         return step, "fake_graph"
 
     monkeypatch.setattr(e2e, "_prepare_step", graph_like)
-    settings = e2e.E2ESettings([4], [2], context=5, decode_steps=3, trials=2, paths=["torch_lowrank"],
-                               device=torch.device("cpu"), dtype=torch.float32, rep_ms=1)
+    settings = _settings(["torch"], context=5, decode_steps=3, trials=2, batches=[2])
     config = hf_config("smollm2-135m")
     config.num_hidden_layers, config.vocab_size = 1, 64
-    model = e2e.random_model(config, torch.device("cpu"), torch.float32)
+    model = e2e.random_model(config, CPU, torch.float32)
     with torch.inference_mode():
         ms, timer = e2e._decode_ms(model, 2, settings)
         assert ms > 0 and timer == "fake_graph"

@@ -1,8 +1,10 @@
-"""The scripts in benchmarks/: plots from a kernel JSON, and the quality suite's commands."""
+"""The scripts in benchmarks/: plots from a kernel JSON (new and old names), and the quality suite's commands."""
 
 import importlib.util
 import json
 from pathlib import Path
+
+import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -14,14 +16,14 @@ def _script(name: str):
     return module
 
 
-def _row(provider, keep, tokens, speedup, layer="q"):
-    return {"provider": provider, "model": "smollm2-135m", "layer": layer, "k": None if keep is None else 100,
+def _row(backend, keep, tokens, speedup, layer="q"):
+    return {"backend": backend, "model": "smollm2-135m", "layer": layer, "k": None if keep is None else 100,
             "keep": keep, "tokens": tokens, "speedup_vs_dense": speedup}
 
 
 def test_plot_writes_pngs(tmp_path):
     rows = [_row("dense", None, t, 1.0) for t in (1, 16)]
-    rows += [_row(p, keep, t, s * keep) for p in ("two_matmul", "triton") for keep in (0.4, 0.8)
+    rows += [_row(b, keep, t, s * keep) for b in ("cublas", "triton") for keep in (0.4, 0.8)
              for t, s in ((1, 2.0), (16, 1.5))]
     rows.append({**_row("triton", 0.4, 16, None), "status": "failed: x"})
     path = tmp_path / "kernels.json"
@@ -31,6 +33,15 @@ def test_plot_writes_pngs(tmp_path):
     pngs = plot.main([str(path), "--out-dir", str(tmp_path / "plots")])
     assert [p.name for p in pngs] == ["kernels-vs-keep.png", "kernels-vs-tokens.png"]
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in pngs)
+
+
+def test_plot_reads_old_files_with_the_new_names():
+    plot = _script("plot")
+    old = [{"provider": "two_matmul", "keep": 0.6, "tokens": 1, "speedup_vs_dense": 1.5},
+           {"provider": "two_matmul", "keep": 0.6, "tokens": 1, "speedup_vs_dense": 6.0},
+           {"path": "fused", "keep": 0.6, "tokens": 1, "speedup_vs_dense": 0.5}]
+    assert plot.speedups(old, "cublas") == {(0.6, 1): pytest.approx(3.0)}  # geometric mean of 1.5 and 6
+    assert plot.speedups(old, "triton") == {(0.6, 1): 0.5}
 
 
 def test_quality_suite_runs_compress_then_eval(tmp_path, capsys):

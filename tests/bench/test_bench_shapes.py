@@ -1,8 +1,8 @@
-"""The model shape table, ranks at a keep, and configs for --shape-only."""
+"""The model shape table and configs for --shape-only."""
 
 import pytest
 
-from lowrank_infer.bench.shapes import MODELS, LayerShape, hf_config, layer_shapes, rank_for_keep
+from lowrank_infer.bench.shapes import MODELS, LayerShape, hf_config, layer_shapes
 
 
 def test_gqa_projection_shapes():
@@ -20,27 +20,6 @@ def test_projections_sharing_a_shape_are_timed_once():
         LayerShape("llama2-7b", "down", 4096, 11008),
     ]
     assert [s.layer for s in layer_shapes(["llama3-8b"], ["k", "down"])] == ["k", "down"]
-
-
-def test_rank_for_keep_is_uniform_allocation():
-    assert rank_for_keep(4096, 4096, 0.6) == 1228  # floor(0.6 * 4096^2 / 8192)
-    assert rank_for_keep(11008, 4096, 0.4) == int(0.4 * 11008 * 4096 // (11008 + 4096))
-    with pytest.raises(ValueError, match="dense"):
-        rank_for_keep(64, 64, 1.0)
-    with pytest.raises(ValueError, match=r"\(0, 1\]"):
-        rank_for_keep(64, 64, 1.5)
-
-
-def test_rank_for_keep_is_the_plain_formula_at_any_keep():
-    # floor(0.2 * 192 * 576 / 768) = 28: one layer alone cannot come within 0.5 % of 0.2, and
-    # the benchmark does not need it to (the achieved keep is reported).
-    assert rank_for_keep(192, 576, 0.2) == 28
-    assert rank_for_keep(576, 576, 0.6, multiple_of=16) == 160  # floor(172.8) = 172 -> 160
-
-
-def test_rank_for_keep_refuses_a_multiple_past_break_even():
-    with pytest.raises(ValueError, match="multiple_of 1024 leaves a 576x576 layer dense"):
-        rank_for_keep(576, 576, 0.6, multiple_of=1024)
 
 
 def test_unknown_names_list_the_known_ones():
