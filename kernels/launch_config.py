@@ -41,9 +41,8 @@ __all__ = [
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 # Up to this many tokens the op is memory-bound on the weights (decode, small batches):
-# the decode path splits both GEMMs over programs so that every SM streams weights. 32, not
-# 16: at batch-32 decode the shrink_expand path's few large tiles left the H100 idle
-# (LLaMA-2-7B step 59 ms vs 14 ms through this path, benchmarks/results/h100/).
+# the decode path splits both GEMMs over programs so that every SM streams weights. At 17-32
+# tokens the tiled paths' few large tiles still leave most SMs idle (benchmarks/results/h100/).
 DECODE_MAX_TOKENS = 32
 # Largest rank the fused prefill kernel keeps on chip: its fp32 [BLOCK_T, next_pow2(k)]
 # intermediate lives in registers, and past 256 columns it spills even at BLOCK_T=32.
@@ -168,12 +167,14 @@ def _prefill_heuristic(num_tokens, m, n, k, *, num_sms, elem_bytes):
     k_pad = _pow2_block(k, FUSED_MAX_RANK)
     # The fp32 [BLOCK_T, k_pad] intermediate stays in registers: 8K elements (32 KB) over 8
     # warps compiles without spills on sm_90 for 16-bit inputs; fp32 inputs, with twice the
-    # bytes per x/V/U tile, get half.
+    # bytes per x/V/U tile, get half. The V [BLOCK_N, k_pad] and U [k_pad, BLOCK_M] tiles are
+    # held to 8K elements as well: at k_pad = 256 a 64-wide U tile spills on sm_90
+    # (tests/kernels/test_sm90_compile.py checks every regime).
     budget = 8192 if elem_bytes == 2 else 4096
     block_t = _pow2_block(num_tokens, max(16, min(64, budget // k_pad)))
-    block_m = _pow2_block(m, 64)
-    return {"BLOCK_T": block_t, "BLOCK_N": _pow2_block(n, 32 if k_pad > 128 else 64),
-            "BLOCK_M": block_m,
+    tile_width = min(64, 8192 // k_pad)
+    block_m = _pow2_block(m, tile_width)
+    return {"BLOCK_T": block_t, "BLOCK_N": _pow2_block(n, tile_width), "BLOCK_M": block_m,
             # Recomputing the intermediate costs a pass over x and V per program, so a
             # program covers all of m unless too few token tiles occupy the SMs.
             "M_GROUPS": m_groups(m, block_m, -(-num_tokens // block_t), num_sms),
@@ -195,30 +196,36 @@ def _split(tiles: int, inner: int, block_d: int, num_sms: int) -> int:
     return max(1, min(2 * num_sms // tiles, inner // (2 * block_d)))
 
 
-def _gemm_heuristic(rows, cols, inner, *, num_sms):
-    """Tutorial-style tiled GEMM config for c[rows, cols] = a[rows, inner] @ b[inner, cols]."""
+def _gemm_heuristic(rows, cols, inner, *, num_sms, elem_bytes):
+    """Tutorial-style tiled GEMM config for c[rows, cols] = a[rows, inner] @ b[inner, cols].
+
+    fp32 inputs multiply in full fp32 on the CUDA cores rather than on tensor cores, which
+    takes more registers per output: at 4 warps the 64 x 128 tile spills on sm_90, so 8.
+    """
     block_r, block_c, block_d = _pow2_block(rows, 64), _pow2_block(cols, 128), _pow2_block(inner, 32)
     tiles = -(-rows // block_r) * -(-cols // block_c)
     return {"BLOCK_R": block_r, "BLOCK_C": block_c, "BLOCK_D": block_d, "GROUP_R": 8,
-            "SPLIT_D": _split(tiles, inner, block_d, num_sms), "num_warps": 4, "num_stages": 3}
+            "SPLIT_D": _split(tiles, inner, block_d, num_sms), "num_warps": 8 if elem_bytes == 4 else 4,
+            "num_stages": 3}
 
 
-def _skinny_gemm_heuristic(rows, cols, inner, *, num_sms, elem_bytes):
-    """Decode GEMM (rows = T <= DECODE_MAX_TOKENS): memory-bound on b, so b tiles of 16 KB whose rows are
-    whole 128-byte lines, and the inner dimension split until the SMs are busy."""
-    block_c = _pow2_block(cols, 128 // elem_bytes * 2)
-    block_d = _pow2_block(inner, 16384 // (block_c * elem_bytes))
+def _skinny_gemm_heuristic(rows, cols, inner, *, num_sms):
+    """Decode GEMM (rows = T <= DECODE_MAX_TOKENS): memory-bound on b, so 64 x 64 b tiles, whose
+    contiguous runs (the shrink's C, the expand's D) are whole 128-byte lines in 16 and 32 bits,
+    and the inner dimension split until the SMs are busy. 16-bit tiles twice as wide need more
+    than 255 registers per thread at 4 warps on sm_90 and spill (tests/kernels/test_sm90_compile.py)."""
+    block_c, block_d = _pow2_block(cols, 64), _pow2_block(inner, 64)
     tiles = -(-cols // block_c)
     return {"BLOCK_R": 16, "BLOCK_C": block_c, "BLOCK_D": block_d, "GROUP_R": 1,
             "SPLIT_D": _split(tiles, inner, block_d, num_sms), "num_warps": 4, "num_stages": 4}
 
 
 _HEURISTICS = {
-    # Decode: x @ V streams V [n, k] (k-contiguous rows), z @ U.T streams U [m, k] (each
-    # column of U.T k-contiguous); 128-wide C and 64-deep D tiles are whole lines either way.
-    "decode_shrink": lambda t, m, n, k, **kw: _skinny_gemm_heuristic(t, k, n, **kw),
-    "decode_expand": lambda t, m, n, k, **kw: _skinny_gemm_heuristic(t, m, k, **kw),
+    # Decode: x @ V streams V [n, k] (k-contiguous rows, along C), z @ U.T streams U [m, k]
+    # (each column of U.T k-contiguous, along D).
+    "decode_shrink": lambda t, m, n, k, num_sms, **_: _skinny_gemm_heuristic(t, k, n, num_sms=num_sms),
+    "decode_expand": lambda t, m, n, k, num_sms, **_: _skinny_gemm_heuristic(t, m, k, num_sms=num_sms),
     "prefill": _prefill_heuristic,
-    "shrink": lambda t, m, n, k, num_sms, **_: _gemm_heuristic(t, k, n, num_sms=num_sms),
-    "expand": lambda t, m, n, k, num_sms, **_: _gemm_heuristic(t, m, k, num_sms=num_sms),
+    "shrink": lambda t, m, n, k, **kw: _gemm_heuristic(t, k, n, **kw),
+    "expand": lambda t, m, n, k, **kw: _gemm_heuristic(t, m, k, **kw),
 }

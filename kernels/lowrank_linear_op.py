@@ -4,47 +4,33 @@ vLLM's file-per-op order (kernel, launcher, fake, registration, public function)
 two: the ``@triton.jit`` kernels and their launcher live in ``triton_lowrank``, imported on
 first use, so that importing this package needs neither Triton nor a GPU.
 
-On CUDA the op runs one of two backends (:func:`set_backend`):
+On CUDA the op runs one of the backends in :data:`BACKENDS` (:func:`set_backend`):
 
 * ``"cublas"`` (default): two cuBLAS GEMMs, ``(x @ V) @ U.T``, the intermediate rounded to the
-  model dtype. Measured on an H100 with 16-aligned ranks (benchmarks/results/h100/aligned/) it
-  is the fastest: LLaMA-2-7B at keep 0.6 decodes 1.13x and prefills 1.28x faster than dense,
-  where the Triton kernels reach 1.00x and 0.54x.
+  model dtype. The default because it was the fastest backend on the H100 we measured
+  (benchmarks/results/h100/).
 * ``"triton"``: the Triton kernels, with an fp32 intermediate (never rounded to 16 bits).
+* ``"torch"``: plain torch math with an fp32 intermediate, what CPU tensors always run; a
+  baseline for the benchmarks.
 """
 
+import contextlib
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
 from lowrank_infer.kernels.reference import torch_lowrank_linear, two_matmul_linear
-from lowrank_infer.kernels.validation import check_lowrank_inputs
+from lowrank_infer.kernels.validation import check_factors, check_input
 
-__all__ = ["BACKENDS", "get_backend", "lowrank_linear", "set_backend", "triton_lowrank_linear"]
-
-BACKENDS = ("cublas", "triton")
-_backend = os.environ.get("LOWRANK_INFER_BACKEND", "cublas")
-
-
-def set_backend(name: str) -> None:
-    """Choose what ``lowrank_linear`` runs on CUDA tensors: ``"cublas"`` or ``"triton"``.
-
-    The default comes from ``$LOWRANK_INFER_BACKEND`` (else ``"cublas"``). The op reads it on
-    every call, so eager and ``torch.compile``d models follow a change at once; a captured CUDA
-    graph replays the kernels of the backend that was active when it was captured.
-    """
-    global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    _backend = name
-
-
-def get_backend() -> str:
-    """The CUDA backend of ``lowrank_linear`` (see :func:`set_backend`)."""
-    if _backend not in BACKENDS:
-        raise ValueError(f"LOWRANK_INFER_BACKEND={_backend!r}; choose one of {', '.join(BACKENDS)}")
-    return _backend
+__all__ = [
+    "BACKENDS",
+    "get_backend",
+    "lowrank_linear",
+    "set_backend",
+    "triton_lowrank_linear",
+    "use_backend",
+]
 
 
 def _triton_launcher():
@@ -58,6 +44,70 @@ def _triton_launcher():
     from lowrank_infer.kernels import triton_lowrank
 
     return triton_lowrank
+
+
+def _triton(x, U, V, bias):
+    return _triton_launcher().launch(x, U, V, bias)
+
+
+_CUDA_IMPLEMENTATIONS = {"cublas": two_matmul_linear, "triton": _triton, "torch": torch_lowrank_linear}
+BACKENDS = tuple(_CUDA_IMPLEMENTATIONS)
+_ENV_VAR = "LOWRANK_INFER_BACKEND"
+
+
+def _backend_from_env() -> str:
+    # Read once, at import: a typo should fail loudly before any model runs, and the op
+    # should not re-read the environment on every call.
+    name = os.environ.get(_ENV_VAR, "cublas")
+    if name not in BACKENDS:
+        raise ValueError(f"{_ENV_VAR}={name!r} is not a backend; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+_backend = _backend_from_env()
+
+
+def set_backend(name: str) -> None:
+    """Choose what ``lowrank_linear`` runs on CUDA tensors (one of :data:`BACKENDS`).
+
+    The default comes from ``$LOWRANK_INFER_BACKEND`` (else ``"cublas"``), read at import.
+    The op looks the backend up on every call, so eager and ``torch.compile``d models follow a
+    change at once; a captured CUDA graph replays the kernels of the backend that was active
+    when it was captured.
+
+    Args:
+        name: ``"cublas"``, ``"triton"`` or ``"torch"``.
+
+    Raises:
+        ValueError: ``name`` is not one of :data:`BACKENDS`.
+    """
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    _backend = name
+
+
+def get_backend() -> str:
+    """The CUDA backend of ``lowrank_linear`` (see :func:`set_backend`)."""
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """:func:`set_backend` for the duration of a ``with`` block; the previous backend comes back after.
+
+    Args:
+        name: ``"cublas"``, ``"triton"`` or ``"torch"``.
+
+    Raises:
+        ValueError: ``name`` is not one of :data:`BACKENDS`.
+    """
+    previous = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
 
 
 def _lowrank_linear_fake(x, U, V, bias):
@@ -74,9 +124,7 @@ def _lowrank_linear_op(
 
 @_lowrank_linear_op.register_kernel("cuda")
 def _lowrank_linear_cuda(x, U, V, bias):
-    if get_backend() == "triton":
-        return _triton_launcher().launch(x, U, V, bias)
-    return two_matmul_linear(x, U, V, bias)
+    return _CUDA_IMPLEMENTATIONS[_backend](x, U, V, bias)
 
 
 _lowrank_linear_op.register_fake(_lowrank_linear_fake)
@@ -112,7 +160,8 @@ def lowrank_linear(
 
     Registered as ``torch.ops.lowrank_infer.lowrank_linear`` with a fake implementation and
     an autograd formula, so ``torch.compile(fullgraph=True)``, CUDA graphs and fine-tuning
-    work through it.
+    work through it. Only ``x`` is checked here, on every call; check the factors once with
+    :func:`~lowrank_infer.kernels.check_factors` (``LowRankLinear`` does when it is built).
 
     Args:
         x: ``[..., n]`` activations (float16, bfloat16 or float32).
@@ -124,39 +173,29 @@ def lowrank_linear(
         ``[..., m]`` in ``x``'s dtype.
 
     Raises:
-        ValueError: shapes, dtypes or devices do not fit together.
+        ValueError: ``x``'s last dim, dtype or device does not fit ``V``.
     """
-    check_lowrank_inputs(x, U, V, bias)
+    check_input(x, V)
+    if x.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # The op would run this same math; skipping the dispatcher saves most of the
+        # per-call Python time of an eager CPU layer (benchmarks/layer_overhead.py).
+        return torch_lowrank_linear(x, U, V, bias)
     return _lowrank_linear_op(x, U, V, bias)
 
 
 def triton_lowrank_linear(
-    x: torch.Tensor,
-    U: torch.Tensor,
-    V: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    *,
-    _path: Optional[str] = None,
-    _out: Optional[torch.Tensor] = None,
+    x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """``y = (x @ V) @ U.T + bias`` with the Triton kernels, whatever the device.
 
     CUDA tensors run compiled kernels; CPU tensors run under the Triton interpreter, which
-    needs ``TRITON_INTERPRET=1`` set before Triton is imported (tests). ``_path`` (one of
-    ``launch_config.PATHS``) and ``_out`` (a preallocated ``[..., m]`` result) are test hooks.
-
-    Args:
-        x: ``[..., n]`` activations (float16, bfloat16 or float32).
-        U: ``[m, k]`` left factor, same dtype and device as ``x``.
-        V: ``[n, k]`` right factor, same dtype and device as ``x``.
-        bias: optional ``[m]``, same dtype and device as ``x``.
-
-    Returns:
-        ``[..., m]`` in ``x``'s dtype.
+    needs ``TRITON_INTERPRET=1`` set before Triton is imported (tests). Arguments and result
+    as :func:`lowrank_linear`; here the factors are checked on every call too.
 
     Raises:
         ValueError: shapes, dtypes or devices do not fit together.
         ImportError: Triton is not installed.
     """
-    check_lowrank_inputs(x, U, V, bias)
-    return _triton_launcher().launch(x, U, V, bias, path=_path, out=_out)
+    check_factors(U, V, bias)
+    check_input(x, V)
+    return _triton(x, U, V, bias)

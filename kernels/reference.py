@@ -19,11 +19,8 @@ def torch_lowrank_linear(
         V: ``[n, k]`` right factor.
         bias: optional ``[m]``.
     """
-    z = x.to(torch.float32) @ V.to(torch.float32)
-    y = z @ U.to(torch.float32).T
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    return y.to(x.dtype)
+    z = x.float() @ V.float()
+    return F.linear(z, U.float(), None if bias is None else bias.float()).to(x.dtype)
 
 
 def two_matmul_linear(

@@ -3,14 +3,13 @@
 Imported lazily (it imports Triton at module level) by ``lowrank_linear_op``. Three paths:
 
 * ``decode`` (T <= ``DECODE_MAX_TOKENS`` = 32): memory-bound on U and V. Two skinny GEMMs,
-  each split so that every SM streams weights: the shrink ``z = x @ V`` over n (programs own row blocks of V, so each
-  reads whole 128-byte lines of a row-major V once) and the expand ``z @ U.T`` over m (and
-  over k when m alone gives too few programs). Split partials are fp32 and are summed by a
-  small kernel in fixed order (deterministic, unlike atomics); ``z`` itself is fp32, at most
-  ``32·k·4`` bytes, and is read back from L2. A single fused kernel was measured first on an
-  H100 (benchmarks/results/h100/v1-fused-decode/): splitting k instead, so that z
-  stays on chip, reads V and U in 64-byte pieces and leaves SMs idle, and ran 3x slower than
-  cuBLAS's two GEMVs.
+  each split so that every SM streams weights: the shrink ``z = x @ V`` over n (programs own
+  row blocks of V, so each reads whole 128-byte lines of a row-major V once) and the expand
+  ``z @ U.T`` over m (and over k when m alone gives too few programs). Split partials are
+  fp32 and are summed by a small kernel in fixed order (deterministic, unlike atomics); ``z``
+  itself is fp32, at most ``32·k·4`` bytes, and is read back from L2. Splitting k instead, so
+  that z stays on chip, would read V and U in 64-byte pieces and leave SMs idle (a fused
+  decode kernel ran that way: benchmarks/results/h100/v1-fused-decode/).
 * ``prefill`` (T > 32, k <= 256): the fused kernel. One program per (T-tile, group of
   m-tiles) keeps its ``[BLOCK_T, k]`` fp32 intermediate on chip and reuses it for every
   m-tile of its group.
@@ -260,13 +259,16 @@ def _check_out(out: torch.Tensor, x: torch.Tensor, m: int) -> None:
 
 
 def launch(x, U, V, bias=None, *, path=None, out=None, configs=None):
-    """Run the Triton op on inputs already checked by ``check_lowrank_inputs``.
+    """Run the Triton op on inputs that ``check_factors`` and ``check_input`` accept.
 
-    ``path`` forces a path (tests, tuning); ``out`` is written instead of a fresh tensor;
-    ``configs`` maps kernel names (``launch_config.KERNELS``) to configs that replace the
-    table lookup (tuning).
+    ``path`` forces a path (one of ``launch_config.PATHS``: tests, tuning); ``out`` (a
+    contiguous ``[..., m]`` tensor) is written instead of a fresh tensor; ``configs`` maps
+    kernel names (``launch_config.KERNELS``) to configs that replace the table lookup (tuning).
     """
     # x: [..., n], U: [m, k], V: [n, k], bias: [m] | None, out: [..., m] | None
+    assert U.dim() == 2 and V.dim() == 2 and x.shape[-1] == V.shape[0] and U.shape[1] == V.shape[1]
+    assert x.dtype == U.dtype == V.dtype and x.device == U.device == V.device
+    assert bias is None or (bias.shape == U.shape[:1] and bias.dtype == x.dtype)
     if not (x.device.type == "cuda" or (x.device.type == "cpu" and _INTERPRETED)):
         raise RuntimeError(
             "triton_lowrank_linear runs on CUDA tensors, or on CPU tensors when "

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank_infer.kernels import lowrank_linear, use_dense
+from lowrank_infer.factorize import plain_svd, whitened_svd
+from lowrank_infer.kernels import check_factors, lowrank_linear, use_dense
 
 __all__ = ["LowRankLinear"]
 
@@ -50,9 +51,15 @@ class LowRankLinear(nn.Module):
 
     @classmethod
     def from_factors(cls, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None) -> "LowRankLinear":
-        """Wrap given factors (``W ≈ U @ V.T``); the result is low-rank even past break-even."""
-        if U.ndim != 2 or V.ndim != 2 or U.shape[1] != V.shape[1]:
-            raise ValueError(f"U [m, k] and V [n, k] must share k, got U {tuple(U.shape)} and V {tuple(V.shape)}")
+        """Wrap given factors (``W ≈ U @ V.T``); the result is low-rank even past break-even.
+
+        The factors are checked here, once (:func:`~lowrank_infer.kernels.check_factors`), so
+        that ``forward`` checks only its input.
+
+        Raises:
+            ValueError: shapes, dtypes or devices of ``U``, ``V`` and ``bias`` do not fit.
+        """
+        check_factors(U, V, bias)
         layer = cls(
             V.shape[0], U.shape[0], U.shape[1], bias=bias is not None,
             device=U.device, dtype=U.dtype, dense_fallback=False,
@@ -77,8 +84,6 @@ class LowRankLinear(nn.Module):
                 calibration inputs; given, the factorization minimizes ``‖(W − UVᵀ)X‖`` (SVD-LLM's
                 truncation-aware whitening) instead of ``‖W − UVᵀ‖``.
         """
-        from lowrank_infer.factorize import plain_svd, whitened_svd
-
         weight, bias = linear.weight, linear.bias
         m, n = weight.shape
         if rank is None or use_dense(m, n, rank):

@@ -34,6 +34,14 @@ def triton_device(device):
 
 
 @pytest.fixture
+def launch(triton_device):
+    """The Triton launcher itself (``triton_lowrank.launch``): forced paths, output buffers, configs."""
+    from lowrank_infer.kernels import triton_lowrank
+
+    return triton_lowrank.launch
+
+
+@pytest.fixture
 def make_inputs():
     """``make(T, m, n, k, dtype, device, bias=True, lead=())`` -> x [*lead, T, n], U, V, bias."""
 
@@ -66,7 +74,7 @@ def assert_matches_reference():
 
 @pytest.fixture
 def poisoned():
-    """``poisoned(like, m)``: a NaN-filled ``[..., m]`` result buffer for ``_out``."""
+    """``poisoned(x, m)``: a NaN-filled ``[..., m]`` result buffer for the launcher's ``out``."""
 
     def make(x, m):
         return torch.full((*x.shape[:-1], m), float("nan"), dtype=x.dtype, device=x.device)

@@ -1,12 +1,17 @@
 """The registered op: dispatch, torch.compile, opcheck, autograd, import hygiene."""
 
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from lowrank_infer.kernels import lowrank_linear, torch_lowrank_linear, triton_lowrank_linear, two_matmul_linear
+from lowrank_infer.kernels import (
+    BACKENDS, get_backend, lowrank_linear, set_backend, torch_lowrank_linear, triton_lowrank_linear,
+    two_matmul_linear, use_backend,
+)
+from lowrank_infer.kernels import lowrank_linear_op
 
 
 class _TwoLayer(torch.nn.Module):
@@ -18,48 +23,78 @@ class _TwoLayer(torch.nn.Module):
         self.U2 = torch.nn.Parameter(torch.randn(n, k) / k**0.5)
         self.V2 = torch.nn.Parameter(torch.randn(hidden, k) / hidden**0.5)
 
-    def forward(self, x):
-        h = torch.nn.functional.gelu(lowrank_linear(x, self.U1, self.V1, self.b1))
-        return lowrank_linear(h, self.U2, self.V2)
+    def forward(self, x, linear=lowrank_linear):
+        h = torch.nn.functional.gelu(linear(x, self.U1, self.V1, self.b1))
+        return linear(h, self.U2, self.V2)
 
 
+def _float64_linear(x, U, V, bias=None):
+    """The independent oracle: plain float64 math, differentiated by autograd."""
+    y = x.double() @ V.double() @ U.double().T
+    return y if bias is None else y + bias.double()
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_dispatch_matches_reference(device, dtype, make_inputs, assert_matches_reference):
+def test_dispatch_matches_reference(device, dtype, grad, make_inputs, assert_matches_reference):
     x, U, V, b = make_inputs(5, 37, 24, 7, dtype, device, lead=(2,))
-    assert_matches_reference(lowrank_linear(x, U, V, b), x, U, V, b)
+    with torch.set_grad_enabled(grad):
+        assert_matches_reference(lowrank_linear(x, U, V, b), x, U, V, b)
 
 
-def test_cpu_uses_the_fp32_intermediate_path():
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_cpu_uses_the_fp32_intermediate_path(grad):
     """In fp16 the fp32-intermediate path and two fp16 matmuls round differently: the CPU
-    dispatch must be the former, bit for bit."""
+    dispatch must be the former, bit for bit, through the op (grad) or around it (no_grad)."""
     gen = torch.Generator().manual_seed(0)
     x, U, V = (torch.randn(*shape, generator=gen).half() for shape in ((3, 240), (37, 70), (240, 70)))
     assert not torch.equal(two_matmul_linear(x, U, V), torch_lowrank_linear(x, U, V))
-    assert torch.equal(lowrank_linear(x, U, V), torch_lowrank_linear(x, U, V))
+    with torch.set_grad_enabled(grad):
+        assert torch.equal(lowrank_linear(x, U, V), torch_lowrank_linear(x, U, V))
 
 
-def test_torch_compile_fullgraph_matches_eager(device):
+def test_autograd_goes_through_the_registered_op(device):
+    x = torch.randn(2, 24, device=device, requires_grad=True)
+    y = lowrank_linear(x, torch.randn(37, 7, device=device), torch.randn(24, 7, device=device))
+    assert "lowrank_infer_lowrank_linear" in type(y.grad_fn).__name__
+
+
+def test_torch_compile_traces_the_registered_op_even_without_grad():
+    """Eager CPU calls without grad skip the dispatcher; a compiled graph must still hold the op."""
+    traced = []
+
+    def backend(graph_module, example_inputs):
+        traced.extend(node.target for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module
+
+    U, V = torch.randn(37, 7), torch.randn(24, 7)
+    with torch.no_grad():
+        torch.compile(lambda x: lowrank_linear(x, U, V), backend=backend, fullgraph=True)(torch.randn(3, 24))
+    assert torch.ops.lowrank_infer.lowrank_linear.default in traced
+
+
+def test_torch_compile_fullgraph_matches_float64(device):
     torch.manual_seed(0)
     model = _TwoLayer().to(device)
     x = torch.randn(2, 5, 24, device=device)
     with torch.no_grad():
         compiled = torch.compile(model, fullgraph=True)
-        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(compiled(x).double(), model(x, _float64_linear), rtol=1e-5, atol=1e-5)
 
 
-def test_torch_compile_backward_matches_eager(device):
+def test_torch_compile_backward_matches_float64(device):
     torch.manual_seed(0)
     model = _TwoLayer().to(device)
     compiled = torch.compile(model, fullgraph=True)
     x = torch.randn(2, 5, 24, device=device)
     grads = []
-    for run in (model, compiled):
+    for run in (compiled, lambda x: model(x, _float64_linear)):
         model.zero_grad()
         run(x).square().sum().backward()
         grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-4)
 
 
 def test_opcheck(device):
@@ -72,26 +107,37 @@ def test_opcheck(device):
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_gradients_match_autograd_of_reference(device, with_bias):
+def test_gradients_match_float64_autograd(device, with_bias):
     torch.manual_seed(0)
     leaves = [torch.randn(2, 3, 24), torch.randn(37, 7), torch.randn(24, 7), torch.randn(37)]
     ours = [t.to(device).requires_grad_() for t in leaves]
-    theirs = [t.to(device).requires_grad_() for t in leaves]
+    theirs = [t.detach().to(device, torch.float64).requires_grad_() for t in leaves]
     if not with_bias:
         ours[3] = theirs[3] = None
     grad_y = torch.randn(2, 3, 37, device=device)
     lowrank_linear(*ours).backward(grad_y)
-    torch_lowrank_linear(*theirs).backward(grad_y)
+    _float64_linear(*theirs).backward(grad_y.double())
     for mine, ref in zip(ours, theirs):
         if mine is not None:
-            torch.testing.assert_close(mine.grad, ref.grad, rtol=1e-5, atol=1e-5)
+            assert mine.grad.dtype == mine.dtype
+            torch.testing.assert_close(mine.grad.double(), ref.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_import_does_not_initialise_cuda_or_load_triton():
+def test_import_does_not_initialise_cuda_or_load_triton_and_reads_the_backend_variable():
     code = ("import sys, torch, lowrank_infer.kernels; "
             "assert not torch.cuda.is_initialized(), 'CUDA initialised'; "
-            "assert 'lowrank_infer.kernels.triton_lowrank' not in sys.modules, 'launcher imported'")
-    subprocess.run([sys.executable, "-c", code], check=True)
+            "assert 'lowrank_infer.kernels.triton_lowrank' not in sys.modules, 'launcher imported'; "
+            "assert lowrank_infer.kernels.get_backend() == 'torch', lowrank_infer.kernels.get_backend()")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "LOWRANK_INFER_BACKEND": "torch"})
+
+
+def test_bad_backend_variable_names_the_variable_and_the_choices(monkeypatch):
+    monkeypatch.setenv("LOWRANK_INFER_BACKEND", "cutlass")
+    with pytest.raises(ValueError, match="LOWRANK_INFER_BACKEND='cutlass' is not a backend; "
+                                         "choose one of cublas, triton, torch"):
+        lowrank_linear_op._backend_from_env()
+    monkeypatch.delenv("LOWRANK_INFER_BACKEND")
+    assert lowrank_linear_op._backend_from_env() == "cublas"
 
 
 def test_missing_triton_is_a_clear_import_error(monkeypatch):
@@ -103,41 +149,59 @@ def test_missing_triton_is_a_clear_import_error(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-@pytest.mark.parametrize("name", ["cublas", "triton"])
+@pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("T", [1, 17, 130])
-def test_cuda_graph_capture(backend, name, T, make_inputs, assert_matches_reference):
-    backend(name)  # T picks each Triton path: decode, prefill, shrink/expand (k = 300)
+def test_cuda_graph_capture(name, T, make_inputs, assert_matches_reference):
+    # T picks each Triton path: decode, prefill, shrink/expand (k = 300)
     x, U, V, b = make_inputs(T, 37, 24, 300 if T == 130 else 33, torch.float16, "cuda")
-    lowrank_linear(x, U, V, b)  # compile and cache configs outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = lowrank_linear(x, U, V, b)
+    with use_backend(name):
+        lowrank_linear(x, U, V, b)  # compile and cache configs outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = lowrank_linear(x, U, V, b)
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.cuda.synchronize()
     assert_matches_reference(y, x, U, V, b)
 
 
-@pytest.fixture
-def backend():
-    """Set the CUDA backend for one test and restore it afterwards."""
-    from lowrank_infer.kernels import get_backend, set_backend
-
-    saved = get_backend()
-    yield set_backend
-    set_backend(saved)
-
-
-@pytest.mark.parametrize("name", ["cublas", "triton"])
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA backends need a GPU")
+@pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_each_cuda_backend_matches_reference(backend, name, dtype, make_inputs, assert_matches_reference):
-    if not torch.cuda.is_available():
-        pytest.skip("CUDA backends need a GPU")
-    backend(name)
+def test_each_cuda_backend_matches_reference(name, dtype, make_inputs, assert_matches_reference):
     x, U, V, b = make_inputs(5, 37, 24, 7, dtype, "cuda", lead=(2,))
-    assert_matches_reference(lowrank_linear(x, U, V, b), x, U, V, b)
+    with use_backend(name):
+        assert_matches_reference(lowrank_linear(x, U, V, b), x, U, V, b)
 
 
-def test_unknown_backend_is_refused(backend):
-    with pytest.raises(ValueError, match="unknown backend 'cutlass'"):
-        backend("cutlass")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA backends need a GPU")
+def test_backend_picks_the_cuda_implementation():
+    """fp16 rounding tells the backends apart: cublas rounds the intermediate, torch does not."""
+    gen = torch.Generator().manual_seed(0)
+    x, U, V = (torch.randn(*shape, generator=gen).half().cuda() for shape in ((3, 240), (37, 70), (240, 70)))
+    expected = {"cublas": two_matmul_linear(x, U, V), "torch": torch_lowrank_linear(x, U, V)}
+    assert not torch.equal(expected["cublas"], expected["torch"])
+    for name, want in expected.items():
+        with use_backend(name):
+            assert torch.equal(lowrank_linear(x, U, V), want), name
+
+
+def test_use_backend_restores_the_previous_one_even_after_an_error():
+    before = get_backend()
+    other = next(name for name in BACKENDS if name != before)
+    with pytest.raises(RuntimeError, match="inside"):
+        with use_backend(other):
+            assert get_backend() == other
+            raise RuntimeError("inside")
+    assert get_backend() == before
+
+
+def test_unknown_backend_is_refused():
+    before = get_backend()
+    message = "unknown backend 'cutlass'; choose one of cublas, triton, torch"
+    with pytest.raises(ValueError, match=message):
+        set_backend("cutlass")
+    with pytest.raises(ValueError, match=message):
+        with use_backend("cutlass"):
+            pass
+    assert get_backend() == before

@@ -1,4 +1,4 @@
-"""Numerics of triton_lowrank_linear on every path (interpreter on CPU, compiled on CUDA)."""
+"""Numerics of the Triton launcher on every path (interpreter on CPU, compiled on CUDA), against float64."""
 
 import itertools
 import json
@@ -14,49 +14,40 @@ from lowrank_infer.kernels.launch_config import PATHS
 TOKENS = (1, 3, 16, 17, 130)
 RANKS = (1, 7, 16, 33, 100)
 SIZES = ((24, 24), (24, 37), (37, 24), (37, 37))  # (m, n), odd and even
-TOKEN_RANK = list(itertools.product(TOKENS, RANKS))
-# Every (T, k) pair, cycling through the sizes and bias on/off: all values, fewer runs.
-DIAGONAL = [(T, k, *SIZES[i % len(SIZES)], i % 2 == 0) for i, (T, k) in enumerate(TOKEN_RANK)]
-FULL = [(T, k, m, n, bias) for (T, k) in TOKEN_RANK for (m, n) in SIZES for bias in (True, False)]
-HALF_DTYPES = [torch.float16, torch.bfloat16]
+# Every (T, k) pair once; the sizes cycle case by case, bias flips every fourth case (so each size
+# meets both) and every third case has a leading batch dim: each value, not their product.
+TOKEN_RANK = [(T, k, *SIZES[i % 4], (i // 4) % 2 == 0, (2,) if i % 3 == 0 else ())
+              for i, (T, k) in enumerate(itertools.product(TOKENS, RANKS))]
+# Five of those, one per T and k, for each forced path.
+FORCED = [(T, k, *SIZES[i % 4], i % 2 == 0, (2,) if i % 2 else ()) for i, (T, k) in enumerate(zip(TOKENS, RANKS))]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.fixture
-def check(triton_device, make_inputs, poisoned, assert_matches_reference):
-    """``check(T, k, m, n, bias, dtype, path=None)``: run into a NaN-poisoned output, compare."""
+def check(triton_device, launch, make_inputs, poisoned, assert_matches_reference):
+    """``check(T, k, m, n, bias, lead, dtype, path=None)``: run into a NaN-poisoned output, compare."""
 
-    def run(T, k, m, n, bias, dtype, path=None):
+    def run(T, k, m, n, bias, lead, dtype, path=None):
         if dtype == torch.bfloat16 and triton_device == "cpu":
             pytest.skip("bfloat16 is broken in the Triton interpreter; covered on CUDA")
-        x, U, V, b = make_inputs(T, m, n, k, dtype, triton_device, bias=bias)
-        y = triton_lowrank_linear(x, U, V, b, _path=path, _out=poisoned(x, m))
+        x, U, V, b = make_inputs(T, m, n, k, dtype, triton_device, bias=bias, lead=lead)
+        y = launch(x, U, V, b, path=path, out=poisoned(x, m))
         assert_matches_reference(y, x, U, V, b)
 
     return run
 
 
-@pytest.mark.parametrize("T, k, m, n, bias", FULL)
-def test_auto_path_fp32(check, T, k, m, n, bias):
-    check(T, k, m, n, bias, torch.float32)
-
-
-@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
-@pytest.mark.parametrize("T, k, m, n, bias", DIAGONAL)
-def test_auto_path_16bit(check, T, k, m, n, bias, dtype):
-    check(T, k, m, n, bias, dtype)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T, k, m, n, bias, lead", TOKEN_RANK)
+def test_auto_path(check, T, k, m, n, bias, lead, dtype):
+    check(T, k, m, n, bias, lead, dtype)
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("T, k, m, n, bias", DIAGONAL)
-def test_forced_path_fp32(check, path, T, k, m, n, bias):
-    check(T, k, m, n, bias, torch.float32, path)
-
-
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
-@pytest.mark.parametrize("T, k", list(zip(TOKENS, RANKS)))
-def test_forced_path_16bit(check, path, dtype, T, k):
-    check(T, k, 37, 24, True, dtype, path)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T, k, m, n, bias, lead", FORCED)
+def test_forced_path(check, path, dtype, T, k, m, n, bias, lead):
+    check(T, k, m, n, bias, lead, dtype, path)
 
 
 LAYOUT_LEAD = {"3d_transposed": (2,), "3d_row_strided": (2,), "x_transposed": (),
@@ -80,11 +71,11 @@ def _relayout(layout, x, U, V):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", LAYOUT_LEAD)
-def test_layouts(triton_device, make_inputs, poisoned, assert_matches_reference,
+def test_layouts(triton_device, launch, make_inputs, poisoned, assert_matches_reference,
                  path, dtype, layout):
     x, U, V, b = make_inputs(17, 37, 24, 33, dtype, triton_device, lead=LAYOUT_LEAD[layout])
     x, U, V = _relayout(layout, x, U, V)
-    y = triton_lowrank_linear(x, U, V, b, _path=path, _out=poisoned(x, 37))
+    y = launch(x, U, V, b, path=path, out=poisoned(x, 37))
     assert_matches_reference(y, x, U, V, b)
 
 
@@ -95,22 +86,24 @@ def test_allocates_output(triton_device, make_inputs, assert_matches_reference):
     assert_matches_reference(y, x, U, V, b)
 
 
-def test_split_decode_is_deterministic_and_correct(triton_device, make_inputs, assert_matches_reference,
-                                                   monkeypatch):
+@pytest.mark.parametrize("dtype, bias", [(torch.float32, True), (torch.float16, False)], ids=str)
+def test_split_decode_is_deterministic_and_correct(triton_device, launch, make_inputs, assert_matches_reference,
+                                                   monkeypatch, dtype, bias):
     """Both decode GEMMs split their inner dimension (n = 37, k = 100) into 3 ragged pieces,
     so the partial sums go through the reduction kernel; two runs agree bit for bit."""
-    triton_lowrank = pytest.importorskip("lowrank_infer.kernels.triton_lowrank")
+    from lowrank_infer.kernels import triton_lowrank
+
     split = {"BLOCK_R": 16, "BLOCK_C": 16, "BLOCK_D": 16, "GROUP_R": 1, "SPLIT_D": 3, "num_warps": 4,
              "num_stages": 2}
     configs = {"decode_shrink": split, "decode_expand": split}
-    x, U, V, b = make_inputs(16, 24, 37, 100, torch.float32, triton_device)
+    x, U, V, b = make_inputs(16, 24, 37, 100, dtype, triton_device, bias=bias)
     reductions = []
     original = triton_lowrank._launch_reduce
     monkeypatch.setattr(triton_lowrank, "_launch_reduce",
                         lambda partials, *rest: reductions.append(partials.shape[0]) or original(partials, *rest))
-    first = triton_lowrank.launch(x, U, V, b, path="decode", configs=configs)
+    first = launch(x, U, V, b, path="decode", configs=configs)
     assert reductions == [3, 3]  # shrink and expand each summed 3 partials
-    assert torch.equal(first, triton_lowrank.launch(x, U, V, b, path="decode", configs=configs))
+    assert torch.equal(first, launch(x, U, V, b, path="decode", configs=configs))
     assert_matches_reference(first, x, U, V, b)
 
 
@@ -130,10 +123,12 @@ def test_dispatcher_picks_path(triton_device, make_inputs, monkeypatch, T, k, ex
 
 
 @pytest.mark.parametrize("kernel, T", [("decode_shrink", 3), ("decode_expand", 3), ("prefill", 40)])
-def test_tuned_table_drives_launch(triton_device, check, monkeypatch, tmp_path, kernel, T):
-    """The nearest table entry is used: prefill's 3 m-tiles of 16 split 2 + 1 over 2 m-groups;
+def test_tuned_table_drives_launch(triton_device, make_inputs, assert_matches_reference, monkeypatch,
+                                   tmp_path, kernel, T):
+    """The nearest table entry is launched: prefill's 3 m-tiles of 16 split 2 + 1 over 2 m-groups;
     the decode GEMMs' inner dimension (24 or 33) split into pieces of 16 with a ragged end."""
-    triton_lowrank = pytest.importorskip("lowrank_infer.kernels.triton_lowrank")
+    from lowrank_infer.kernels import triton_lowrank
+
     name, _ = triton_lowrank._device_info(torch.device(triton_device))
     if kernel == "prefill":
         config = {"BLOCK_T": 16, "BLOCK_N": 16, "BLOCK_M": 16, "M_GROUPS": 2, "num_warps": 4,
@@ -142,11 +137,14 @@ def test_tuned_table_drives_launch(triton_device, check, monkeypatch, tmp_path, 
         config = {"BLOCK_R": 16, "BLOCK_C": 16, "BLOCK_D": 16, "GROUP_R": 1, "SPLIT_D": 2,
                   "num_warps": 4, "num_stages": 2}
     monkeypatch.setattr(launch_config, "CONFIG_DIR", tmp_path)
-    launch_config.config_file(name).write_text(
+    launch_config.config_file(name).write_text(  # tables hold 16-bit configs
         json.dumps({kernel: {launch_config.bucket_key(2 * T, 32, 32, 32): config}}))
-    assert launch_config.get_config(kernel, T, 37, 24, 33, device_name=name, num_sms=1,
-                                    elem_bytes=2) == config  # tables hold 16-bit configs
-    check(T, 33, 37, 24, True, torch.float16)
+    launched = []
+    original = triton_lowrank._configs
+    monkeypatch.setattr(triton_lowrank, "_configs", lambda *args: launched.append(original(*args)) or launched[-1])
+    x, U, V, b = make_inputs(T, 37, 24, 33, torch.float16, triton_device)
+    assert_matches_reference(triton_lowrank_linear(x, U, V, b), x, U, V, b)
+    assert [cfgs[kernel] for cfgs in launched] == [config]
 
 
 @settings(max_examples=15, deadline=None, derandomize=True,
@@ -155,4 +153,4 @@ def test_tuned_table_drives_launch(triton_device, check, monkeypatch, tmp_path, 
        bias=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16]),
        path=st.sampled_from([None, *PATHS]))
 def test_fuzz_shapes(check, T, m, n, k, bias, dtype, path):
-    check(T, k, m, n, bias, dtype, path)
+    check(T, k, m, n, bias, (), dtype, path)
