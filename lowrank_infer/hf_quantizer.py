@@ -4,6 +4,14 @@ A saved model's ``config.json`` carries ``quantization_config = {"quant_method":
 "rank_plan": {...}}``. Registering the config class and the quantizer with transformers' public
 hooks lets ``from_pretrained`` (and so lm-eval's ``HFLM``, ``device_map``, ``generate``) swap the
 planned linears for empty ``LowRankLinear`` modules on the meta device before the weights load.
+
+Without the registration transformers only logs "Unknown quantization type ... we will skip the
+quantization", builds the dense model, reports the factors as unexpected keys and fills every
+factorized linear with random weights. So :func:`lowrank_infer.save_compressed` also writes
+``"transformers_weights": REFUSAL`` into ``config.json``: transformers takes that key as the name
+of the weights file and rejects a name that is not ``*.safetensors`` with a ``ValueError`` that
+quotes it, so an unregistered load stops with this message instead. :class:`LowRankQuantizer`
+removes the key before transformers looks for the weight files.
 """
 
 from __future__ import annotations
@@ -24,7 +32,28 @@ from lowrank_infer.surgery import build_lowrank_skeleton
 
 QUANT_METHOD = "lowrank_infer"
 
-__all__ = ["QUANT_METHOD", "LowRankConfig", "LowRankQuantizer", "register"]
+# The value is shown to whoever loads the checkpoint without lowrank_infer, so it says what to do.
+# Checkpoints are recognised by the prefix alone: the advice after it may change between versions.
+REFUSAL_PREFIX = "lowrank_infer checkpoint:"
+REFUSAL = (
+    f"{REFUSAL_PREFIX} its linear layers are low-rank factors that plain transformers would replace "
+    "with random weights. Install the lowrank-infer package (pip install lowrank-infer) and run "
+    "`import lowrank_infer` before from_pretrained, or load it with lowrank_infer.load_compressed(path)"
+)
+
+__all__ = ["QUANT_METHOD", "REFUSAL", "LowRankConfig", "LowRankQuantizer", "is_refusal", "register"]
+
+
+def is_refusal(value: Any) -> bool:
+    """True for the ``transformers_weights`` value that :data:`REFUSAL` puts in saved configs."""
+    return isinstance(value, str) and value.startswith(REFUSAL_PREFIX)
+
+
+def _accept(config):
+    """``config`` without the refusal that keeps transformers without lowrank_infer from loading it."""
+    if is_refusal(getattr(config, "transformers_weights", None)):
+        del config.transformers_weights
+    return config
 
 
 class LowRankConfig(QuantizationConfigMixin):
@@ -45,6 +74,17 @@ class LowRankQuantizer(HfQuantizer):
     """Builds the low-rank module skeleton before transformers loads a checkpoint's weights."""
 
     requires_calibration = True  # a checkpoint must already hold the factors
+
+    # transformers hands the model config to a quantizer before it looks for the weight files only
+    # through these hooks, which return it unchanged in the base class: update_tp_plan up to 5.18,
+    # update_attn_implementation from 5.18 on (read in the 5.0, 5.6, 5.12, 5.18, 5.22 and 5.24
+    # sources). Either drops the refusal (see REFUSAL) so that the usual weight-file lookup runs.
+
+    def update_tp_plan(self, config):
+        return _accept(config)
+
+    def update_attn_implementation(self, config):
+        return _accept(config)
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         return build_lowrank_skeleton(model, self.quantization_config.plan)

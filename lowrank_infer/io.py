@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -17,14 +19,15 @@ from torch import nn
 
 from lowrank_infer.allocation.plan import RankPlan
 from lowrank_infer.atomic import atomic_directory
-from lowrank_infer.hf_quantizer import QUANT_METHOD, LowRankConfig, register
+from lowrank_infer.hf_quantizer import QUANT_METHOD, REFUSAL, LowRankConfig, register
 from lowrank_infer.module import LowRankLinear
 
 PLAN_FILE = "rank_plan.json"
+CARD_FILE = "README.md"
 
 __all__ = [
-    "PLAN_FILE", "attach_plan", "is_compressed_checkpoint", "load_compressed", "model_plan", "safetensors_header",
-    "save_compressed",
+    "CARD_FILE", "PLAN_FILE", "attach_plan", "is_compressed_checkpoint", "load_compressed", "model_card", "model_plan",
+    "safetensors_header", "save_compressed",
 ]
 
 
@@ -62,6 +65,158 @@ def _prepare_destination(path: Path, overwrite: bool) -> None:
         raise FileExistsError(f"output directory {path} is not empty (pass overwrite=True / --overwrite)")
 
 
+# ---------------------------------------------------------------- model card (README.md)
+
+CARD_TAGS = ["lowrank-infer", "svd", "low-rank", "compressed"]
+# "org/name": a Hub model id. Bare names are not taken: a CLI alias such as "smollm2-135m" looks
+# like one, and metadata naming a model that is not the base would be worse than none.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _hub_id(model_id: str) -> str | None:
+    """``model_id`` when it names a Hub model (``org/name``, not a local path), else ``None``."""
+    if not _HUB_ID.match(model_id) or os.path.exists(model_id):
+        return None
+    return model_id
+
+
+def _check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``metrics`` as a plain dict of name → number or text; ``ValueError`` on anything else."""
+    checked = {}
+    for name, value in (metrics or {}).items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"metric names must be non-empty strings, got {name!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(f"metric {name!r} must be a number or text, got {type(value).__name__}")
+        checked[name] = value
+    return checked
+
+
+def _front_matter(base_model: str | None) -> str:
+    # JSON strings are valid YAML scalars, so json.dumps quotes ids safely without a YAML writer.
+    lines = ["---"]
+    if base_model:
+        lines += [f"base_model: {json.dumps(base_model)}", "base_model_relation: quantized"]
+    lines += ["library_name: transformers", "pipeline_tag: text-generation", "tags:"]
+    lines += [f"- {tag}" for tag in CARD_TAGS]
+    return "\n".join(lines + ["---"])
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _table(rows: list[tuple[str, Any]]) -> str:
+    body = "\n".join(f"| {name} | {_number(value)} |" for name, value in rows)
+    return f"| | |\n|---|---|\n{body}"
+
+
+def _compression_rows(plan: RankPlan, model_params: int | None) -> list[tuple[str, Any]]:
+    summary = plan.summary()
+    removed = summary["params_before"] - summary["params_after"]
+    rows = [
+        ("method", plan.method),
+        ("keep target (kept ÷ target-linear parameters)", plan.keep_target),
+        ("keep achieved", summary["keep_achieved"]),
+        ("target linears", summary["layers"]),
+        ("of which kept dense (past break-even k·(m+n) ≥ m·n)", summary["dense_layers"]),
+        ("target-linear parameters before", summary["params_before"]),
+        ("target-linear parameters after", summary["params_after"]),
+    ]
+    if model_params is not None:
+        rows += [("whole-model parameters before", model_params + removed), ("whole-model parameters after", model_params)]
+    rows += [(f"hyper-parameter `{name}`", json.dumps(value)) for name, value in sorted(plan.params.items())]
+    return rows
+
+
+def _usage(name: str) -> str:
+    return f"""## How to use
+
+```python
+import lowrank_infer  # registers the format with transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{name}")
+tokenizer = AutoTokenizer.from_pretrained("{name}")
+```
+
+`lowrank_infer.load_compressed("{name}")` loads it too, and refuses a checkpoint that is
+incomplete. Without the `lowrank-infer` package, transformers refuses this checkpoint with an
+error instead of running it with random weights. `lowrank_infer.dequantize(model)` turns the
+loaded model into an ordinary dense one that `save_pretrained` writes for any tool.
+
+Serve it with vLLM (the `lowrank-infer` package provides the vLLM plugin):
+
+```bash
+vllm serve {name}
+```
+
+Evaluate it with the LM Evaluation Harness (`pip install "lowrank-infer[eval]"`):
+
+```bash
+lowrank-infer lm-eval {name} --tasks hellaswag,arc_easy
+```"""
+
+
+def model_card(
+    plan: RankPlan, name: str, *, base_model: str | None = None, model_params: int | None = None,
+    metrics: Mapping[str, Any] | None = None,
+) -> str:
+    """The ``README.md`` of a checkpoint directory called ``name`` holding a model compressed by ``plan``.
+
+    Hugging Face metadata first (``base_model`` with ``base_model_relation: quantized`` links the
+    checkpoint to its base model on the Hub), then what a user of a compressed format looks for:
+    method and keep ratio, layers kept dense, parameters before and after, measured quality, and
+    how to load, serve and evaluate it.
+
+    Args:
+        plan: the checkpoint's rank plan.
+        name: what the usage examples load (the directory name, or a Hub id).
+        base_model: Hub id of the model it was compressed from (default: the plan's model id when
+            it has the form ``org/name`` and is not a local path).
+        model_params: whole-model parameter count after compression, when known.
+        metrics: measured quality, name → number or text (e.g. ``{"perplexity, wikitext2": 12.3}``).
+    """
+    base = base_model or _hub_id(plan.model)
+    origin = f"[{base}](https://huggingface.co/{base})" if base else (f"`{plan.model}`" if plan.model else "A model")
+    parts = [
+        _front_matter(base),
+        f"# {name}",
+        f"{origin} compressed by [lowrank-infer](https://pypi.org/project/lowrank-infer/): every target "
+        "linear layer (attention and MLP projections in the decoder blocks) is replaced by low-rank factors "
+        "`W ≈ U Vᵀ` of a truncated SVD (data-whitened unless the hyper-parameters below say `whiten` false), "
+        f"with ranks allocated by `{plan.method}` under a global parameter budget "
+        f"(keep {plan.keep_target:g}). Embeddings and the LM head are unchanged. Per-layer ranks are in "
+        "`rank_plan.json`.",
+        "## Compression",
+        _table(_compression_rows(plan, model_params)),
+    ]
+    checked = _check_metrics(metrics)
+    if checked:
+        parts += ["## Measured quality", _table(list(checked.items()))]
+    parts.append(_usage(name))
+    return "\n\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------- saving
+
+
+def _param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # nn.Module yields a tied weight once
+
+
+def _refuse_plain_transformers(checkpoint: Path) -> None:
+    """Make ``config.json`` unloadable by transformers without lowrank_infer (see ``REFUSAL``)."""
+    config_file = checkpoint / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["transformers_weights"] = REFUSAL
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def save_compressed(
     model: nn.Module,
     path: str | os.PathLike,
@@ -69,8 +224,14 @@ def save_compressed(
     *,
     overwrite: bool = False,
     max_shard_size: str = "2GB",
+    metrics: Mapping[str, Any] | None = None,
+    base_model: str | None = None,
 ) -> Path:
     """Write a compressed model as a Hugging Face checkpoint directory.
+
+    Besides the weights and config: ``rank_plan.json`` and a model card ``README.md`` (Hub
+    metadata, compression summary, ``metrics``, how to load). ``config.json`` is written so that
+    transformers without lowrank_infer refuses the checkpoint instead of loading random weights.
 
     Args:
         model: a model compressed by :func:`lowrank_infer.compress` (it carries its rank plan).
@@ -78,6 +239,10 @@ def save_compressed(
         tokenizer: saved beside the weights when given.
         overwrite: replace an existing non-empty directory.
         max_shard_size: safetensors shard size (transformers' format, e.g. ``"2GB"``).
+        metrics: measured quality for the model card, name → number or text
+            (e.g. ``{"perplexity, wikitext2 test": 14.2, "perplexity of the dense model": 12.9}``).
+        base_model: Hub id of the model it was compressed from, for the card's metadata
+            (default: the plan's model id when it has the form ``org/name``).
 
     Returns:
         The checkpoint directory.
@@ -85,12 +250,16 @@ def save_compressed(
     plan = model_plan(model)
     _check_modules(model, plan)
     path = Path(path)
+    # Rendered first: bad metrics are refused before anything is written.
+    card = model_card(plan, path.name, base_model=base_model, model_params=_param_count(model), metrics=metrics)
     _prepare_destination(path, overwrite)
     with atomic_directory(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        _refuse_plain_transformers(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         plan.save(tmp / PLAN_FILE)
+        (tmp / CARD_FILE).write_text(card, encoding="utf-8")
     return path
 
 
