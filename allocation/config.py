@@ -66,6 +66,11 @@ class MethodConfig:
         whiten: truncation-aware whitened SVD (needs calibration data); False = plain SVD.
         include: regexes; when given, only target linears matching one of them are compressed.
         exclude: regexes; target linears matching any of them stay as they are.
+        sequential: once the plan is made, refit each layer's factors block by block on the
+            inputs the compressed model feeds it (needs calibration data); False = the factors
+            of each layer's own whitened SVD.
+        ridge: with ``sequential``, the pull toward the dense weight (relative to the median
+            input energy).
     """
 
     keep: float = 0.8
@@ -73,6 +78,8 @@ class MethodConfig:
     whiten: bool = True
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    sequential: bool = False
+    ridge: float = 1e-2
 
     name: ClassVar[str] = "plan"
 
@@ -80,8 +87,11 @@ class MethodConfig:
         object.__setattr__(self, "keep", check_keep(self.keep))
         if not _is_int(self.multiple_of) or self.multiple_of < 1:
             raise ValueError(f"multiple_of must be an integer >= 1, got {self.multiple_of!r}")
-        if not isinstance(self.whiten, bool):
-            raise ValueError(f"whiten must be True or False, got {self.whiten!r}")
+        for key in ("whiten", "sequential"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be True or False, got {getattr(self, key)!r}")
+        if not (_is_number(self.ridge) and self.ridge > 0):
+            raise ValueError(f"ridge must be a positive number, got {self.ridge!r}")
         for key in ("include", "exclude"):
             object.__setattr__(self, key, tuple(getattr(self, key) or ()))
         for field in self._hyperparameter_fields():
@@ -119,7 +129,7 @@ class MethodConfig:
     @property
     def needs_calibration(self) -> bool:
         """Whether the pipeline must have calibration token ids for this config."""
-        return self.whiten
+        return self.whiten or self.sequential
 
     def factor_cap(self, out_features: int, in_features: int) -> int:
         """How many factors of an ``out×in`` layer the allocator may use (default: up to break-even)."""

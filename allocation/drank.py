@@ -88,7 +88,7 @@ class DRankConfig(MethodConfig):
 
     @property
     def needs_calibration(self) -> bool:
-        return self.whiten or self.beta == "auto"
+        return super().needs_calibration or self.beta == "auto"
 
     def allocate(self, inputs: AllocationInputs) -> RankPlan:
         def plan(beta: float) -> RankPlan:

@@ -11,7 +11,9 @@ share one statistic.
 
 from __future__ import annotations
 
-from typing import Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -19,7 +21,7 @@ from tqdm.auto import tqdm
 
 from lowrank_infer.structure import decoder_blocks
 
-__all__ = ["calibrate"]
+__all__ = ["BlockStream", "block_linears", "block_on", "block_stream", "calibrate", "run_block"]
 
 
 class _StopForward(Exception):
@@ -100,6 +102,16 @@ class _GramCollector:
 
         return hook
 
+    @contextmanager
+    def hooked(self) -> Iterator[None]:
+        """The hooks on every linear for the ``with`` block."""
+        handles = [m.register_forward_pre_hook(self.hook_for(n)) for n, m in self.linears.items()]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def results(self) -> dict[str, torch.Tensor]:
         out = dict(self.grams)
         for name, owner in self.alias.items():
@@ -109,6 +121,67 @@ class _GramCollector:
 
 def _block_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclass
+class BlockStream:
+    """The decoder blocks, how each is called, and block 0's hidden states, per batch.
+
+    ``calls[i][b]`` = ``(args, kwargs)`` with which block ``i`` is called on batch ``b``;
+    ``hidden[b]`` = block 0's input hidden states of batch ``b``.
+    """
+
+    prefix: str
+    blocks: nn.ModuleList
+    calls: list[list]
+    hidden: list[torch.Tensor]
+
+
+@contextmanager
+def block_stream(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int, device) -> Iterator[BlockStream]:
+    """Everything but the decoder blocks on ``device`` for the ``with`` block (blocks move one at
+    a time, see :func:`block_on`), and the recorded calls of every block; the model returns home
+    afterwards."""
+    if input_ids.ndim != 2 or input_ids.numel() == 0:
+        raise ValueError(f"calibration input_ids must be a non-empty [samples, seq_len] tensor, got {tuple(input_ids.shape)}")
+    prefix, blocks = decoder_blocks(model)
+    home = next(model.parameters()).device
+    _move_all_but_blocks(model, blocks, device)
+    try:
+        calls = _record_block_calls(model, blocks, input_ids.split(batch_size), device)
+        yield BlockStream(prefix, blocks, calls, [_hidden_of(args, kwargs) for args, kwargs in calls[0]])
+    finally:
+        _move_all_but_blocks(model, blocks, home)
+
+
+@contextmanager
+def block_on(block: nn.Module, device) -> Iterator[nn.Module]:
+    """``block`` on ``device`` for the ``with`` block, back where it was afterwards."""
+    home = next(block.parameters()).device
+    block.to(device)
+    try:
+        yield block
+    finally:
+        block.to(home)
+
+
+def run_block(block: nn.Module, calls: list, hidden: list[torch.Tensor], before_batch=None) -> list[torch.Tensor]:
+    """Run ``block`` with its recorded calls on ``hidden`` (one tensor per batch); its outputs.
+
+    ``before_batch(b)`` is called before batch ``b`` runs (hooks keep per-batch state).
+    """
+    outputs = []
+    for b, ((args, kwargs), states) in enumerate(zip(calls, hidden)):
+        if before_batch is not None:
+            before_batch(b)
+        args, kwargs = _with_hidden(args, kwargs, states)
+        outputs.append(_block_output(block(*args, **kwargs)))
+    return outputs
+
+
+def block_linears(linears: Mapping[str, nn.Module], prefix: str, index: int) -> dict[str, nn.Module]:
+    """The entries of ``linears`` inside block ``index``."""
+    return {n: m for n, m in linears.items() if n.startswith(f"{prefix}.{index}.")}
 
 
 @torch.no_grad()
@@ -135,27 +208,15 @@ def calibrate(
         name → ``[in_features, in_features]`` float64 sum of ``x xᵀ`` over all calibration tokens;
         linears that read the same input map to the same tensor object.
     """
-    if input_ids.ndim != 2 or input_ids.numel() == 0:
-        raise ValueError(f"calibration input_ids must be a non-empty [samples, seq_len] tensor, got {tuple(input_ids.shape)}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    prefix, blocks = decoder_blocks(model)
-    batches = input_ids.split(batch_size)
-    home = next(model.parameters()).device
-    _move_all_but_blocks(model, blocks, device)
-    try:
-        calls = _record_block_calls(model, blocks, batches, device)
-        hidden = [_hidden_of(args, kwargs) for args, kwargs in calls[0]]
-        grams = {}
-        for i, block in enumerate(tqdm(blocks, desc="calibration", unit="block", disable=not progress)):
-            block_home = next(block.parameters()).device
-            block.to(device)
-            mine = {n: m for n, m in linears.items() if n.startswith(f"{prefix}.{i}.")}
-            try:
-                hidden = _run_block(block, calls[i], hidden, mine, grams)
-            finally:
-                block.to(block_home)
-    finally:
-        _move_all_but_blocks(model, blocks, home)
+    grams = {}
+    with block_stream(model, input_ids, batch_size=batch_size, device=device) as stream:
+        hidden = stream.hidden
+        for i, block in enumerate(tqdm(stream.blocks, desc="calibration", unit="block", disable=not progress)):
+            collector = _GramCollector(block_linears(linears, stream.prefix, i), torch.device("cpu"))
+            with block_on(block, device), collector.hooked():
+                hidden = run_block(block, stream.calls[i], hidden, lambda _: collector.start_batch())
+            grams.update(collector.results())
     missing = [n for n in linears if n not in grams]
     if missing:
         raise ValueError(f"calibration never reached {missing[0]} (is it used in the forward pass?)")
@@ -172,23 +233,6 @@ def _move_all_but_blocks(model: nn.Module, blocks: nn.ModuleList, device) -> Non
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
-
-
-def _run_block(block: nn.Module, calls: list, hidden: list, linears: Mapping[str, nn.Linear], grams: dict) -> list:
-    """Run ``block`` with its recorded calls on ``hidden`` (one per batch); return its outputs."""
-    collector = _GramCollector(linears, torch.device("cpu"))
-    handles = [m.register_forward_pre_hook(collector.hook_for(n)) for n, m in linears.items()]
-    outputs = []
-    try:
-        for (args, kwargs), states in zip(calls, hidden):
-            collector.start_batch()
-            args, kwargs = _with_hidden(args, kwargs, states)
-            outputs.append(_block_output(block(*args, **kwargs)))
-    finally:
-        for handle in handles:
-            handle.remove()
-    grams.update(collector.results())
-    return outputs
 
 
 def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:

@@ -15,8 +15,9 @@ from lowrank_infer.allocation import METHODS, MethodConfig, RankPlan
 from lowrank_infer.compress import analyze, compress, config_for, needs_calibration
 from lowrank_infer.data import calibration_ids, load_text, shared_data_file, tokenize_text
 from lowrank_infer.evaluate import check_seq_len, perplexity
+from lowrank_infer.harness import lm_eval_results, results_table, write_results
 from lowrank_infer.io import PLAN_FILE, is_compressed_checkpoint, save_compressed
-from lowrank_infer.models import load_model
+from lowrank_infer.models import ALIASES, load_model
 from lowrank_infer.report import checkpoint_info, model_size
 
 EXAMPLES = """\
@@ -68,6 +69,13 @@ def _add_allocation_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-whiten", action="store_true", help="plain SVD instead of data-whitened SVD")
     p.add_argument(
+        "--sequential", action="store_true",
+        help="after allocation, refit each layer block by block on the inputs the compressed model feeds it "
+        "(error compensation; about three calibration passes more)",
+    )
+    p.add_argument("--ridge", type=float, default=1e-2,
+                   help="with --sequential: pull toward the dense weight, relative to the median input energy (default 0.01)")
+    p.add_argument(
         "--multiple-of", type=int, default=1,
         help="make every rank a multiple of this; 16 keeps GPU GEMMs on their aligned fast paths "
         "(unaligned ranks fall off their fast paths; see README). Default 1: exact ranks",
@@ -106,13 +114,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="perplexity of a model or checkpoint", description="Perplexity: non-overlapping windows, exp(mean token NLL).")
     p.add_argument("model", help="checkpoint directory, alias, .gguf file or hub id")
-    p.add_argument("--text-file", default=None, help="evaluation text file, or 'wikitext2' / 'c4' (test / validation split via datasets); default: $LOWRANK_INFER_DATA/wikitext2/test.raw.txt when set")
+    p.add_argument("--text-file", default=None, help="evaluation text file, 'wikitext2' / 'c4' (test / validation split via datasets), or 'python-docs' "
+        "(Python's own docstrings: an off-domain text on every machine); default: $LOWRANK_INFER_DATA/wikitext2/test.raw.txt when set")
     p.add_argument("--seq-len", type=int, default=2048, help="window length (default 2048)")
     p.add_argument("--max-windows", type=_positive_int, default=None, help="evaluate only the first W windows")
     p.add_argument("--batch-size", type=_positive_int, default=1, help="windows per forward pass")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_model_options(p)
     p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser(
+        "lm-eval", help="run the LM Evaluation Harness on a model or checkpoint",
+        description="Evaluate with lm-eval tasks (pip install 'lowrank-infer[eval]'). The model is loaded "
+        "by lowrank-infer and handed to lm-eval's HF backend; --include-path adds task YAMLs, e.g. over "
+        "local JSON files for offline runs.",
+    )
+    p.add_argument("model", help="checkpoint directory, alias, .gguf file or hub id")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task or group names, e.g. hellaswag,arc_easy")
+    p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per prompt (default: each task's own)")
+    p.add_argument("--limit", type=float, default=None, help="documents per task (below 1: that fraction)")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="documents per forward pass")
+    p.add_argument("--output", help="write lm-eval's full results as JSON to this file")
+    p.add_argument("--log-samples", action="store_true", help="include every document's requests and responses in --output")
+    p.add_argument("--json", action="store_true", help="print the per-task metrics as JSON instead of a table")
+    _add_model_options(p)
+    p.set_defaults(run=cmd_lm_eval)
 
     p = sub.add_parser("info", help="ranks and sizes of a compressed checkpoint", description="Per-layer ranks, dense fallbacks, parameters and bytes before/after.")
     p.add_argument("checkpoint", help="directory written by 'compress'")
@@ -191,8 +218,9 @@ def _method_config(args, plan=None):
     plan's, and a flag that says otherwise is an error rather than silently ignored."""
     method = args.method or (plan.method if plan is not None else DEFAULT_METHOD)
     keep = args.keep if args.keep is not None else (plan.keep_target if plan is not None else DEFAULT_KEEP)
-    settings = dict(keep=keep, multiple_of=args.multiple_of, whiten=not args.no_whiten,
-                    include=args.include or (), exclude=args.exclude or (), **_parse_params(args.param))
+    settings = dict(keep=keep, multiple_of=args.multiple_of, whiten=not args.no_whiten, sequential=args.sequential,
+                    ridge=args.ridge, include=args.include or (), exclude=args.exclude or (),
+                    **_parse_params(args.param))
     if plan is not None and method not in METHODS:
         return MethodConfig().replace(**settings)  # a plan from elsewhere: only applied
     config = config_for(method, **settings)
@@ -263,7 +291,11 @@ def cmd_compress(args) -> int:
     result = compress(model, config, calib_ids=calib, plan=plan, model_id=model_id, batch_size=args.batch_size,
                       device=device)
     ppl_after = _perplexity_on(device, model, eval_tokens, args) if args.eval_file else None
-    save_compressed(model, args.out, tokenizer, overwrite=args.overwrite)
+    metrics = {} if ppl_before is None else {
+        f"perplexity, {ppl_after['windows']} x {args.seq_len} tokens of {Path(args.eval_file).name}": ppl_after["perplexity"],
+        "perplexity of the dense model, same text": ppl_before["perplexity"]}
+    base_model = ALIASES[args.model][2] if args.model in ALIASES else None
+    save_compressed(model, args.out, tokenizer, overwrite=args.overwrite, metrics=metrics, base_model=base_model)
     after = model_size(model)
     summary = result.plan.summary()
     _say(f"compressed {model_id} with {result.plan.method} in {time.perf_counter() - start:.1f} s "
@@ -311,6 +343,20 @@ def cmd_eval(args) -> int:
     else:
         _say(f"{model_id}: perplexity {result['perplexity']:.4f} over {result['windows']} windows x "
              f"{result['seq_len']} tokens ({result['seconds']:.1f} s)")
+    return 0
+
+
+def cmd_lm_eval(args) -> int:
+    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    if args.log_samples and not args.output:
+        raise ValueError("--log-samples needs --output FILE")
+    model, tokenizer, model_id = _load(args.model, args)
+    results = lm_eval_results(model, tokenizer, tasks, include_path=args.include_path, num_fewshot=args.num_fewshot,
+                              limit=args.limit, batch_size=args.batch_size, log_samples=args.log_samples)
+    results["config"]["model"] = model_id  # lm-eval only sees an object; name what was evaluated
+    if args.output:
+        write_results(results, args.output)
+    _say(json.dumps(results["results"], indent=1) if args.json else results_table(results))
     return 0
 
 

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from lowrank_infer.allocation import METHODS, AllocationInputs, MethodConfig, RankPlan, UniformConfig
 from lowrank_infer.calibration import calibrate
+from lowrank_infer.compensation import compensated_factors
 from lowrank_infer.evaluate import mean_nll
 from lowrank_infer.factorize import Spectrum, plain_svd, whitened_svd
 from lowrank_infer.io import attach_plan
@@ -45,8 +46,8 @@ def config_for(method: str, **settings) -> MethodConfig:
 
 def needs_calibration(config: MethodConfig, plan: RankPlan | None = None) -> bool:
     """Whether compressing with ``config`` (applying ``plan``, when given) needs calibration ids:
-    a plan needs them only for whitening; otherwise the method says."""
-    return config.whiten if plan is not None else config.needs_calibration
+    a plan needs them only for whitening or sequential refitting; otherwise the method says."""
+    return config.whiten or config.sequential if plan is not None else config.needs_calibration
 
 
 def compute_spectra(
@@ -175,8 +176,17 @@ def compress(
         ValueError: missing calibration data, a plan that contradicts the config or does not
             fit the model, an already compressed model.
     """
+    config = _resolve(config, plan)
     plan, spectra, seconds = analyze(model, config, calib_ids=calib_ids, plan=plan, model_id=model_id,
                                      batch_size=batch_size, device=device, progress=progress)
-    apply_plan(model, plan, lambda name, rank: spectra[name].factors(rank))
+    if config.sequential:
+        start = time.perf_counter()
+        refitted = compensated_factors(model, plan, calib_ids, ridge=config.ridge, batch_size=batch_size,
+                                       device=device, progress=progress)
+        seconds["compensation"] = time.perf_counter() - start
+        plan.params.update(sequential=True, ridge=config.ridge)
+        apply_plan(model, plan, lambda name, rank: refitted[name])
+    else:
+        apply_plan(model, plan, lambda name, rank: spectra[name].factors(rank))
     attach_plan(model, plan)
     return CompressResult(plan=plan, seconds=seconds)

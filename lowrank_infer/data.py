@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DATASETS", "calibration_ids", "load_text", "shared_data_file", "tokenize_text"]
+__all__ = ["DATASETS", "PYDOC_MODULES", "calibration_ids", "load_text", "python_docstrings", "shared_data_file",
+           "tokenize_text"]
 
 # name -> (datasets.load_dataset positional args, keyword args, split for evaluation, split for
 # calibration, text column). C4 is read from its first validation and training shards, as the
@@ -17,6 +18,44 @@ DATASETS = {
     "wikitext2": (("wikitext", "wikitext-2-raw-v1"), {}, "test", "train", "text"),
     "c4": (("allenai/c4",), {"data_files": _C4_FILES}, "validation", "train", "text"),
 }
+
+
+# An off-domain evaluation text that ships with every Python: the docstrings of these standard
+# library modules (technical English and code, far from Wikipedia prose). For evaluation only:
+# a model must never be calibrated, tuned or stopped on the text it is judged by.
+PYDOC = "python-docs"
+PYDOC_MODULES = (
+    "argparse", "asyncio", "collections", "concurrent.futures", "csv", "datetime", "decimal", "email.message",
+    "functools", "http.client", "inspect", "itertools", "json", "logging", "pathlib", "pickle", "re", "shutil",
+    "socket", "sqlite3", "statistics", "string", "subprocess", "tarfile", "textwrap", "threading", "unittest",
+    "urllib.request", "xml.etree.ElementTree", "zipfile",
+)
+
+
+def python_docstrings() -> str:
+    """The docstrings of :data:`PYDOC_MODULES` and of the classes, functions and methods they
+    define, in a fixed order, joined with blank lines (the same text for one Python version)."""
+    import importlib
+    import inspect
+
+    seen, docs = set(), []
+
+    def add(obj) -> None:
+        doc = inspect.getdoc(obj)
+        if doc and doc not in seen:
+            seen.add(doc)
+            docs.append(doc)
+
+    for name in PYDOC_MODULES:
+        module = importlib.import_module(name)
+        add(module)
+        for _, member in sorted(vars(module).items()):
+            if (inspect.isclass(member) or inspect.isfunction(member)) and member.__module__ == name:
+                add(member)
+                for _, method in sorted(vars(member).items()) if inspect.isclass(member) else ():
+                    if inspect.isfunction(method):
+                        add(method)
+    return "\n\n".join(docs)
 
 
 def shared_data_file(*parts: str) -> Path | None:
@@ -32,12 +71,17 @@ def load_text(source: str, *, split: str = "eval") -> str:
     """Raw text from a file path or a dataset name (``wikitext2``, ``c4``), rows joined with ``"\\n\\n"``.
 
     Args:
-        source: a text file, or a name in :data:`DATASETS` (needs ``datasets`` and the hub).
+        source: a text file, a name in :data:`DATASETS` (needs ``datasets`` and the hub), or
+            ``"python-docs"`` (Python's own docstrings, for off-domain evaluation).
         split: ``"eval"`` (the dataset's test split) or ``"calib"`` (its training split).
     """
     path = Path(source)
     if path.is_file():
         return path.read_text(encoding="utf-8")
+    if source == PYDOC:
+        if split != "eval":
+            raise ValueError(f"{PYDOC!r} is an evaluation text only: never calibrate on what you evaluate on")
+        return python_docstrings()
     if source not in DATASETS:
         raise ValueError(f"text source {source!r} is neither an existing file nor a known dataset ({', '.join(DATASETS)})")
     args, kwargs, eval_split, calib_split, column = DATASETS[source]

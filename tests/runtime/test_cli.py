@@ -12,13 +12,30 @@ from lowrank_infer.allocation import RankPlan, uniform_plan
 from lowrank_infer.cli import main
 
 
-def _run(*args, env=None):
-    """Run the CLI in a subprocess (to see exit codes and stderr exactly as a user would)."""
-    full_env = {**os.environ, **(env or {})}
-    full_env.pop("LOWRANK_INFER_DEBUG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "lowrank_infer.cli", *map(str, args)], capture_output=True, text=True, env=full_env
-    )
+@pytest.fixture
+def cli(capsys):
+    """``cli(*argv) -> (exit code, stderr)`` through ``main`` in this process."""
+
+    def run(*argv):
+        code = main([str(a) for a in argv])
+        return code, capsys.readouterr().err
+
+    return run
+
+
+def _one_line_error(code, err, *words):
+    """Exit code 1 and one error line naming the problem (after any progress bars of loading)."""
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and "Traceback" not in err and last.startswith("lowrank-infer "), err
+    for word in words:
+        assert word in last, err
+
+
+def _usage_error(capsys, argv, words) -> None:
+    """argparse's own refusal: exit code 2 and its message on stderr."""
+    with pytest.raises(SystemExit) as caught:
+        main([str(a) for a in argv])
+    assert caught.value.code == 2 and words in capsys.readouterr().err
 
 
 def _compress_args(model_dir, text, out, *extra):
@@ -55,73 +72,78 @@ def test_plan_then_compress_with_plan(tiny_model_dir, tiny_text, tmp_path, capsy
 
 
 @pytest.mark.parametrize("keep", ["0", "1.5", "-0.2", "nan"])
-def test_bad_keep(tiny_model_dir, tiny_text, tmp_path, keep):
-    res = _run(*_compress_args(tiny_model_dir, tiny_text, tmp_path / "ck", "--keep", keep))
-    assert res.returncode == 1
-    assert "keep must be in (0, 1]" in res.stderr or "keep must be" in res.stderr
-    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+def test_bad_keep(cli, tiny_model_dir, tiny_text, tmp_path, keep):
+    _one_line_error(*cli(*_compress_args(tiny_model_dir, tiny_text, tmp_path / "ck", "--keep", keep)), "keep must be")
     assert not (tmp_path / "ck").exists()
 
 
-def test_unknown_model(tmp_path, tiny_text):
-    res = _run(*_compress_args("no-such-model-alias", tiny_text, tmp_path / "ck"), env={"HF_HUB_OFFLINE": "1"})
-    assert res.returncode == 1 and "could not load model 'no-such-model-alias'" in res.stderr
-    assert "Traceback" not in res.stderr
+def test_unknown_model(cli, tmp_path, tiny_text):
+    _one_line_error(*cli(*_compress_args(tmp_path / "no-such-model", tiny_text, tmp_path / "ck")),
+                    "could not load model", "no-such-model")
     assert not (tmp_path / "ck").exists()
 
 
-def test_plan_that_does_not_match(tiny_model_dir, tiny_text, tmp_path):
+def test_plan_that_does_not_match(cli, tiny_model_dir, tiny_text, tmp_path):
     plan = uniform_plan({"model.layers.0.self_attn.q_proj": (64, 64), "model.layers.0.mlp.down_proj": (99, 160)}, 0.5)
     plan.save(tmp_path / "plan.json")
-    res = _run(*_compress_args(tiny_model_dir, tiny_text, tmp_path / "ck", "--plan", tmp_path / "plan.json"))
-    assert res.returncode == 1 and "model.layers.0.mlp.down_proj" in res.stderr and "99x160" in res.stderr
-    assert "Traceback" not in res.stderr and not (tmp_path / "ck").exists()
+    _one_line_error(*cli(*_compress_args(tiny_model_dir, tiny_text, tmp_path / "ck", "--plan", tmp_path / "plan.json")),
+                    "model.layers.0.mlp.down_proj", "99x160")
+    assert not (tmp_path / "ck").exists()
 
 
-def test_text_too_short(tiny_model_dir, tmp_path):
+def test_text_too_short(cli, tiny_model_dir, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("too short")
-    res = _run(*_compress_args(tiny_model_dir, short, tmp_path / "ck"))
-    assert res.returncode == 1 and "fewer than one window" in res.stderr
-    res = _run("eval", tiny_model_dir, "--text-file", short, "--seq-len", 32)
-    assert res.returncode == 1 and "fewer than one window" in res.stderr
+    _one_line_error(*cli(*_compress_args(tiny_model_dir, short, tmp_path / "ck")), "fewer than one window")
+    _one_line_error(*cli("eval", tiny_model_dir, "--text-file", short, "--seq-len", 32), "fewer than one window")
 
 
-def test_existing_output_needs_overwrite(tiny_model_dir, tiny_text, tmp_path):
+def test_existing_output_needs_overwrite(cli, tiny_model_dir, tiny_text, tmp_path):
     out = tmp_path / "ck"
     out.mkdir()
     (out / "x").write_text("keep me")
-    res = _run(*_compress_args(tiny_model_dir, tiny_text, out))
-    assert res.returncode == 1 and "--overwrite" in res.stderr
+    _one_line_error(*cli(*_compress_args(tiny_model_dir, tiny_text, out)), "--overwrite")
     assert (out / "x").read_text() == "keep me"
 
 
-def test_non_finite_weights(tiny_model_dir, tiny_text, tmp_path):
+def test_non_finite_weights(cli, tiny_model_dir, tiny_text, tmp_path):
     from safetensors.torch import load_file, save_file
 
     weights = load_file(tiny_model_dir / "model.safetensors")
     name = "model.layers.1.mlp.up_proj.weight"
     weights[name][0, 0] = float("nan")
     save_file(weights, tiny_model_dir / "model.safetensors", metadata={"format": "pt"})
-    res = _run(*_compress_args(tiny_model_dir, tiny_text, tmp_path / "ck", "--no-whiten"))
-    assert res.returncode == 1 and "model.layers.1.mlp.up_proj" in res.stderr and "NaN" in res.stderr
+    _one_line_error(*cli(*_compress_args(tiny_model_dir, tiny_text, tmp_path / "ck", "--no-whiten")),
+                    "model.layers.1.mlp.up_proj", "NaN")
     assert not (tmp_path / "ck").exists()
 
 
-def test_corrupted_checkpoint(tiny_model_dir, tiny_text, tmp_path):
+def test_corrupted_checkpoint(cli, tiny_model_dir, tiny_text, tmp_path):
     out = tmp_path / "ck"
-    assert _run(*_compress_args(tiny_model_dir, tiny_text, out)).returncode == 0
+    assert cli(*_compress_args(tiny_model_dir, tiny_text, out))[0] == 0
     shard = out / "model.safetensors"
     shard.write_bytes(shard.read_bytes()[:-100])
-    res = _run("eval", out, "--text-file", tiny_text, "--seq-len", 32)
-    assert res.returncode == 1 and "truncated" in res.stderr and "Traceback" not in res.stderr
+    _one_line_error(*cli("eval", out, "--text-file", tiny_text, "--seq-len", 32), "truncated")
 
 
-def test_help_explains_every_command():
-    for command in ["compress", "plan", "eval", "info", "generate"]:
-        res = _run(command, "--help")
-        assert res.returncode == 0 and "usage: lowrank-infer" in res.stdout
-    assert "keep" in _run("--help").stdout
+def test_help_explains_every_command(capsys):
+    for command in ["compress", "plan", "eval", "lm-eval", "info", "generate", "bench"]:
+        with pytest.raises(SystemExit) as caught:
+            main([command, "--help"])
+        assert caught.value.code == 0 and f"usage: lowrank-infer {command}" in capsys.readouterr().out
+
+
+def test_the_installed_command_runs_and_reports_errors_in_one_line(tmp_path):
+    """The console entry point itself, in a subprocess, as a user runs it."""
+    command = [sys.executable, "-m", "lowrank_infer.cli"]
+    env = {k: v for k, v in os.environ.items() if k != "LOWRANK_INFER_DEBUG"}
+    shown = subprocess.run([*command, "--help"], capture_output=True, text=True, env=env)
+    assert shown.returncode == 0 and "keep" in shown.stdout
+    failed = subprocess.run([*command, "compress", "--keep", "2", "--out", str(tmp_path / "ck")],
+                            capture_output=True, text=True, env=env)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert failed.stderr.strip().splitlines() == ["lowrank-infer compress: error: keep must be in (0, 1] "
+                                                  "(fraction of target-linear parameters kept), got 2.0"]
 
 
 @pytest.mark.parametrize("method", ["uniform", "drank"])
@@ -133,25 +155,6 @@ def test_plan_with_multiple_of(tiny_model_dir, tiny_text, tmp_path, method):
     plan = json.loads(plan_file.read_text())
     assert all(l["rank"] is None or l["rank"] % 8 == 0 for l in plan["layers"])
     assert abs(plan["keep_achieved"] - 0.5) <= 0.005 and plan["params"]["multiple_of"] == 8
-
-
-@pytest.fixture
-def cli(capsys):
-    """``cli(*argv) -> (exit code, stderr)`` through ``main`` in this process."""
-
-    def run(*argv):
-        code = main([str(a) for a in argv])
-        return code, capsys.readouterr().err
-
-    return run
-
-
-def _one_line_error(code, err, *words):
-    """Exit code 1 and one error line naming the problem (after any progress bars of loading)."""
-    last = err.strip().splitlines()[-1]
-    assert code == 1 and "Traceback" not in err and last.startswith("lowrank-infer "), err
-    for word in words:
-        assert word in last, err
 
 
 @pytest.mark.parametrize(("params", "words"), [
@@ -177,9 +180,9 @@ def test_eval_window_errors(cli, tiny_model_dir, tiny_text, argv, words):
 
 
 @pytest.mark.parametrize("flag", ["--batch-size", "--max-windows"])
-def test_eval_counts_must_be_positive(tiny_model_dir, tiny_text, flag):
-    res = _run("eval", tiny_model_dir, "--text-file", tiny_text, "--seq-len", 32, flag, 0)
-    assert res.returncode == 2 and f"argument {flag}: invalid _positive_int value: '0'" in res.stderr
+def test_eval_counts_must_be_positive(capsys, tiny_model_dir, tiny_text, flag):
+    _usage_error(capsys, ["eval", tiny_model_dir, "--text-file", tiny_text, "--seq-len", 32, flag, 0],
+                 f"argument {flag}: invalid _positive_int value: '0'")
 
 
 def test_calibration_longer_than_the_model_positions(cli, tiny_model_dir, tiny_text, tmp_path):

@@ -62,3 +62,11 @@ def test_every_window_start_can_be_drawn():
     starts = calibration_ids(tokens, 400, 10, seed=0)[:, 0]
     assert set(starts.tolist()) == {0, 1, 2}
     assert calibration_ids(torch.arange(10), 3, 10).tolist() == [list(range(10))] * 3
+
+
+def test_python_docstrings_are_an_evaluation_text_only():
+    text = load_text("python-docs")
+    assert text == load_text("python-docs")  # a fixed order: the same text every time
+    assert "Command-line parsing library" in text and len(text) > 100_000
+    with pytest.raises(ValueError, match="evaluation text only"):
+        load_text("python-docs", split="calib")
