@@ -35,20 +35,27 @@ HERE = Path(__file__).resolve().parent
 CLI = ["lowrank-infer"]
 
 
+# Method-name suffixes: a pipeline variant of the allocator before the dash.
+VARIANTS = {"plain": ["--no-whiten"], "seq": ["--sequential"]}
+
+
 def plan_file(args, method: str, keep: float) -> Path | None:
-    """The committed plan for (method, keep) under ``--plans``, if there is one."""
+    """The committed plan of the method's allocator at ``keep`` under ``--plans``, if there is one
+    (``ara-seq`` applies the ``ara`` plan: the variant changes the factors, not the ranks)."""
     if not args.plans:
         return None
-    path = args.plans / f"{Path(args.model).stem}_{method}_keep{keep}.json"
+    path = args.plans / f"{Path(args.model).stem}_{method.partition('-')[0]}_keep{keep}.json"
     return path if path.is_file() else None
 
 
 def compress_command(args, method: str, keep: float, out: Path) -> list[str]:
     allocator, _, variant = method.partition("-")
+    if variant and variant not in VARIANTS:
+        raise SystemExit(f"unknown variant {variant!r} in {method!r}; known: {', '.join(VARIANTS)}")
     command = [*CLI, "compress", "--model", args.model, "--keep", str(keep), "--out", str(out)]
     plan = plan_file(args, method, keep)
     command += ["--plan", str(plan)] if plan else ["--method", allocator]
-    command += ["--no-whiten"] if variant == "plain" else []
+    command += VARIANTS.get(variant, [])
     return command + (["--calib-file", args.calib_file] if args.calib_file else [])
 
 
@@ -114,7 +121,7 @@ def run_grid(args) -> list[dict]:
 
 def _save_plan(args, checkpoint: Path, method: str, keep: float) -> None:
     """Copy the checkpoint's plan to ``--save-plans`` under the name ``--plans`` reads."""
-    if args.save_plans:
+    if args.save_plans and "-" not in method:
         text = (checkpoint / "rank_plan.json").read_text()
         atomic_write_text(args.save_plans / f"{Path(args.model).stem}_{method}_keep{keep}.json", text)
 

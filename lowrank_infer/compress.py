@@ -94,6 +94,15 @@ def _resolve(config: MethodConfig | None, plan: RankPlan | None) -> MethodConfig
     return config
 
 
+def _check_inputs(model, config: MethodConfig, plan: RankPlan | None, calib_ids, batch_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_uncompressed(model)
+    if needs_calibration(config, plan) and calib_ids is None:
+        raise ValueError(f"{config.name} with whiten={config.whiten}, sequential={config.sequential} "
+                         "needs calibration data (calib_ids)")
+
+
 def analyze(
     model: nn.Module,
     config: MethodConfig | None = None,
@@ -112,11 +121,7 @@ def analyze(
         linear's spectrum, and the time per stage.
     """
     config = _resolve(config, plan)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    check_uncompressed(model)
-    if needs_calibration(config, plan) and calib_ids is None:
-        raise ValueError(f"{config.name} with whiten={config.whiten} needs calibration data (calib_ids)")
+    _check_inputs(model, config, plan, calib_ids, batch_size)
     linears = target_linears(model, include=config.include, exclude=config.exclude)
     if plan is not None:
         plan.validate({name: (m.out_features, m.in_features) for name, m in linears.items()})
@@ -177,8 +182,11 @@ def compress(
             fit the model, an already compressed model.
     """
     config = _resolve(config, plan)
-    plan, spectra, seconds = analyze(model, config, calib_ids=calib_ids, plan=plan, model_id=model_id,
-                                     batch_size=batch_size, device=device, progress=progress)
+    _check_inputs(model, config, plan, calib_ids, batch_size)
+    seconds = {}
+    if plan is None or not config.sequential:  # a given plan needs no spectra when refitted
+        plan, spectra, seconds = analyze(model, config, calib_ids=calib_ids, plan=plan, model_id=model_id,
+                                         batch_size=batch_size, device=device, progress=progress)
     if config.sequential:
         start = time.perf_counter()
         refitted = compensated_factors(model, plan, calib_ids, ridge=config.ridge, batch_size=batch_size,

@@ -99,3 +99,20 @@ def test_compress_sequential_leaves_dense_layers_and_records_it():
     assert plan.params["sequential"] is True and plan.params["ridge"] == 0.01
     with pytest.raises(ValueError, match="needs calibration data"):
         compress(tiny_model("qwen2"), UniformConfig(keep=0.5, whiten=False, sequential=True), progress=False)
+
+
+def test_a_plan_refitted_sequentially_needs_no_whitened_svd():
+    from lowrank_infer.allocation import uniform_plan
+    from lowrank_infer.module import LowRankLinear
+    from lowrank_infer.structure import target_shapes
+
+    model = tiny_model("llama").eval()
+    ids = torch.randint(3, 128, (8, 24), generator=GEN)
+    plan = uniform_plan(target_shapes(model), 0.5)
+    reference = compensated_factors(model, plan, ids, progress=False)
+    result = compress(model, UniformConfig(keep=0.5, sequential=True), plan=plan, calib_ids=ids, progress=False)
+    assert set(result.seconds) == {"compensation"}
+    for name, module in model.named_modules():
+        if isinstance(module, LowRankLinear):
+            torch.testing.assert_close(module.U, reference[name][0])
+            torch.testing.assert_close(module.V, reference[name][1])
