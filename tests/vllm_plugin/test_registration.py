@@ -1,0 +1,43 @@
+"""The plugin is found through its entry point and reads the rank plan that checkpoints carry."""
+
+from __future__ import annotations
+
+import json
+from importlib.metadata import entry_points
+
+import pytest
+
+pytest.importorskip("vllm", reason="needs vLLM, installed in a venv of its own: see tests/vllm_plugin/README.md")
+
+from vllm.model_executor.layers.quantization import get_quantization_config  # noqa: E402
+from vllm.plugins import load_general_plugins  # noqa: E402
+
+from lowrank_infer.allocation import PlanError  # noqa: E402
+from lowrank_infer.vllm_plugin import LowRankVllmConfig  # noqa: E402
+from vllm_checkpoints import mixed_checkpoint  # noqa: E402
+
+
+def test_entry_point_registers_the_quant_method():
+    (plugin,) = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "lowrank_infer"]
+    assert plugin.value == "lowrank_infer.vllm_plugin:register"
+    load_general_plugins()  # what every vLLM process does before reading a model's config
+    assert get_quantization_config("lowrank_infer") is LowRankVllmConfig
+
+
+def test_config_round_trips_a_saved_plan(tmp_path):
+    path = mixed_checkpoint("llama", tmp_path / "ckpt")
+    qconfig = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert qconfig["quant_method"] == LowRankVllmConfig.get_name()
+    config = LowRankVllmConfig.from_config(qconfig)
+    assert config.plan.to_dict() == qconfig["rank_plan"]
+    assert any(rank is None for rank in config.plan.ranks.values())  # the plan has dense layers
+
+
+def test_config_without_a_plan_is_refused():
+    with pytest.raises(PlanError, match="rank_plan"):
+        LowRankVllmConfig.from_config({"quant_method": "lowrank_infer"})
+
+
+def test_config_with_a_broken_plan_is_refused():
+    with pytest.raises(PlanError, match="format_version"):
+        LowRankVllmConfig.from_config({"quant_method": "lowrank_infer", "rank_plan": {"format_version": 99}})

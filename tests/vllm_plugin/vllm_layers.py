@@ -1,0 +1,160 @@
+"""Layer-level check of the vLLM plugin, run in processes of their own (tensor parallel over gloo).
+
+Each case builds a vLLM linear layer twice: with the plugin, from a checkpoint's factors, and
+without quantization, from the dense weights ``U @ V.T`` those factors stand for. Both load
+through vLLM's own ``AutoWeightsLoader`` with the model's stacked-name mapping, so vLLM's
+dense sharding is the reference for ours: every rank's output must agree.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from lowrank_infer.allocation import LayerRank, RankPlan
+
+HIDDEN, INTERMEDIATE, HEAD, HEADS, KV_HEADS = 64, 96, 16, 4, 1  # at TP 2 each k/v head is on both ranks
+
+# name → (out_features, in_features, rank or None, bias)
+LINEARS = {
+    "split.q_proj": (HEADS * HEAD, HIDDEN, 6, True),
+    "split.k_proj": (KV_HEADS * HEAD, HIDDEN, None, True),
+    "split.v_proj": (KV_HEADS * HEAD, HIDDEN, 5, True),
+    "split.o_proj": (HIDDEN, HEADS * HEAD, 8, False),
+    "split.gate_proj": (INTERMEDIATE, HIDDEN, None, False),
+    "split.up_proj": (INTERMEDIATE, HIDDEN, 7, False),
+    "split.down_proj": (HIDDEN, INTERMEDIATE, 9, True),  # row-parallel bias: added once, not per rank
+    "fused.qkv_proj": ((HEADS + 2 * KV_HEADS) * HEAD, HIDDEN, 10, False),  # Phi-3: one rank for q, k and v
+    "fused.gate_up_proj": (2 * INTERMEDIATE, HIDDEN, 12, False),
+}
+SPLIT_MAPPING = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+FUSED_MAPPING = {"qkv_proj": ["qkv_proj"], "gate_up_proj": ["gate_up_proj"]}
+STACKED = {".q_proj": (".qkv_proj", "q"), ".k_proj": (".qkv_proj", "k"), ".v_proj": (".qkv_proj", "v"),
+           ".gate_proj": (".gate_up_proj", 0), ".up_proj": (".gate_up_proj", 1)}
+
+
+def plan() -> RankPlan:
+    layers = [LayerRank(name, out_f, in_f, rank) for name, (out_f, in_f, rank, _) in LINEARS.items()]
+    return RankPlan(layers, keep_target=0.5, method="ara", model="layer-test")
+
+
+def checkpoint(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(factored, dense)`` checkpoint tensors: the same linears as U/V (or weight) and as weight."""
+    gen = torch.Generator().manual_seed(seed)
+    factored, dense = {}, {}
+    for name, (out_f, in_f, rank, bias) in LINEARS.items():
+        if rank is None:
+            factored[f"{name}.weight"] = dense[f"{name}.weight"] = torch.randn(out_f, in_f, generator=gen)
+        else:
+            U, V = torch.randn(out_f, rank, generator=gen), torch.randn(in_f, rank, generator=gen)
+            factored[f"{name}.U"], factored[f"{name}.V"], dense[f"{name}.weight"] = U, V, U @ V.T
+        if bias:
+            factored[f"{name}.bias"] = dense[f"{name}.bias"] = torch.randn(out_f, generator=gen)
+    return factored, dense
+
+
+def _block(prefix: str, quant_config) -> nn.Module:
+    from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+
+    block = nn.Module()
+    block.qkv_proj = QKVParallelLinear(HIDDEN, HEAD, HEADS, KV_HEADS, bias=prefix == "split",
+                                       quant_config=quant_config, prefix=f"{prefix}.qkv_proj")
+    block.gate_up_proj = MergedColumnParallelLinear(HIDDEN, [INTERMEDIATE] * 2, bias=False,
+                                                    quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
+    if prefix == "split":
+        block.o_proj = RowParallelLinear(HEADS * HEAD, HIDDEN, bias=False, quant_config=quant_config,
+                                         prefix=f"{prefix}.o_proj")
+        block.down_proj = RowParallelLinear(INTERMEDIATE, HIDDEN, bias=True, quant_config=quant_config,
+                                            prefix=f"{prefix}.down_proj")
+    return block
+
+
+def build(quant_config) -> nn.Module:
+    """Both blocks, the split one (Llama's names) and the fused one (Phi-3's)."""
+    model = nn.Module()
+    if quant_config is not None:
+        quant_config.packed_modules_mapping.update(SPLIT_MAPPING)
+    model.split = _block("split", quant_config)
+    if quant_config is not None:
+        quant_config.packed_modules_mapping.update(FUSED_MAPPING)
+    model.fused = _block("fused", quant_config)
+    return model
+
+
+def load(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
+
+    loaded = AutoWeightsLoader(model).load_weights(tensors.items(), mapper=WeightsMapper(orig_to_new_stacked=STACKED))
+    assert loaded == {name for name, _ in model.named_parameters()}, "some parameter was not loaded"
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)
+
+
+def outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each layer's output on this rank; row-parallel layers take this rank's part of ``x``."""
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
+    results = {}
+    for name, layer in model.named_modules():
+        if hasattr(layer, "quant_method"):
+            inputs = x[..., :layer.input_size]  # o_proj reads HEADS*HEAD, down_proj INTERMEDIATE features
+            if isinstance(layer, RowParallelLinear):
+                inputs = inputs.chunk(layer.tp_size, dim=-1)[layer.tp_rank].contiguous()
+            results[name] = layer(inputs)[0]
+    return results
+
+
+def check_plan_mismatch() -> None:
+    """A plan whose k_proj is not the model's shape is refused when the layer is built, by name."""
+    import pytest
+
+    from lowrank_infer.vllm_plugin import LowRankVllmConfig
+
+    wrong = plan()
+    wrong["split.k_proj"].out_features *= 2
+    config = LowRankVllmConfig(wrong)
+    config.packed_modules_mapping.update(SPLIT_MAPPING)
+    with pytest.raises(ValueError, match=r"'split\.k_proj' is 32x64 but the model served by vLLM has 16x64"):
+        _block("split", config)
+
+
+def check_missing_factor(factored: dict[str, torch.Tensor]) -> None:
+    """A checkpoint without v_proj.V is refused by name, though vLLM saw V loaded (for q_proj)."""
+    import pytest
+
+    from lowrank_infer.vllm_plugin import LowRankVllmConfig
+
+    partial = {name: tensor for name, tensor in factored.items() if name != "split.v_proj.V"}
+    with pytest.raises(ValueError, match=r"checkpoint has no tensor split\.v_proj\.V"):
+        load(build(LowRankVllmConfig(plan())), partial)
+
+
+def run_rank(rank: int, world_size: int, port: int) -> None:
+    """One tensor-parallel rank: compare the plugin's layers with vLLM's dense ones."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+
+    from lowrank_infer.vllm_plugin import LowRankVllmConfig
+
+    torch.set_num_threads(1)
+    # vLLM's CPU worker names the shared-memory group its ranks all-reduce through; so do we.
+    os.environ["VLLM_DIST_IDENT"] = f"lowrank-layer-test-{port}"
+    with set_current_vllm_config(VllmConfig()):
+        init_distributed_environment(world_size=world_size, rank=rank, local_rank=rank, backend="gloo",
+                                     distributed_init_method=f"tcp://127.0.0.1:{port}")
+        initialize_model_parallel(tensor_model_parallel_size=world_size)
+        lowrank_model, dense_model = build(LowRankVllmConfig(plan())), build(None)
+        factored, dense = checkpoint()
+        load(lowrank_model, factored)
+        load(dense_model, dense)
+        x = torch.randn(5, max(HIDDEN, INTERMEDIATE), generator=torch.Generator().manual_seed(1))
+        got, expected = outputs(lowrank_model, x), outputs(dense_model, x)
+        check_plan_mismatch()
+        check_missing_factor(factored)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-4,
+                                   msg=lambda m, name=name: f"{name} on rank {rank}: {m}")
