@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from lowrank_infer.atomic import atomic_write_text
+
 TEXTS = [
     "The history of the printing press begins",
     "In a small village at the foot of the mountains",
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"greedy tokens identical to transformers on {agreement['prompts_identical']}/{agreement['prompts']} "
               f"prompts; tokens before the first difference: {agreement['tokens_before_first_difference']}")
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
     return 0
 
 
