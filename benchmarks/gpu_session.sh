@@ -29,7 +29,7 @@ pack() { tar -czf "$OUT/results.tar.gz" -C "$RES" . && ls -la "$RES"; }
 
 kernels_table() {  # NAME SECONDS MODELS...: issue 5's grid (T 1..8192, keep 0.4/0.6/0.8)
   local name=$1 seconds=$2; shift 2
-  timeout "$seconds" $BENCH kernels --models "$@" --backends dense cublas triton \
+  timeout "$seconds" $BENCH kernels --models "$@" --backends dense cublas triton triton_fp32 \
     --json "$RES/kernels-$name.json" --markdown "$RES/kernels-$name.md" 2>"$RES/kernels-$name.log"
   echo "kernels $name rc=$?"; tail -n 2 "$RES/kernels-$name.log"
 }
@@ -65,7 +65,7 @@ case "${1:?stage}" in
     setup
     for q in 16 64; do
       timeout 40 $BENCH kernels --models llama2-7b --layers q gate --keep 0.6 --multiple-of $q \
-        --tokens 1 16 32 64 2048 --backends dense cublas triton --rep-ms 50 \
+        --tokens 1 16 32 64 2048 --backends dense cublas triton triton_fp32 --rep-ms 50 \
         --json "$RES/kernels-aligned$q.json" --markdown "$RES/kernels-aligned$q.md" 2>/dev/null
     done
     timeout 110 $BENCH e2e --shape-only --config llama2-7b --keep 0.6 --multiple-of 16 --backends dense triton cublas \
@@ -75,12 +75,12 @@ case "${1:?stage}" in
     setup
     timeout 150 python3 -m pytest tests/kernels -q -k cuda -n 8 -p no:cacheprovider 2>&1 | tee "$RES/tests-kernels-cuda.log" | tail -n 4
     timeout 150 $BENCH kernels --models llama2-7b --layers q gate --keep 0.6 --multiple-of 16 \
-      --tokens 1 16 32 33 48 64 128 256 512 2048 --backends dense cublas triton --rep-ms 50 \
+      --tokens 1 16 32 33 48 64 128 256 512 2048 --backends dense cublas triton triton_fp32 --rep-ms 50 \
       --json "$RES/kernels-aligned16-midT.json" --markdown "$RES/kernels-aligned16-midT.md" 2>/dev/null
     # The SmolLM2-135M checkpoint (98 MB as GGUF) is larger than the device tool carries; its
     # speed depends on its ranks, not on the values of its factors, so the committed plans run
     # with random factors.
-    timeout 200 $BENCH e2e --shape-only --config smollm2-135m --backends dense cublas triton \
+    timeout 200 $BENCH e2e --shape-only --config smollm2-135m --backends dense cublas triton triton_fp32 \
       --plan benchmarks/results/plans/smollm2-135m_{uniform,drank,ara}_keep{0.8,0.6}.json \
       --json "$RES/e2e-smollm2-135m-plans.json" --markdown "$RES/e2e-smollm2-135m-plans.md" 2>"$RES/e2e-smollm2-135m-plans.log"
     pack ;;

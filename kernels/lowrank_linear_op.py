@@ -9,7 +9,13 @@ On CUDA the op runs one of the backends in :data:`BACKENDS` (:func:`set_backend`
 * ``"cublas"`` (default): two cuBLAS GEMMs, ``(x @ V) @ U.T``, the intermediate rounded to the
   model dtype. The default because it was the fastest backend on the H100 we measured
   (benchmarks/results/h100/).
-* ``"triton"``: the Triton kernels, with an fp32 intermediate (never rounded to 16 bits).
+* ``"triton"``: hybrid: the Triton decode kernels up to ``DECODE_MAX_TOKENS`` tokens, where
+  the weights' bytes bound the time, and the two cuBLAS GEMMs of ``"cublas"`` above, where the
+  GEMMs run at full tensor-core rate with a 16-bit intermediate and the Triton prefill kernels,
+  which keep it in fp32, reach a fraction of that. So ``"triton"`` is never slower than cuBLAS
+  on prefill. The crossover is the heuristic ``DECODE_MAX_TOKENS``, not yet measured on a GPU.
+* ``"triton_fp32"``: the Triton kernels at every token count, the intermediate never rounded
+  to 16 bits.
 * ``"torch"``: plain torch math with an fp32 intermediate, what CPU tensors always run; a
   baseline for the benchmarks.
 """
@@ -20,6 +26,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from lowrank_infer.kernels.launch_config import DECODE_MAX_TOKENS
 from lowrank_infer.kernels.reference import torch_lowrank_linear, two_matmul_linear
 from lowrank_infer.kernels.validation import check_factors, check_input
 
@@ -50,7 +57,15 @@ def _triton(x, U, V, bias):
     return _triton_launcher().launch(x, U, V, bias)
 
 
-_CUDA_IMPLEMENTATIONS = {"cublas": two_matmul_linear, "triton": _triton, "torch": torch_lowrank_linear}
+def _hybrid(x, U, V, bias):
+    if x.numel() // x.shape[-1] > DECODE_MAX_TOKENS:
+        return two_matmul_linear(x, U, V, bias)
+    return _triton(x, U, V, bias)
+
+
+_CUDA_IMPLEMENTATIONS = {
+    "cublas": two_matmul_linear, "triton": _hybrid, "triton_fp32": _triton, "torch": torch_lowrank_linear,
+}
 BACKENDS = tuple(_CUDA_IMPLEMENTATIONS)
 _ENV_VAR = "LOWRANK_INFER_BACKEND"
 
@@ -76,7 +91,7 @@ def set_backend(name: str) -> None:
     when it was captured.
 
     Args:
-        name: ``"cublas"``, ``"triton"`` or ``"torch"``.
+        name: ``"cublas"``, ``"triton"``, ``"triton_fp32"`` or ``"torch"``.
 
     Raises:
         ValueError: ``name`` is not one of :data:`BACKENDS`.
@@ -97,7 +112,7 @@ def use_backend(name: str) -> Iterator[None]:
     """:func:`set_backend` for the duration of a ``with`` block; the previous backend comes back after.
 
     Args:
-        name: ``"cublas"``, ``"triton"`` or ``"torch"``.
+        name: ``"cublas"``, ``"triton"``, ``"triton_fp32"`` or ``"torch"``.
 
     Raises:
         ValueError: ``name`` is not one of :data:`BACKENDS`.

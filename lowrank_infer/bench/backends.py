@@ -18,7 +18,9 @@ from lowrank_infer.kernels import use_backend
 __all__ = ["BACKENDS", "CPU_BACKENDS", "LEGACY_NAMES", "backend_of", "check_backends", "running"]
 
 BACKENDS = ("dense", *KERNEL_BACKENDS)
-# Result files written before the benches ran the library's backends call them so.
+# Result files written before the benches ran the library's backends call them so. Their
+# Triton rows (fused or triton) ran the Triton kernels at every token count: what the backend
+# triton_fp32 runs now, triton being the Triton decode plus cuBLAS above 32 tokens.
 LEGACY_NAMES = {"two_matmul": "cublas", "torch_lowrank": "torch", "fused": "triton"}
 # Off CUDA, lowrank_linear runs torch math whatever the backend: other names would mislabel it.
 CPU_BACKENDS = ("dense", "torch")

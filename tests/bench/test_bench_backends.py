@@ -16,10 +16,10 @@ CPU = torch.device("cpu")
 
 
 def test_backends_are_dense_and_the_library_s():
-    assert BACKENDS == ("dense", "cublas", "triton", "torch")
-    assert check_backends(["dense", "cublas", "triton", "torch"], torch.device("cuda")) == list(BACKENDS)
+    assert BACKENDS == ("dense", "cublas", "triton", "triton_fp32", "torch")
+    assert check_backends(["dense", "cublas", "triton", "triton_fp32", "torch"], torch.device("cuda")) == list(BACKENDS)
     assert check_backends(["torch", "dense"], CPU) == ["torch", "dense"]
-    with pytest.raises(ValueError, match="unknown backend 'two_matmul' \\(known: dense, cublas, triton, torch\\)"):
+    with pytest.raises(ValueError, match="unknown backend 'two_matmul' \\(known: dense, cublas, triton, triton_fp32, torch\\)"):
         check_backends(["two_matmul"], torch.device("cuda"))
     with pytest.raises(ValueError, match="on cpu, .* cublas, triton would time torch under another name"):
         check_backends(["dense", "cublas", "triton"], CPU)

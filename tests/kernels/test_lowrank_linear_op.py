@@ -134,7 +134,7 @@ def test_import_does_not_initialise_cuda_or_load_triton_and_reads_the_backend_va
 def test_bad_backend_variable_names_the_variable_and_the_choices(monkeypatch):
     monkeypatch.setenv("LOWRANK_INFER_BACKEND", "cutlass")
     with pytest.raises(ValueError, match="LOWRANK_INFER_BACKEND='cutlass' is not a backend; "
-                                         "choose one of cublas, triton, torch"):
+                                         "choose one of cublas, triton, triton_fp32, torch"):
         lowrank_linear_op._backend_from_env()
     monkeypatch.delenv("LOWRANK_INFER_BACKEND")
     assert lowrank_linear_op._backend_from_env() == "cublas"
@@ -198,10 +198,27 @@ def test_use_backend_restores_the_previous_one_even_after_an_error():
 
 def test_unknown_backend_is_refused():
     before = get_backend()
-    message = "unknown backend 'cutlass'; choose one of cublas, triton, torch"
+    message = "unknown backend 'cutlass'; choose one of cublas, triton, triton_fp32, torch"
     with pytest.raises(ValueError, match=message):
         set_backend("cutlass")
     with pytest.raises(ValueError, match=message):
         with use_backend("cutlass"):
             pass
     assert get_backend() == before
+
+
+@pytest.mark.parametrize("tokens, lead, expected", [(1, (), "triton"), (32, (), "triton"), (33, (), "cublas"),
+                                                     (17, (2,), "cublas"), (16, (2,), "triton")])
+def test_the_triton_backend_hands_prefill_to_cublas(monkeypatch, tokens, lead, expected):
+    """Hybrid: the Triton kernels up to DECODE_MAX_TOKENS rows (leading dims count), cuBLAS above."""
+    from lowrank_infer.kernels import lowrank_linear_op as op
+
+    assert op._CUDA_IMPLEMENTATIONS["triton_fp32"] is op._triton  # the kernels at every size
+    ran = []
+    monkeypatch.setattr(op, "_triton", lambda *a: ran.append("triton") or torch_lowrank_linear(*a))
+    monkeypatch.setattr(op, "two_matmul_linear", lambda *a: ran.append("cublas") or two_matmul_linear(*a))
+    gen = torch.Generator().manual_seed(tokens)
+    x, U, V = torch.randn(*lead, tokens, 24, generator=gen), torch.randn(40, 8, generator=gen), torch.randn(24, 8, generator=gen)
+    y = op._CUDA_IMPLEMENTATIONS["triton"](x, U, V, None)
+    assert ran == [expected]
+    torch.testing.assert_close(y.double(), x.double() @ V.double() @ U.double().T, rtol=1e-4, atol=1e-4)
