@@ -41,3 +41,20 @@ def test_config_without_a_plan_is_refused():
 def test_config_with_a_broken_plan_is_refused():
     with pytest.raises(PlanError, match="format_version"):
         LowRankVllmConfig.from_config({"quant_method": "lowrank_infer", "rank_plan": {"format_version": 99}})
+
+
+def test_vllm_without_the_plugin_refuses_the_checkpoint_loudly(tmp_path):
+    """Never random weights: with the plugin switched off, vLLM names the unknown method and stops."""
+    import os
+    import subprocess
+    import sys
+
+    path = mixed_checkpoint("llama", tmp_path / "ckpt")
+    script = tmp_path / "load.py"
+    script.write_text("import sys\nif __name__ == '__main__':\n    from vllm import LLM\n"
+                      "    LLM(model=sys.argv[1], dtype='float32', enforce_eager=True, max_model_len=64)\n")
+    env = {**os.environ, "VLLM_PLUGINS": "no_such_plugin"}  # an allow-list that leaves ours out
+    result = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=300)
+    assert result.returncode != 0
+    assert "Unknown quantization method: lowrank_infer" in result.stderr
