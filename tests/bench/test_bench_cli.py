@@ -181,7 +181,7 @@ def test_e2e_compressed_checkpoint_against_its_dense_counterpart(bench, tmp_path
 @pytest.mark.parametrize(("argv", "message"), [
     (["kernels", "--models", "gpt5"], "unknown model 'gpt5' (known: llama2-7b, llama3-8b"),
     (["kernels", "--layers", "qkv"], "unknown layer 'qkv' (known: q, k, v, o"),
-    (["kernels", "--backends", "cutlass"], "unknown backend 'cutlass' (known: dense, cublas, triton, torch)"),
+    (["kernels", "--backends", "cutlass"], "unknown backend 'cutlass' (known: dense, cublas, triton, triton_fp32, torch)"),
     (["kernels", "--backends", "dense", "triton"], "on cpu, lowrank_linear runs torch math whatever the backend"),
     (["kernels", "--keep", "1.0"], "leaves a 576x576 layer dense"),
     (["kernels", "--keep", "1.5"], "keep must be in (0, 1]"),
