@@ -23,7 +23,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_layers_match_vllm_dense_layers(world_size):
+def test_layers_match_vllm_dense_layers(world_size, dtype):
     # spawn re-raises a rank's exception (with its traceback) here.
-    mp.spawn(vllm_layers.run_rank, args=(world_size, _free_port()), nprocs=world_size, join=True)
+    mp.spawn(vllm_layers.run_rank, args=(world_size, _free_port(), dtype), nprocs=world_size, join=True)

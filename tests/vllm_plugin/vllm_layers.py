@@ -133,8 +133,14 @@ def check_missing_factor(factored: dict[str, torch.Tensor]) -> None:
         load(build(LowRankVllmConfig(plan())), partial)
 
 
-def run_rank(rank: int, world_size: int, port: int) -> None:
-    """One tensor-parallel rank: compare the plugin's layers with vLLM's dense ones."""
+def run_rank(rank: int, world_size: int, port: int, dtype_name: str = "float32") -> None:
+    """One tensor-parallel rank: compare the plugin's layers with vLLM's dense ones, in ``dtype_name``.
+
+    In bfloat16 the two round differently (the plugin's intermediate ``x V`` stays in float32,
+    the dense reference rounds ``U Vᵀ`` to bfloat16), so each output is held to a relative
+    Frobenius error of 2e-2 instead of float32's element-wise 1e-4.
+    """
+    dtype = getattr(torch, dtype_name)
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
 
@@ -147,14 +153,22 @@ def run_rank(rank: int, world_size: int, port: int) -> None:
         init_distributed_environment(world_size=world_size, rank=rank, local_rank=rank, backend="gloo",
                                      distributed_init_method=f"tcp://127.0.0.1:{port}")
         initialize_model_parallel(tensor_model_parallel_size=world_size)
+        torch.set_default_dtype(dtype)  # vLLM's layers take their parameter dtype from it
         lowrank_model, dense_model = build(LowRankVllmConfig(plan())), build(None)
-        factored, dense = checkpoint()
+        factored, dense = (
+            {name: tensor.to(dtype) for name, tensor in tensors.items()} for tensors in checkpoint())
         load(lowrank_model, factored)
         load(dense_model, dense)
-        x = torch.randn(5, max(HIDDEN, INTERMEDIATE), generator=torch.Generator().manual_seed(1))
+        x = torch.randn(5, max(HIDDEN, INTERMEDIATE), generator=torch.Generator().manual_seed(1)).to(dtype)
         got, expected = outputs(lowrank_model, x), outputs(dense_model, x)
-        check_plan_mismatch()
-        check_missing_factor(factored)
+        if dtype == torch.float32:
+            check_plan_mismatch()
+            check_missing_factor(factored)
     for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-4,
-                                   msg=lambda m, name=name: f"{name} on rank {rank}: {m}")
+        assert got[name].dtype == dtype, f"{name}: {got[name].dtype}"
+        if dtype == torch.float32:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-4,
+                                       msg=lambda m, name=name: f"{name} on rank {rank}: {m}")
+        else:
+            error = ((got[name].double() - expected[name].double()).norm() / expected[name].double().norm()).item()
+            assert error < 2e-2, f"{name} on rank {rank}: relative error {error:.3g} in {dtype_name}"
