@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Callable, Mapping
@@ -122,6 +123,11 @@ def analyze(
     """
     config = _resolve(config, plan)
     _check_inputs(model, config, plan, calib_ids, batch_size)
+    return _analyze(model, config, calib_ids, plan, model_id, batch_size, device, progress)
+
+
+def _analyze(model, config, calib_ids, plan, model_id, batch_size, device, progress):
+    """:func:`analyze` once its inputs are checked."""
     linears = target_linears(model, include=config.include, exclude=config.exclude)
     if plan is not None:
         plan.validate({name: (m.out_features, m.in_features) for name, m in linears.items()})
@@ -185,14 +191,14 @@ def compress(
     _check_inputs(model, config, plan, calib_ids, batch_size)
     seconds = {}
     if plan is None or not config.sequential:  # a given plan needs no spectra when refitted
-        plan, spectra, seconds = analyze(model, config, calib_ids=calib_ids, plan=plan, model_id=model_id,
-                                         batch_size=batch_size, device=device, progress=progress)
+        plan, spectra, seconds = _analyze(model, config, calib_ids, plan, model_id, batch_size, device, progress)
     if config.sequential:
         start = time.perf_counter()
         refitted = compensated_factors(model, plan, calib_ids, ridge=config.ridge, batch_size=batch_size,
                                        device=device, progress=progress)
         seconds["compensation"] = time.perf_counter() - start
-        plan.params.update(sequential=True, ridge=config.ridge)
+        # A new plan object: a plan the caller passed in stays as it was.
+        plan = dataclasses.replace(plan, params={**plan.params, "sequential": True, "ridge": config.ridge})
         apply_plan(model, plan, lambda name, rank: refitted[name])
     else:
         apply_plan(model, plan, lambda name, rank: spectra[name].factors(rank))

@@ -116,3 +116,16 @@ def test_a_plan_refitted_sequentially_needs_no_whitened_svd():
         if isinstance(module, LowRankLinear):
             torch.testing.assert_close(module.U, reference[name][0])
             torch.testing.assert_close(module.V, reference[name][1])
+
+
+def test_a_plan_passed_in_is_not_changed_by_sequential_refitting():
+    from lowrank_infer.allocation import uniform_plan
+    from lowrank_infer.structure import target_shapes
+
+    model = tiny_model("llama").eval()
+    plan = uniform_plan(target_shapes(model), 0.5)
+    before = plan.to_dict()
+    ids = torch.randint(3, 128, (4, 16), generator=GEN)
+    result = compress(model, UniformConfig(keep=0.5, sequential=True), plan=plan, calib_ids=ids, progress=False)
+    assert plan.to_dict() == before and result.plan.params["sequential"] is True
+    assert result.plan.ranks == plan.ranks
