@@ -53,6 +53,7 @@ from lowrank_infer.allocation.budget import captured_energy, fit_budget, spectra
 from lowrank_infer.allocation.config import AllocationInputs, MethodConfig
 from lowrank_infer.allocation.plan import RankPlan, plan_from_ranks
 from lowrank_infer.cost import layer_params, use_dense
+from lowrank_infer.distributed import Ranks
 from lowrank_infer.factorize import Spectrum
 from lowrank_infer.structure import replace_module
 
@@ -161,6 +162,7 @@ class ARAConfig(MethodConfig):
     seed: int = 0
 
     name: ClassVar[str] = "ara"
+    data_parallel: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -183,7 +185,7 @@ class ARAConfig(MethodConfig):
         if inputs.model is None or inputs.calib_ids is None:
             raise ValueError("ARA trains on the model: it needs the model and calibration token ids")
         return ara_plan(inputs.model, inputs.spectra, inputs.calib_ids, self, model_id=inputs.model_id,
-                        progress=inputs.progress)
+                        progress=inputs.progress, group=inputs.ranks)
 
 
 def ara_plan(
@@ -194,6 +196,7 @@ def ara_plan(
     *,
     model_id: str = "",
     progress: bool = True,
+    group: Ranks = Ranks(),
 ) -> RankPlan:
     """ARA allocation: train per-layer kept-fraction distributions on the LM loss, then finalize.
 
@@ -208,6 +211,9 @@ def ara_plan(
         config: keep, ``multiple_of`` and the training settings.
         model_id: recorded in the plan.
         progress: show a progress bar with the loss and the parameter ratio ``R``.
+        group: under ``torch.distributed``, every rank calls this with the same arguments and
+            trains on its share of each batch, gradients summed (data-parallel); the plan equals
+            the single-process one up to round-off.
 
     Raises:
         ValueError: empty spectra, NaN in them, a spectrum naming no linear of ``lm`` (or of
@@ -217,6 +223,9 @@ def ara_plan(
     shapes = spectra_shapes(spectra)
     linears = _check_linears(lm, spectra)
     ids = _training_ids(calib_ids, config)
+    if config.batch_size < group.world:
+        raise ValueError(f"ARA's batch_size ({config.batch_size}) must be at least the number of ranks "
+                         f"({group.world}) to train data-parallel: set --param batch_size={group.world} or more")
     # What the plan records: the settings, with the rows and tokens actually trained on.
     record = {**config.hyperparameters(), "samples": ids.shape[0], "seq_len": ids.shape[1],
               "multiple_of": config.multiple_of}
@@ -230,7 +239,7 @@ def ara_plan(
     masked = {name: _MaskedLinear(linears[name], s, config.keep / _headroom(s)) for name, s in spectra.items()}
     regularizer = _Regularizer(shapes, spectra, list(masked.values()), config.keep)
     with _swapped(lm, masked):
-        fractions = _train(lm, masked, regularizer, ids, config, finalize, progress)
+        fractions = _train(lm, masked, regularizer, ids, config, finalize, progress, group)
     return finalize(fractions)
 
 
@@ -284,7 +293,7 @@ def _swapped(lm: nn.Module, masked: Mapping[str, _MaskedLinear]):
         lm.train(training)
 
 
-def _train(lm, masked, regularizer, ids, config: ARAConfig, finalize, progress) -> dict[str, float]:
+def _train(lm, masked, regularizer, ids, config: ARAConfig, finalize, progress, group: Ranks) -> dict[str, float]:
     """AdamW on the logits; returns each layer's final expected fraction ``ρ``.
 
     Raises ARATrainingError at a non-finite loss or update, with the plan of the last finite logits.
@@ -306,15 +315,19 @@ def _train(lm, masked, regularizer, ids, config: ARAConfig, finalize, progress) 
     bar = tqdm(range(config.steps), desc="ARA", unit="step", disable=not progress)
     with torch.enable_grad():
         for step in bar:
-            batch = ids[order[step * size : (step + 1) * size]].to(device)
-            logits = lm(input_ids=batch, use_cache=False).logits[:, :-1].float()
-            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+            batch = ids[order[step * size : (step + 1) * size]]
+            ce = _data_parallel_ce(lm, batch, group, device)
             ratio, compression, guidance = regularizer()
-            loss = ce + config.alpha * compression + config.beta * guidance
+            penalty = config.alpha * compression + config.beta * guidance
+            loss = ce.detach() + penalty.detach()
             if not torch.isfinite(loss):
                 raise failure(f"loss became {loss.item()} (cross-entropy {ce.item()})", step)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # Every rank adds its share of the cross-entropy and 1/world of the (identical)
+            # penalty; the summed gradients are the single-process batch's.
+            (ce + penalty / group.world).backward()
+            for layer in layers:
+                group.all_reduce_sum(layer.logits.grad)
             optimizer.step()
             current = [layer.logits.detach().clone() for layer in layers]
             if not all(torch.isfinite(logits).all() for logits in current):
@@ -322,6 +335,17 @@ def _train(lm, masked, regularizer, ids, config: ARAConfig, finalize, progress) 
             last_good = current
             bar.set_postfix(loss=f"{loss.item():.3f}", ce=f"{ce.item():.3f}", R=f"{ratio.item():.3f}")
     return {name: _fraction_of(logits) for name, logits in zip(masked, last_good)}
+
+
+def _data_parallel_ce(lm, batch: torch.Tensor, group: Ranks, device) -> torch.Tensor:
+    """This rank's rows' share of the batch's mean next-token cross-entropy; its value (not its
+    gradient) is summed over ranks, so every rank sees the whole batch's loss."""
+    rows = group.shard(batch).to(device)
+    logits = lm(input_ids=rows, use_cache=False).logits[:, :-1].float()
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1), reduction="sum")
+    share = total / (batch.shape[0] * (batch.shape[1] - 1))
+    others = group.all_reduce_sum(share.detach().clone()) - share.detach()
+    return share + others
 
 
 def _row_order(rows: int, needed: int, seed: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ from torch import nn
 
 from lowrank_infer.allocation.plan import RankPlan, check_keep
 from lowrank_infer.cost import max_useful_rank
+from lowrank_infer.distributed import Ranks
 from lowrank_infer.factorize import Spectrum
 
 __all__ = ["AllocationInputs", "MethodConfig"]
@@ -37,6 +38,8 @@ class AllocationInputs:
         score: ``plan -> loss`` of the model with ``plan`` applied (lower is better), for
             methods that choose between candidate plans; None without calibration data.
         progress: show progress bars.
+        ranks: the process group the allocator runs in; only methods with ``data_parallel``
+            are called on ranks other than 0 (each trains on its share of ``calib_ids``).
     """
 
     spectra: Mapping[str, Spectrum]
@@ -45,6 +48,7 @@ class AllocationInputs:
     calib_ids: torch.Tensor | None = None
     score: Callable[[RankPlan], float] | None = None
     progress: bool = True
+    ranks: Ranks = Ranks()
 
 
 def _is_number(value: Any) -> bool:
@@ -82,6 +86,9 @@ class MethodConfig:
     ridge: float = 1e-2
 
     name: ClassVar[str] = "plan"
+    # Methods that train on the model run on every rank of a process group, each on its share of
+    # the calibration windows; the others run on rank 0 alone.
+    data_parallel: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep", check_keep(self.keep))

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from lowrank_infer.structure import decoder_blocks
 
-__all__ = ["BlockStream", "block_linears", "block_on", "block_stream", "calibrate", "run_block"]
+__all__ = ["BlockStream", "block_grams", "block_linears", "block_on", "block_stream", "calibrate", "run_block"]
 
 
 class _StopForward(Exception):
@@ -116,6 +116,9 @@ class _GramCollector:
         out = dict(self.grams)
         for name, owner in self.alias.items():
             out[name] = self.grams[owner]
+        missing = [n for n in self.linears if n not in out]
+        if missing:
+            raise ValueError(f"calibration never reached {missing[0]} (is it used in the forward pass?)")
         return {name: out[name] for name in self.linears}
 
 
@@ -208,19 +211,53 @@ def calibrate(
         name → ``[in_features, in_features]`` float64 sum of ``x xᵀ`` over all calibration tokens;
         linears that read the same input map to the same tensor object.
     """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
     grams = {}
-    with block_stream(model, input_ids, batch_size=batch_size, device=device) as stream:
-        hidden = stream.hidden
-        for i, block in enumerate(tqdm(stream.blocks, desc="calibration", unit="block", disable=not progress)):
-            collector = _GramCollector(block_linears(linears, stream.prefix, i), torch.device("cpu"))
-            with block_on(block, device), collector.hooked():
-                hidden = run_block(block, stream.calls[i], hidden, lambda _: collector.start_batch())
-            grams.update(collector.results())
+    with block_stream(model, input_ids, batch_size=batch_size, device=_device_of(model, device)) as stream:
+        blocks = tqdm(range(len(stream.blocks)), desc="calibration", unit="block", disable=not progress)
+        for _, found, _ in block_grams(stream, linears, device=_device_of(model, device), blocks=blocks):
+            grams.update(found)
     missing = [n for n in linears if n not in grams]
     if missing:
-        raise ValueError(f"calibration never reached {missing[0]} (is it used in the forward pass?)")
-    return {name: grams[name] for name in linears}
+        raise ValueError(f"calibration never reached {missing[0]} (is it inside a decoder block?)")
+    return grams
+
+
+def block_grams(
+    stream: BlockStream,
+    linears: Mapping[str, nn.Linear],
+    *,
+    device,
+    blocks=None,
+    hidden: list[torch.Tensor] | None = None,
+) -> Iterator[tuple[int, dict[str, torch.Tensor], list[torch.Tensor]]]:
+    """Block by block: ``(i, grams, outputs)``, block ``i``'s linears' ``XᵀX`` (float64, CPU;
+    linears that read one tensor share one object) and its outputs, the next block's inputs.
+
+    Args:
+        stream: from :func:`block_stream`.
+        linears: name → module, all inside the decoder blocks.
+        device: where each block runs.
+        blocks: the block indices to run, in order (default: all); each block's inputs are the
+            previous one's outputs.
+        hidden: the inputs of the first of ``blocks`` (default: block 0's, from the stream).
+
+    Raises:
+        ValueError: a linear of a block that its forward pass never reached.
+    """
+    hidden = stream.hidden if hidden is None else hidden
+    for i in range(len(stream.blocks)) if blocks is None else blocks:
+        block = stream.blocks[i]
+        wanted = block_linears(linears, stream.prefix, i)
+        collector = _GramCollector(wanted, torch.device("cpu"))
+        with block_on(block, device), collector.hooked():
+            hidden = run_block(block, stream.calls[i], [h.to(device) for h in hidden],
+                               lambda _: collector.start_batch())
+        grams = collector.results()
+        yield i, grams, hidden
+
+
+def _device_of(model: nn.Module, device) -> torch.device:
+    return torch.device(device) if device is not None else next(model.parameters()).device
 
 
 def _move_all_but_blocks(model: nn.Module, blocks: nn.ModuleList, device) -> None:

@@ -33,6 +33,14 @@ class Spectrum:
     right: torch.Tensor
     whitened: bool
 
+    @classmethod
+    def empty(cls, out_features: int, in_features: int, max_rank: int, *, whitened: bool) -> "Spectrum":
+        """An uninitialized spectrum of the shapes ``whitened_svd``/``plain_svd`` give for these
+        arguments (a buffer to receive one, e.g. by broadcast)."""
+        k = _cap(max_rank, min(out_features, in_features))
+        return cls(torch.empty(min(out_features, in_features), dtype=torch.float64),
+                   torch.empty(out_features, k), torch.empty(in_features, k), whitened)
+
     @property
     def out_features(self) -> int:
         return self.left.shape[0]
