@@ -220,12 +220,12 @@ def ara_plan(
             another shape), malformed ``calib_ids``.
         ARATrainingError: the loss became NaN; carries ``last_good_plan``.
     """
-    shapes = spectra_shapes(spectra)
-    linears = _check_linears(lm, spectra)
-    ids = _training_ids(calib_ids, config)
     if config.batch_size < group.world:
         raise ValueError(f"ARA's batch_size ({config.batch_size}) must be at least the number of ranks "
                          f"({group.world}) to train data-parallel: set --param batch_size={group.world} or more")
+    shapes = spectra_shapes(spectra)
+    linears = _check_linears(lm, spectra)
+    ids = _training_ids(calib_ids, config)
     # What the plan records: the settings, with the rows and tokens actually trained on.
     record = {**config.hyperparameters(), "samples": ids.shape[0], "seq_len": ids.shape[1],
               "multiple_of": config.multiple_of}

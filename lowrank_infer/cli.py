@@ -14,6 +14,7 @@ import torch
 from lowrank_infer.allocation import METHODS, MethodConfig, RankPlan
 from lowrank_infer.compress import analyze, compress, config_for, needs_calibration
 from lowrank_infer.data import calibration_ids, load_text, shared_data_file, tokenize_text
+from lowrank_infer.distributed import Ranks, process_group
 from lowrank_infer.evaluate import check_seq_len, perplexity
 from lowrank_infer.harness import lm_eval_results, results_table, write_results
 from lowrank_infer.io import PLAN_FILE, is_compressed_checkpoint, save_compressed
@@ -82,6 +83,13 @@ def _add_allocation_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--include", action="append", help="regex: only linears whose name matches (repeatable)")
     p.add_argument("--exclude", action="append", help="regex: skip linears whose name matches (repeatable)")
+    p.add_argument(
+        "--work-dir",
+        help="keep each finished block's factors in this directory instead of in memory (bounded memory "
+        "for large models; kept afterwards, delete it when done); a killed run continues with --resume",
+    )
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --work-dir from its last finished block (same settings required)")
     _add_calibration_options(p)
     _add_model_options(p)
 
@@ -277,20 +285,31 @@ def cmd_compress(args) -> int:
     # Everything that can be checked without the model fails here, before the slow load.
     _check_out_dir(args.out, args.overwrite)
     _check_seq_len(args)
+    _check_resume(args)
     plan = RankPlan.load(args.plan) if args.plan else None
-    start = time.perf_counter()
     device = _device(args)
     config = _method_config(args, plan)
+    with process_group(device) as ranks:
+        return _compress(args, plan, device, config, ranks)
+
+
+def _compress(args, plan, device: str, config, ranks: Ranks) -> int:
+    """``compress`` on one rank (of one, or of those ``torchrun`` started); rank 0 evaluates,
+    writes and reports."""
+    start = time.perf_counter()
+    _quiet_unless(ranks.main)
     # The model stays in host memory; calibration moves one block at a time to --device.
     model, tokenizer, model_id = _load(args.model, args, device="cpu")
     _check_seq_len(args, model)
     calib = _calibration_ids(args, tokenizer, config, plan)
-    eval_tokens = _eval_tokens(args.eval_file, tokenizer) if args.eval_file else None
+    eval_tokens = _eval_tokens(args.eval_file, tokenizer) if args.eval_file and ranks.main else None
     before = model_size(model)
-    ppl_before = _perplexity_on(device, model, eval_tokens, args) if args.eval_file else None
+    ppl_before = _perplexity_on(device, model, eval_tokens, args) if eval_tokens is not None else None
     result = compress(model, config, calib_ids=calib, plan=plan, model_id=model_id, batch_size=args.batch_size,
-                      device=device)
-    ppl_after = _perplexity_on(device, model, eval_tokens, args) if args.eval_file else None
+                      device=device, work_dir=args.work_dir, resume=args.resume, progress=ranks.main)
+    if not ranks.main:
+        return 0
+    ppl_after = _perplexity_on(device, model, eval_tokens, args) if eval_tokens is not None else None
     metrics = {} if ppl_before is None else {
         f"perplexity, {ppl_after['windows']} x {args.seq_len} tokens of {Path(args.eval_file).name}": ppl_after["perplexity"],
         "perplexity of the dense model, same text": ppl_before["perplexity"]}
@@ -298,7 +317,8 @@ def cmd_compress(args) -> int:
     save_compressed(model, args.out, tokenizer, overwrite=args.overwrite, metrics=metrics, base_model=base_model)
     after = model_size(model)
     summary = result.plan.summary()
-    _say(f"compressed {model_id} with {result.plan.method} in {time.perf_counter() - start:.1f} s "
+    processes = f" on {ranks.world} processes" if ranks.world > 1 else ""
+    _say(f"compressed {model_id} with {result.plan.method}{processes} in {time.perf_counter() - start:.1f} s "
          f"({', '.join(f'{k} {v:.1f} s' for k, v in result.seconds.items())})")
     _say(f"  keep target {result.plan.keep_target:.4f}, achieved {summary['keep_achieved']:.4f} "
          f"({summary['layers']} target linears, {summary['dense_layers']} kept dense)")
@@ -308,24 +328,44 @@ def cmd_compress(args) -> int:
     if ppl_before is not None:
         _say(f"  perplexity ({ppl_after['windows']} windows x {args.seq_len} tokens of {args.eval_file}): "
              f"{ppl_before['perplexity']:.3f} dense -> {ppl_after['perplexity']:.3f} compressed")
+    if args.work_dir:
+        _say(f"  work directory {args.work_dir} kept (delete it when no longer needed)")
     _say(f"  saved to {args.out}")
     return 0
+
+
+def _check_resume(args) -> None:
+    if args.resume and not args.work_dir:
+        raise ValueError("--resume needs --work-dir (the directory of the run to continue)")
+
+
+def _quiet_unless(main: bool) -> None:
+    """Ranks other than 0 print nothing of their own: no progress bars from transformers either."""
+    if not main:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
 
 
 def cmd_plan(args) -> int:
     _check_out_file(args.out, args.overwrite)
     _check_seq_len(args)
+    _check_resume(args)
     device = _device(args)
     config = _method_config(args)
-    model, tokenizer, model_id = _load(args.model, args, device="cpu")
-    _check_seq_len(args, model)
-    calib = _calibration_ids(args, tokenizer, config)
-    plan, _, seconds = analyze(model, config, calib_ids=calib, model_id=model_id, batch_size=args.batch_size,
-                               device=device)
-    plan.save(args.out)
-    summary = plan.summary()
-    _say(f"{plan.method} plan for {model_id}: keep {plan.keep_target} -> achieved {summary['keep_achieved']:.4f}, "
-         f"{summary['dense_layers']} dense layers, allocation {seconds.get('allocation', 0.0):.1f} s; wrote {args.out}")
+    with process_group(device) as ranks:
+        _quiet_unless(ranks.main)
+        model, tokenizer, model_id = _load(args.model, args, device="cpu")
+        _check_seq_len(args, model)
+        calib = _calibration_ids(args, tokenizer, config)
+        plan, _, seconds = analyze(model, config, calib_ids=calib, model_id=model_id, batch_size=args.batch_size,
+                                   device=device, work_dir=args.work_dir, resume=args.resume, progress=ranks.main)
+    if ranks.main:
+        plan.save(args.out)
+        summary = plan.summary()
+        _say(f"{plan.method} plan for {model_id}: keep {plan.keep_target} -> achieved {summary['keep_achieved']:.4f}, "
+             f"{summary['dense_layers']} dense layers, allocation {seconds.get('allocation', 0.0):.1f} s; wrote {args.out}")
     return 0
 
 

@@ -220,7 +220,7 @@ def run_settings(job: _Job, linears: Mapping[str, nn.Linear]) -> dict:
     return {
         "model_id": job.model_id, "weights": digest.hexdigest(), "calibration": data,
         "calibration_shape": None if job.calib_ids is None else list(job.calib_ids.shape),
-        "config": dataclasses.asdict(job.config), "method": job.config.name,
+        **dataclasses.asdict(job.config), "method": job.config.name,
         "plan": None if job.plan is None else job.plan.to_dict(),
         "batch_size": job.batch_size, "device": job.device.type, "world_size": job.ranks.world,
     }

@@ -9,12 +9,14 @@ own. Statistics and factors travel on the CPU with gloo, on the GPU with NCCL.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Ranks", "init_from_env"]
+__all__ = ["Ranks", "init_from_env", "process_group"]
 
 
 @dataclass(frozen=True)
@@ -101,3 +103,15 @@ def init_from_env(device: str | None) -> Ranks:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend="nccl" if cuda else "gloo")
     return Ranks.current()
+
+
+@contextmanager
+def process_group(device: str | None) -> Iterator[Ranks]:
+    """:func:`init_from_env` for the ``with`` block; a group it started is destroyed afterwards."""
+    started = not (dist.is_available() and dist.is_initialized())
+    ranks = init_from_env(device)
+    try:
+        yield ranks
+    finally:
+        if started and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

@@ -94,15 +94,28 @@ class WorkDir:
     def __init__(self, path: str | Path, settings: Mapping[str, Any], *, resume: bool, ranks: Ranks = Ranks()):
         self.path, self.ranks = Path(path), ranks
         self.settings = json.loads(json.dumps(settings))  # as it reads back from the manifest
+        # Rank 0 alone reads and starts the manifest, and tells the others what it found: a
+        # rank that looked itself could see the manifest rank 0 has just written as another run's.
+        outcome = None
+        if ranks.main:
+            try:
+                outcome = self._open(resume)
+            except ValueError as err:
+                outcome = err
+        outcome = ranks.broadcast_object(outcome)
+        if isinstance(outcome, ValueError):
+            raise outcome
+        self.blocks_done = outcome
+
+    def _open(self, resume: bool) -> int:
+        """The number of finished blocks, after starting a manifest or checking the one there."""
         manifest = self._read_manifest()
         if manifest is None:
             self.blocks_done = 0
-            if ranks.main:
-                self._write_manifest()
-        else:
-            self._check_resumable(manifest, resume)
-            self.blocks_done = int(manifest["blocks_done"])
-        ranks.barrier()  # no rank reads the manifest before rank 0 wrote it
+            self._write_manifest()
+            return 0
+        self._check_resumable(manifest, resume)
+        return int(manifest["blocks_done"])
 
     def _read_manifest(self) -> dict | None:
         file = self.path / MANIFEST
