@@ -11,16 +11,15 @@ from typing import Callable, Mapping
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from lowrank_infer.allocation import METHODS, AllocationInputs, MethodConfig, RankPlan, UniformConfig
-from lowrank_infer.calibration import block_grams, block_linears, block_stream
 from lowrank_infer.compensation import compensated_factors
 from lowrank_infer.distributed import Ranks
 from lowrank_infer.evaluate import mean_nll
-from lowrank_infer.factorize import Spectrum, plain_svd, whitened_svd
+from lowrank_infer.factorize import Spectrum
 from lowrank_infer.io import attach_plan
-from lowrank_infer.structure import decoder_blocks, target_linears
+from lowrank_infer.spectra import spectra_everywhere, stream_spectra
+from lowrank_infer.structure import target_linears
 from lowrank_infer.surgery import apply_plan, check_uncompressed, plan_applied
 from lowrank_infer.workdir import WorkDir
 
@@ -53,75 +52,6 @@ def needs_calibration(config: MethodConfig, plan: RankPlan | None = None) -> boo
     """Whether compressing with ``config`` (applying ``plan``, when given) needs calibration ids:
     a plan needs them only for whitening or sequential refitting; otherwise the method says."""
     return config.whiten or config.sequential if plan is not None else config.needs_calibration
-
-
-def _factorize(linear: nn.Linear, gram: torch.Tensor | None, cap: int, device, name: str) -> Spectrum:
-    """Whitened (``gram`` given) or plain SVD of one linear, factors kept up to ``cap``."""
-    weight = linear.weight.to(device) if device is not None else linear.weight
-    if gram is None:
-        return plain_svd(weight, max_rank=cap, name=name)
-    return whitened_svd(weight, gram.to(weight.device), max_rank=cap, name=name)
-
-
-def _block_spectra(linears: Mapping[str, nn.Linear], grams, caps, device, ranks: Ranks) -> dict[str, Spectrum]:
-    """Spectra of one block's linears: each factorized by its owner rank, then sent to all."""
-    found = {}
-    for j, (name, linear) in enumerate(linears.items()):
-        owner = ranks.owner(j)
-        gram = None if grams is None else grams[name]
-        if ranks.rank == owner:
-            spectrum = _factorize(linear, gram, caps[name], device, name)
-        else:
-            spectrum = Spectrum.empty(linear.out_features, linear.in_features, caps[name], whitened=gram is not None)
-        found[name] = _broadcast_spectrum(spectrum, owner, ranks)
-    return found
-
-
-def _broadcast_spectrum(spectrum: Spectrum, src: int, ranks: Ranks) -> Spectrum:
-    if ranks.world == 1:
-        return spectrum
-    sigma, left, right = (ranks.broadcast(t.contiguous(), src) for t in (spectrum.sigma, spectrum.left, spectrum.right))
-    return Spectrum(sigma, left, right, spectrum.whitened)
-
-
-def _stream_spectra(model, linears, caps, *, calib_ids, whiten, batch_size, device, work, ranks, seconds, progress):
-    """Every linear's spectrum, one decoder block at a time: calibrate the block (each rank on
-    its share of the windows, statistics summed), factorize its linears, drop its statistics.
-    With a work directory each finished block goes to disk (and finished blocks are skipped);
-    else rank 0 keeps the spectra in memory."""
-    prefix, blocks = decoder_blocks(model)
-    start = work.blocks_done if work is not None else 0
-    todo = range(start, len(blocks))
-    kept: dict[str, Spectrum] = {}
-    bar = tqdm(total=len(blocks), initial=start, desc="analyze", unit="block", disable=not (progress and ranks.main))
-
-    def finish(i, grams, hidden=None):
-        began = time.perf_counter()
-        found = _block_spectra(block_linears(linears, prefix, i), grams, caps, device, ranks)
-        seconds["factorization"] = seconds.get("factorization", 0.0) + time.perf_counter() - began
-        if work is not None:
-            if hidden is not None and i + 1 < len(blocks):
-                work.save_hidden(i + 1, hidden)
-            work.finish_block(i, found)
-        elif ranks.main:
-            kept.update(found)
-        bar.update()
-
-    began = time.perf_counter()
-    with bar:  # closed before an error propagates, so the error is the last line printed
-        if not whiten:
-            for i in todo:
-                finish(i, None)
-        elif todo:
-            with block_stream(model, ranks.shard(calib_ids), batch_size=batch_size, device=device) as stream:
-                hidden = work.load_hidden(start) if start else None
-                for i, grams, hidden in block_grams(stream, linears, device=device, blocks=todo, hidden=hidden):
-                    for gram in {id(g): g for g in grams.values()}.values():  # shared statistics once
-                        ranks.all_reduce_sum(gram)
-                    finish(i, grams, hidden)
-            seconds["calibration"] = time.perf_counter() - began - seconds.get("factorization", 0.0)
-    spectra = work.spectra() if work is not None and ranks.main else kept
-    return {name: spectra[name] for name in linears} if ranks.main else {}
 
 
 def _plan_loss(model: nn.Module, spectra: Mapping[str, Spectrum], ids: torch.Tensor) -> Callable[[RankPlan], float]:
@@ -238,7 +168,7 @@ def _analyze(job: _Job) -> tuple[RankPlan, dict[str, Spectrum], dict[str, float]
     work = None if job.work_dir is None else WorkDir(job.work_dir, run_settings(job, linears), resume=job.resume,
                                                      ranks=ranks)
     seconds: dict[str, float] = {}
-    spectra = _stream_spectra(job.model, linears, caps, calib_ids=job.calib_ids, whiten=config.whiten,
+    spectra = stream_spectra(job.model, linears, caps, calib_ids=job.calib_ids, whiten=config.whiten,
                               batch_size=job.batch_size, device=job.device, work=work, ranks=ranks,
                               seconds=seconds, progress=job.progress)
     if plan is None:
@@ -254,7 +184,7 @@ def _allocate(job: _Job, spectra: dict[str, Spectrum], linears) -> RankPlan:
     config, ranks = job.config, job.ranks
     plan = None
     if ranks.world > 1 and config.data_parallel:
-        spectra = _spectra_everywhere(spectra, linears, ranks)
+        spectra = spectra_everywhere(spectra, linears, ranks)
     if ranks.main or config.data_parallel:
         ids = job.calib_ids
         score = None if ids is None else _plan_loss(job.model, spectra, ids[:SCORE_WINDOWS])
@@ -263,20 +193,6 @@ def _allocate(job: _Job, spectra: dict[str, Spectrum], linears) -> RankPlan:
         plan = config.allocate(inputs)
         plan.params["whiten"] = config.whiten
     return ranks.broadcast_object(plan)
-
-
-def _spectra_everywhere(spectra, linears, ranks: Ranks) -> dict[str, Spectrum]:
-    """Rank 0's spectra, factors in memory, on every rank (for allocators that train on every rank)."""
-    meta = ranks.broadcast_object({n: (s.max_rank, s.whitened) for n, s in spectra.items()} if ranks.main else None)
-    out = {}
-    for name, linear in linears.items():
-        cap, whitened = meta[name]
-        if ranks.main:  # a stored spectrum's factors are read from disk here, once
-            mine = Spectrum(spectra[name].sigma, spectra[name].left, spectra[name].right, whitened)
-        else:
-            mine = Spectrum.empty(linear.out_features, linear.in_features, cap, whitened=whitened)
-        out[name] = _broadcast_spectrum(mine, 0, ranks)
-    return out
 
 
 def compress(

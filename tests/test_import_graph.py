@@ -21,7 +21,7 @@ LEAVES = ("lowrank_infer.kernels", "lowrank_infer.cost", "lowrank_infer.allocati
 # orchestrates and may import anything.
 STAGES = (
     ("lowrank_infer.calibration",),
-    ("lowrank_infer.factorize",),
+    ("lowrank_infer.factorize", "lowrank_infer.spectra", "lowrank_infer.workdir"),
     ("lowrank_infer.allocation",),
     ("lowrank_infer.module", "lowrank_infer.surgery"),
     ("lowrank_infer.io", "lowrank_infer.hf_quantizer", "lowrank_infer.report"),

