@@ -59,16 +59,18 @@ def stream_spectra(model, linears, caps, *, calib_ids, whiten, batch_size, devic
     else rank 0 keeps the spectra in memory."""
     prefix, blocks = decoder_blocks(model)
     start = work.blocks_done if work is not None else 0
-    todo = range(start, len(blocks))
+    # Blocks after the last one that holds a target linear need not run.
+    last = max(i for i in range(len(blocks)) if block_linears(linears, prefix, i))
+    todo = range(start, last + 1)
     kept: dict[str, Spectrum] = {}
-    bar = tqdm(total=len(blocks), initial=start, desc="analyze", unit="block", disable=not (progress and ranks.main))
+    bar = tqdm(total=last + 1, initial=start, desc="analyze", unit="block", disable=not (progress and ranks.main))
 
     def finish(i, grams, hidden=None):
         began = time.perf_counter()
         found = _block_spectra(block_linears(linears, prefix, i), grams, caps, device, ranks)
         seconds["factorization"] = seconds.get("factorization", 0.0) + time.perf_counter() - began
         if work is not None:
-            if hidden is not None and i + 1 < len(blocks):
+            if hidden is not None and i < last:
                 work.save_hidden(i + 1, hidden)
             work.finish_block(i, found)
         elif ranks.main:

@@ -187,3 +187,11 @@ def test_stored_spectrum_reads_what_was_computed(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(s.factors(3), spectrum.factors(3)))
         with pytest.raises(ValueError, match="outside the stored factors"):
             s.factors(s.max_rank + 1)
+
+
+def test_cli_resume_needs_a_work_dir(capsys, tmp_path):
+    from lowrank_infer.cli import main
+
+    code = main(["compress", "--model", "no-such-model", "--resume", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and err == "lowrank-infer compress: error: --resume needs --work-dir (the directory of the run to continue)"
