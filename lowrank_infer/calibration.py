@@ -222,6 +222,7 @@ def calibrate(
     return grams
 
 
+@torch.no_grad()  # no autograd graph may link the blocks' outputs: it would hold every activation
 def block_grams(
     stream: BlockStream,
     linears: Mapping[str, nn.Linear],

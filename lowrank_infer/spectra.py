@@ -52,6 +52,7 @@ def _broadcast_spectrum(spectrum: Spectrum, src: int, ranks: Ranks) -> Spectrum:
     return Spectrum(sigma, left, right, spectrum.whitened)
 
 
+@torch.no_grad()
 def stream_spectra(model, linears, caps, *, calib_ids, whiten, batch_size, device, work, ranks, seconds, progress):
     """Every linear's spectrum, one decoder block at a time: calibrate the block (each rank on
     its share of the windows, statistics summed), factorize its linears, drop its statistics.

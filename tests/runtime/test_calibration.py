@@ -56,3 +56,15 @@ def test_bad_calibration_input():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="samples, seq_len"):
         calibrate(model, torch.zeros(0, dtype=torch.long), target_linears(model))
+
+
+def test_streamed_blocks_keep_no_autograd_graph():
+    """Outputs linked by a graph would keep every block's activations alive until the end."""
+    from lowrank_infer.calibration import block_grams, block_stream
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 128, (2, 16))
+    with block_stream(model, ids, batch_size=1, device="cpu") as stream:
+        for _, grams, hidden in block_grams(stream, target_linears(model), device="cpu"):
+            assert all(h.grad_fn is None and not h.requires_grad for h in hidden)
+            assert all(not g.requires_grad for g in grams.values())
