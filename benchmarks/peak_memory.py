@@ -60,7 +60,7 @@ def main() -> None:
         mib, seconds = _peak_rss(command, scratch)
         shutil.rmtree(work, ignore_errors=True)
         rows.append({"variant": label, "peak_rss_mib": round(mib, 1), "wall_s": round(seconds, 1),
-                     "command": " ".join(command[1:] if command[0] == sys.executable else command)})
+                     "command": " ".join(["python", *command[1:]] if command[0] == sys.executable else command)})
         print(f"{label:48s} {mib:8.1f} MiB {seconds:7.1f} s", flush=True)
     shutil.rmtree(scratch, ignore_errors=True)
     result = {"machine": "CPU, 2 cores (shared), float32 SmolLM2-135M-Instruct (GGUF)", "rows": rows}
