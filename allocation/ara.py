@@ -176,6 +176,10 @@ class ARAConfig(MethodConfig):
     def needs_calibration(self) -> bool:
         return True
 
+    @property
+    def needs_model_forward(self) -> bool:
+        return True
+
     def factor_cap(self, out_features: int, in_features: int) -> int:
         """Past break-even (the rank at keep ``RANK_HEADROOM``), so that dense stays reachable."""
         m, n = out_features, in_features

@@ -138,6 +138,11 @@ class MethodConfig:
         """Whether the pipeline must have calibration token ids for this config."""
         return self.whiten or self.sequential
 
+    @property
+    def needs_model_forward(self) -> bool:
+        """Whether allocating runs the whole model (training on it, or scoring plans with it)."""
+        return False
+
     def factor_cap(self, out_features: int, in_features: int) -> int:
         """How many factors of an ``out×in`` layer the allocator may use (default: up to break-even)."""
         return max(1, max_useful_rank(out_features, in_features))

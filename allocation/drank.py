@@ -90,6 +90,10 @@ class DRankConfig(MethodConfig):
     def needs_calibration(self) -> bool:
         return super().needs_calibration or self.beta == "auto"
 
+    @property
+    def needs_model_forward(self) -> bool:
+        return self.beta == "auto"  # candidate plans are scored by the model's loss
+
     def allocate(self, inputs: AllocationInputs) -> RankPlan:
         def plan(beta: float) -> RankPlan:
             return drank_plan(inputs.spectra, self.keep, model_id=inputs.model_id, beta=beta,

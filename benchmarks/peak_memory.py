@@ -53,6 +53,8 @@ def main() -> None:
             variants.append((f"{method}, before (all statistics first)", [args.before_python, *base]))
         variants.append((f"{method}, streaming, spectra in memory", [sys.executable, *base]))
         variants.append((f"{method}, streaming, --work-dir", [sys.executable, *base, "--work-dir", "WORK"]))
+        variants.append((f"{method}, streaming, --work-dir --weights-on-disk",
+                         [sys.executable, *base, "--work-dir", "WORK", "--weights-on-disk"]))
     rows = []
     for label, command in variants:
         work = scratch / f"work-{len(rows)}"

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+import lowrank_infer.offload as offload
 from lowrank_infer.structure import decoder_blocks
 
 __all__ = ["BlockStream", "block_grams", "block_linears", "block_on", "block_stream", "calibrate", "run_block"]
@@ -159,7 +160,15 @@ def block_stream(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int, 
 
 @contextmanager
 def block_on(block: nn.Module, device) -> Iterator[nn.Module]:
-    """``block`` on ``device`` for the ``with`` block, back where it was afterwards."""
+    """``block`` on ``device`` for the ``with`` block, back where it was afterwards (a block
+    whose weights are on disk is read in and dropped again)."""
+    if offload.holds(block) and any(p.is_meta for p in block.parameters()):
+        offload.load(block, device)
+        try:
+            yield block
+        finally:
+            offload.release(block)
+        return
     home = next(block.parameters()).device
     block.to(device)
     try:

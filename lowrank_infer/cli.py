@@ -90,6 +90,11 @@ def _add_allocation_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --work-dir from its last finished block (same settings required)")
+    p.add_argument(
+        "--weights-on-disk", action="store_true",
+        help="keep the model's decoder blocks on disk and read one at a time (the alias or a local safetensors "
+        "directory; uniform, D-Rank with a fixed --param beta, or --plan)",
+    )
     _add_calibration_options(p)
     _add_model_options(p)
 
@@ -298,8 +303,8 @@ def _compress(args, plan, device: str, config, ranks: Ranks) -> int:
     writes and reports."""
     start = time.perf_counter()
     _quiet_unless(ranks.main)
-    # The model stays in host memory; calibration moves one block at a time to --device.
-    model, tokenizer, model_id = _load(args.model, args, device="cpu")
+    # The model stays in host memory (or on disk); calibration moves one block at a time to --device.
+    model, tokenizer, model_id = _load_for_analysis(args)
     _check_seq_len(args, model)
     calib = _calibration_ids(args, tokenizer, config, plan)
     eval_tokens = _eval_tokens(args.eval_file, tokenizer) if args.eval_file and ranks.main else None
@@ -337,6 +342,14 @@ def _compress(args, plan, device: str, config, ranks: Ranks) -> int:
 def _check_resume(args) -> None:
     if args.resume and not args.work_dir:
         raise ValueError("--resume needs --work-dir (the directory of the run to continue)")
+    if args.weights_on_disk and getattr(args, "eval_file", None):
+        raise ValueError("--eval-file measures the dense model, which --weights-on-disk never holds whole; "
+                         "evaluate the checkpoint afterwards with 'lowrank-infer eval'")
+
+
+def _load_for_analysis(args):
+    """The model to compress or plan for, on the CPU, or with its blocks on disk."""
+    return load_model(args.model, dtype=_dtype(args), device="cpu", weights_on_disk=args.weights_on_disk)
 
 
 def _quiet_unless(main: bool) -> None:
@@ -356,7 +369,7 @@ def cmd_plan(args) -> int:
     config = _method_config(args)
     with process_group(device) as ranks:
         _quiet_unless(ranks.main)
-        model, tokenizer, model_id = _load(args.model, args, device="cpu")
+        model, tokenizer, model_id = _load_for_analysis(args)
         _check_seq_len(args, model)
         calib = _calibration_ids(args, tokenizer, config)
         plan, _, seconds = analyze(model, config, calib_ids=calib, model_id=model_id, batch_size=args.batch_size,

@@ -12,6 +12,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
+import lowrank_infer.offload as offload
 from lowrank_infer.allocation import METHODS, AllocationInputs, MethodConfig, RankPlan, UniformConfig
 from lowrank_infer.compensation import compensated_factors
 from lowrank_infer.distributed import Ranks
@@ -106,6 +107,9 @@ def _job(model, config, plan, calib_ids, batch_size, device, work_dir, resume, *
                          "needs calibration data (calib_ids)")
     if resume and work_dir is None:
         raise ValueError("resume needs the work directory of the run to continue (work_dir)")
+    if offload.holds(model) and plan is None and config.needs_model_forward:
+        raise ValueError(f"{config.name} with these settings runs the whole model, which weights kept on disk "
+                         "never are: use uniform, D-Rank with a fixed beta, or a plan from 'lowrank-infer plan'")
     ranks = Ranks.current()
     if ranks.world > 1 and config.sequential:
         raise ValueError("sequential refitting runs in one process; start it without torchrun")
@@ -142,10 +146,13 @@ def analyze(
 def run_settings(job: _Job, linears: Mapping[str, nn.Linear]) -> dict:
     """What makes two runs the same, for a work directory: a resume must match all of it."""
     digest = hashlib.sha256()
-    for name, linear in linears.items():
-        w = linear.weight.detach()
-        sample = w.flatten()[:: max(1, w.numel() // 4096)].double().sum()  # a cheap fingerprint
-        digest.update(f"{name}:{tuple(w.shape)}:{w.dtype}:{float(sample)!r};".encode())
+    if offload.holds(job.model):
+        digest.update(offload.fingerprint(job.model).encode())
+    else:
+        for name, linear in linears.items():
+            w = linear.weight.detach()
+            sample = w.flatten()[:: max(1, w.numel() // 4096)].double().sum()  # a cheap fingerprint
+            digest.update(f"{name}:{tuple(w.shape)}:{w.dtype}:{float(sample)!r};".encode())
     data = None if job.calib_ids is None else hashlib.sha256(job.calib_ids.cpu().numpy().tobytes()).hexdigest()
     return {
         "model_id": job.model_id, "weights": digest.hexdigest(), "calibration": data,
@@ -255,5 +262,7 @@ def compress(
     elif job.ranks.main:
         apply_plan(model, plan, lambda name, rank: spectra[name].factors(rank))
     if job.ranks.main:
+        if offload.holds(model):
+            offload.load(model, "cpu")  # what stays dense (norms, layers the plan keeps) now
         attach_plan(model, plan)
     return CompressResult(plan=plan, seconds=seconds)

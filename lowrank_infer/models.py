@@ -71,12 +71,18 @@ def _tokenizer_of(path: str):
         raise ValueError(f"{path} holds no tokenizer (save it with save_compressed(model, path, tokenizer))") from None
 
 
-def load_model(spec: str, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+def load_model(spec: str, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+               weights_on_disk: bool = False):
     """Load a causal LM and its tokenizer from an alias, ``.gguf`` file, directory or hub id.
+
+    With ``weights_on_disk`` (an alias or a local safetensors directory of a dense model) the
+    decoder blocks stay on disk until used (:mod:`lowrank_infer.offload`); ``device`` is ignored.
 
     Returns:
         ``(model, tokenizer, model_id)``; ``model_id`` is what rank plans record.
     """
+    if weights_on_disk:
+        return _load_on_disk(spec, dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lowrank_infer.io import is_compressed_checkpoint, load_compressed
@@ -105,3 +111,16 @@ def load_model(spec: str, *, dtype: torch.dtype | None = None, device: str | tor
             f"a local model directory, or a reachable hub id ({str(err).splitlines()[0]})"
         ) from None
     return model.eval(), tokenizer, model_id
+
+
+def _load_on_disk(spec: str, dtype: torch.dtype | None):
+    from transformers import AutoTokenizer
+
+    from lowrank_infer.io import is_compressed_checkpoint
+    from lowrank_infer.offload import load_offloaded
+
+    source = _cached_alias(spec) if spec in ALIASES else Path(spec)
+    if is_compressed_checkpoint(source) or not source.is_dir():
+        raise ValueError(f"weights on disk need a built-in alias or a local directory of a dense safetensors "
+                         f"model; {spec!r} is not one")
+    return load_offloaded(source, dtype), AutoTokenizer.from_pretrained(source), spec

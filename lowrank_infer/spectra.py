@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowrank_infer.calibration import block_grams, block_linears, block_stream
+from lowrank_infer.calibration import block_grams, block_linears, block_on, block_stream
 from lowrank_infer.distributed import Ranks
 from lowrank_infer.factorize import Spectrum, plain_svd, whitened_svd
 from lowrank_infer.structure import decoder_blocks
@@ -68,7 +68,8 @@ def stream_spectra(model, linears, caps, *, calib_ids, whiten, batch_size, devic
 
     def finish(i, grams, hidden=None):
         began = time.perf_counter()
-        found = _block_spectra(block_linears(linears, prefix, i), grams, caps, device, ranks)
+        with block_on(blocks[i], device):  # weights kept on disk are read in for the SVDs
+            found = _block_spectra(block_linears(linears, prefix, i), grams, caps, device, ranks)
         seconds["factorization"] = seconds.get("factorization", 0.0) + time.perf_counter() - began
         if work is not None:
             if hidden is not None and i < last:

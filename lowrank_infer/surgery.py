@@ -8,6 +8,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+import lowrank_infer.offload as offload
 from lowrank_infer.allocation.plan import RankPlan
 from lowrank_infer.module import LowRankLinear
 from lowrank_infer.structure import replace_module, target_linears
@@ -49,6 +50,8 @@ def apply_plan(
 
 def _swap_in(model: nn.Module, targets, factors) -> None:
     for layer, linear in targets:
+        if linear.weight.is_meta and offload.holds(linear):
+            offload.load(linear, "cpu")  # its bias (and, briefly, its weight) from disk
         weight = linear.weight
         U, V = factors(layer.name, layer.rank)
         want = ((layer.out_features, layer.rank), (layer.in_features, layer.rank))

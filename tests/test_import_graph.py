@@ -12,10 +12,10 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = {"lowrank_infer": "lowrank_infer", "kernels": "lowrank_infer.kernels", "allocation": "lowrank_infer.allocation"}
 
 # Leaves may be imported by anything and import only leaves: the kernels (the op every stage
-# runs), the parameter-cost rule, the plan format, model structure, atomic files and the
-# process group.
+# runs), the parameter-cost rule, the plan format, model structure, atomic files, the
+# process group and weights kept on disk.
 LEAVES = ("lowrank_infer.kernels", "lowrank_infer.cost", "lowrank_infer.allocation.plan", "lowrank_infer.structure",
-          "lowrank_infer.atomic", "lowrank_infer.distributed")
+          "lowrank_infer.atomic", "lowrank_infer.distributed", "lowrank_infer.offload")
 # The pipeline in data-flow order; a stage may import leaves, itself and earlier stages.
 # Everything else (compress, evaluate, data, models, the CLI, bench, the package root)
 # orchestrates and may import anything.
