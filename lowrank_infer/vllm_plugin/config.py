@@ -11,6 +11,7 @@ from vllm.model_executor.layers.quantization import QuantizationConfig
 from lowrank_infer.allocation.plan import LayerRank, PlanError, RankPlan
 from lowrank_infer.hf_quantizer import QUANT_METHOD
 from lowrank_infer.vllm_plugin.linear import LowRankLinearMethod
+from lowrank_infer.vllm_plugin.sharding import check_tp_sharding, resolve_tp_sharding
 
 __all__ = ["LowRankVllmConfig"]
 
@@ -18,19 +19,25 @@ __all__ = ["LowRankVllmConfig"]
 class LowRankVllmConfig(QuantizationConfig):
     """``quantization_config = {"quant_method": "lowrank_infer", "rank_plan": {...}}`` for vLLM.
 
+    An optional ``"tp_sharding": "half" | "full"`` key (or ``$LOWRANK_INFER_TP_SHARDING``, which
+    wins) picks the tensor-parallel layout: :mod:`lowrank_infer.vllm_plugin.sharding`.
+
     Args:
         plan: the checkpoint's rank plan.
+        tp_sharding: ``"half"`` (shard what vLLM shards for a dense layer) or ``"full"``.
     """
 
-    def __init__(self, plan: RankPlan) -> None:
+    def __init__(self, plan: RankPlan, tp_sharding: str = "half") -> None:
         super().__init__()
         self.plan = plan
+        self.tp_sharding = check_tp_sharding(tp_sharding, "tp_sharding")
         self._layers: dict[str, LayerRank] = {layer.name: layer for layer in plan.layers}
 
     def __repr__(self) -> str:
         summary = self.plan.summary()
         return (f"LowRankVllmConfig(method={self.plan.method!r}, layers={summary['layers']}, "
-                f"dense_layers={summary['dense_layers']}, keep={summary['keep_achieved']:.4f})")
+                f"dense_layers={summary['dense_layers']}, keep={summary['keep_achieved']:.4f}, "
+                f"tp_sharding={self.tp_sharding!r})")
 
     @classmethod
     def get_name(cls) -> str:
@@ -53,7 +60,7 @@ class LowRankVllmConfig(QuantizationConfig):
     def from_config(cls, config: dict[str, Any]) -> "LowRankVllmConfig":
         if "rank_plan" not in config:
             raise PlanError(f"a {QUANT_METHOD} quantization_config needs a rank_plan, got keys {sorted(config)}")
-        return cls(RankPlan.from_dict(config["rank_plan"]))
+        return cls(RankPlan.from_dict(config["rank_plan"]), resolve_tp_sharding(config))
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         # Models whose vLLM module names differ from the checkpoint's (e.g. a "language_model."
@@ -68,7 +75,7 @@ class LowRankVllmConfig(QuantizationConfig):
         if all(entry is None or entry.rank is None for entry in ranks):
             # Dense (or not planned at all, e.g. excluded by `exclude`): vLLM's own path.
             return UnquantizedLinearMethod()
-        return LowRankLinearMethod(prefix, names, ranks)
+        return LowRankLinearMethod(prefix, names, ranks, self.tp_sharding)
 
     def _checkpoint_names(self, prefix: str) -> list[str]:
         """The checkpoint linears vLLM merged into ``prefix`` (q/k/v → qkv_proj), in slice order."""

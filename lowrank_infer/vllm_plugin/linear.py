@@ -20,6 +20,10 @@ gate, up), the block's rows of U that its rank owns, and all of V. A row-paralle
 ``(x_r @ V_r) @ Uᵀ`` is a partial sum, which the layer's all-reduce completes; vLLM hands the
 bias to tensor-parallel rank 0 only, so it is added once. Both shard only what vLLM shards for
 a dense layer, so any TP size that serves the dense model serves the compressed one.
+
+With ``tp_sharding="full"`` (see :mod:`.sharding`) a column-parallel layer's low-rank slices
+also split V's columns (k, zero-padded up to a multiple of the TP size) and hold U's columns
+for the padded k; a row-parallel layer also splits U's rows. Dense slices shard as before.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from lowrank_infer.allocation.plan import LayerRank, PlanError
 from lowrank_infer.kernels import check_factors, lowrank_linear
+from lowrank_infer.vllm_plugin.sharding import column_intermediates, fully_sharded_kind, row_output
 
 __all__ = ["LowRankLinearMethod"]
 
@@ -65,6 +70,9 @@ class _Slice:
     out_offset: int  # first output column of the layer it produces
     offset: int  # into U (flattened) for a low-rank slice, into weight's rows for a dense one
     v_offset: int  # into V (flattened); low-rank slices only
+    u_cols: int = 0  # U's columns held: k, or k padded to a multiple of the TP size (fully sharded)
+    v_cols: int = 0  # V's columns held: k, or this rank's share of the padded k (fully sharded)
+    v_start: int = 0  # the first of them, counted in the checkpoint's V (columns past k are zeros)
 
     @property
     def rows(self) -> int:
@@ -92,12 +100,15 @@ class LowRankLinearMethod(LinearMethodBase):
         names: the checkpoint linears it holds, in output order (``q_proj``, ``k_proj``, ...).
         entries: each one's rank-plan entry; ``None`` for a linear the plan does not list
             (kept dense).
+        tp_sharding: ``"half"`` or ``"full"`` (:mod:`lowrank_infer.vllm_plugin.sharding`).
     """
 
-    def __init__(self, prefix: str, names: list[str], entries: list[LayerRank | None]) -> None:
+    def __init__(self, prefix: str, names: list[str], entries: list[LayerRank | None],
+                 tp_sharding: str = "half") -> None:
         self.prefix = prefix
         self.names = names
         self.entries = entries
+        self.tp_sharding = tp_sharding
         self._loaded: set[tuple[str, int]] = set()
 
     def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
@@ -105,8 +116,11 @@ class LowRankLinearMethod(LinearMethodBase):
         # vLLM's loader for the layer would copy a whole tensor into a whole parameter; ours
         # route each checkpoint tensor into its slice of U, V or weight.
         extra_weight_attrs.pop("weight_loader")
+        self._full = fully_sharded_kind(layer) if self.tp_sharding == "full" else None
+        self._tp = (layer.tp_rank, layer.tp_size)
         self._input = _input_features(layer, input_size_per_partition)
-        self._slices = self._layout(_output_blocks(layer, output_partition_sizes))
+        blocks = self._row_blocks(layer) if self._full == "row" else _output_blocks(layer, output_partition_sizes)
+        self._slices = self._layout(blocks)
         self._runs = _merge_dense(self._slices)
         for name, size in self._parameter_sizes().items():
             param = Parameter(torch.empty(size, dtype=params_dtype), requires_grad=False)
@@ -119,15 +133,40 @@ class LowRankLinearMethod(LinearMethodBase):
         slices, out, u, v, w = [], 0, 0, 0, 0
         for name, entry, group in zip(self.names, self.entries, groups):
             rank = None if entry is None else entry.rank
-            piece = _Slice(name, rank, group, out, w if rank is None else u, v)
+            piece = _Slice(name, rank, group, out, w if rank is None else u, v, *self._rank_columns(rank))
             self._check_plan(piece, entry)
             slices.append(piece)
             out += piece.rows
             if rank is None:
                 w += piece.rows
             else:
-                u, v = u + piece.rows * rank, v + self._input.part * rank
+                u, v = u + piece.rows * piece.u_cols, v + self._input.part * piece.v_cols
+        if self._full == "row" and (len(slices) != 1 or slices[0].rank is None):
+            # vLLM merges only column-parallel layers; apply() relies on one low-rank slice here.
+            raise PlanError(f"{self.prefix}: a fully sharded row-parallel layer holds one low-rank linear, "
+                            f"not {self.names} with ranks {[s.rank for s in slices]}")
         return slices
+
+    def _rank_columns(self, rank: int | None) -> tuple[int, int, int]:
+        """``(u_cols, v_cols, v_start)`` of a slice of rank ``rank`` on this rank."""
+        if rank is None:
+            return 0, 0, 0
+        if self._full != "column":
+            return rank, rank, 0
+        # A rank k that the TP size does not divide is padded with zero columns (at most tp - 1):
+        # zero columns of V give zero intermediates, which the zero columns of U ignore.
+        tp_rank, tp_size = self._tp
+        share = -(-rank // tp_size)
+        return share * tp_size, share, tp_rank * share
+
+    def _row_blocks(self, layer) -> list[tuple[int, int, int]]:
+        """A fully sharded row-parallel layer's output block: its rank's ``m/tp`` rows of U."""
+        tp_rank, tp_size = self._tp
+        if layer.output_size % tp_size:
+            raise PlanError(f"{self.prefix}: fully sharded tensor parallel splits its {layer.output_size} output "
+                            f"rows over {tp_size} ranks, which does not divide them; serve it with "
+                            f"tp_sharding 'half'")
+        return [(layer.output_size, layer.output_size // tp_size, tp_rank)]
 
     def _check_plan(self, piece: _Slice, entry: LayerRank | None) -> None:
         if entry is not None and (entry.out_features, entry.in_features) != (piece.full_rows, self._input.full):
@@ -138,8 +177,8 @@ class LowRankLinearMethod(LinearMethodBase):
     def _parameter_sizes(self) -> dict[str, int | tuple[int, int]]:
         lowrank = [s for s in self._slices if s.rank is not None]
         sizes: dict[str, int | tuple[int, int]] = {
-            "U": sum(s.rows * s.rank for s in lowrank),
-            "V": sum(self._input.part * s.rank for s in lowrank),
+            "U": sum(s.rows * s.u_cols for s in lowrank),
+            "V": sum(self._input.part * s.v_cols for s in lowrank),
         }
         dense_rows = sum(s.rows for s in self._slices if s.rank is None)
         if dense_rows:
@@ -158,7 +197,11 @@ class LowRankLinearMethod(LinearMethodBase):
         if tuple(loaded.shape) != expected:
             raise PlanError(f"checkpoint tensor {piece.name}.{kind} is {list(loaded.shape)} but the rank plan "
                             f"needs {list(expected)}")
-        self._target(kind, piece, param.data).copy_(self._shard(kind, piece, loaded))
+        target, source = self._target(kind, piece, param.data), self._shard(kind, piece, loaded)
+        if kind == "weight":
+            target.copy_(source)
+        else:
+            _copy_columns(target, source, piece.v_start if kind == "V" else 0)
         self._loaded.add((kind, index))
 
     def _slice_index(self, shard_id) -> int:
@@ -181,8 +224,9 @@ class LowRankLinearMethod(LinearMethodBase):
     def _target(self, kind: str, piece: _Slice, data: torch.Tensor) -> torch.Tensor:
         if kind == "weight":
             return data.narrow(0, piece.offset, piece.rows)
-        rows, offset = (piece.rows, piece.offset) if kind == "U" else (self._input.part, piece.v_offset)
-        return data.narrow(0, offset, rows * piece.rank).view(rows, piece.rank)
+        rows, cols, offset = ((piece.rows, piece.u_cols, piece.offset) if kind == "U"
+                              else (self._input.part, piece.v_cols, piece.v_offset))
+        return data.narrow(0, offset, rows * cols).view(rows, cols)
 
     def process_weights_after_loading(self, layer) -> None:
         # vLLM checks that every parameter was loaded, but U is loaded once per low-rank slice:
@@ -194,7 +238,7 @@ class LowRankLinearMethod(LinearMethodBase):
             raise PlanError(f"checkpoint has no tensor {self.names[index]}.{kind} (needed by vLLM layer {self.prefix})")
         self._loaded.clear()
         for run in self._runs:
-            if run.rank is not None:
+            if run.rank is not None and self._full != "column":  # column: U and V hold different k
                 check_factors(*self._factors(layer, run))
 
     def _expected_tensors(self) -> set[tuple[str, int]]:
@@ -205,14 +249,32 @@ class LowRankLinearMethod(LinearMethodBase):
         return self._target("U", run, layer.U), self._target("V", run, layer.V)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        outputs = [self._apply_run(layer, x, run, bias) for run in self._runs]
+        if self._full == "row":
+            (run,) = self._runs
+            block = run.blocks[0]
+            return row_output(x, *self._factors(layer, run), block.start, block.full, bias)
+        gathered = {}
+        if self._full == "column":
+            lowrank = [run for run in self._runs if run.rank is not None]
+            Vs = [self._target("V", run, layer.V) for run in lowrank]
+            gathered = dict(zip((run.name for run in lowrank), column_intermediates(x, Vs, self._tp[1])))
+        outputs = [self._apply_run(layer, x, run, bias, gathered.get(run.name)) for run in self._runs]
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
 
-    def _apply_run(self, layer, x, run: _Slice, bias):
+    def _apply_run(self, layer, x, run: _Slice, bias, z: torch.Tensor | None):
         run_bias = None if bias is None else bias.narrow(0, run.out_offset, run.rows)
         if run.rank is None:
             return F.linear(x, self._target("weight", run, layer.weight), run_bias)
+        if z is not None:  # fully sharded column-parallel: the whole intermediate is already here
+            return F.linear(z, self._target("U", run, layer.U), run_bias)
         return lowrank_linear(x, *self._factors(layer, run), run_bias)
+
+
+def _copy_columns(target: torch.Tensor, source: torch.Tensor, start: int) -> None:
+    """``target = source[:, start:start + width]``, zero where that runs past ``source`` (padding)."""
+    count = max(0, min(target.shape[1], source.shape[1] - start))
+    target[:, :count].copy_(source[:, start:start + count])
+    target[:, count:].zero_()
 
 
 def _output_blocks(layer, partition_sizes: list[int]) -> list[tuple[int, int, int]]:

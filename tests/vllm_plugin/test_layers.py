@@ -1,4 +1,5 @@
-"""Layer level: merged, mixed dense/low-rank and fused layers at tensor-parallel sizes 1 and 2.
+"""Layer level: merged, mixed dense/low-rank and fused layers at tensor-parallel sizes 1 and 2,
+half and fully sharded.
 
 Each size runs in freshly spawned processes over gloo, so vLLM's distributed state never leaks
 into this process (where ``LLM`` starts engines of its own).
@@ -26,5 +27,6 @@ def _free_port() -> int:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_layers_match_vllm_dense_layers(world_size, dtype):
+    """Both tensor-parallel layouts (half and fully sharded) in the same processes."""
     # spawn re-raises a rank's exception (with its traceback) here.
     mp.spawn(vllm_layers.run_rank, args=(world_size, _free_port(), dtype), nprocs=world_size, join=True)

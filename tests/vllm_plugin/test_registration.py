@@ -12,8 +12,9 @@ pytest.importorskip("vllm", reason="needs vLLM, installed in a venv of its own: 
 from vllm.model_executor.layers.quantization import get_quantization_config  # noqa: E402
 from vllm.plugins import load_general_plugins  # noqa: E402
 
-from lowrank_infer.allocation import PlanError  # noqa: E402
+from lowrank_infer.allocation import LayerRank, PlanError, RankPlan  # noqa: E402
 from lowrank_infer.vllm_plugin import LowRankVllmConfig  # noqa: E402
+from lowrank_infer.vllm_plugin.sharding import TP_SHARDING_ENV  # noqa: E402
 from vllm_checkpoints import mixed_checkpoint  # noqa: E402
 
 
@@ -41,6 +42,34 @@ def test_config_without_a_plan_is_refused():
 def test_config_with_a_broken_plan_is_refused():
     with pytest.raises(PlanError, match="format_version"):
         LowRankVllmConfig.from_config({"quant_method": "lowrank_infer", "rank_plan": {"format_version": 99}})
+
+
+def _quantization_config(**extra) -> dict:
+    plan = RankPlan([LayerRank("model.layers.0.mlp.up_proj", 8, 4, 2)], keep_target=0.8, method="uniform", model="t")
+    return {"quant_method": "lowrank_infer", "rank_plan": plan.to_dict(), **extra}
+
+
+def test_tp_sharding_comes_from_the_config_or_the_environment(monkeypatch):
+    monkeypatch.delenv(TP_SHARDING_ENV, raising=False)
+    assert LowRankVllmConfig.from_config(_quantization_config()).tp_sharding == "half"  # the default
+    assert LowRankVllmConfig.from_config(_quantization_config(tp_sharding="full")).tp_sharding == "full"
+    monkeypatch.setenv(TP_SHARDING_ENV, "full")
+    assert LowRankVllmConfig.from_config(_quantization_config()).tp_sharding == "full"
+    monkeypatch.setenv(TP_SHARDING_ENV, "half")  # the deployment's choice wins over the checkpoint's
+    assert LowRankVllmConfig.from_config(_quantization_config(tp_sharding="full")).tp_sharding == "half"
+    monkeypatch.setenv(TP_SHARDING_ENV, "")  # empty: unset
+    assert LowRankVllmConfig.from_config(_quantization_config(tp_sharding="full")).tp_sharding == "full"
+
+
+def test_bad_tp_sharding_is_refused_naming_the_setting(monkeypatch):
+    monkeypatch.delenv(TP_SHARDING_ENV, raising=False)
+    with pytest.raises(ValueError, match=r"quantization_config\['tp_sharding'\] is 'fully', expected 'half' or 'full'"):
+        LowRankVllmConfig.from_config(_quantization_config(tp_sharding="fully"))
+    monkeypatch.setenv(TP_SHARDING_ENV, "FULL")
+    with pytest.raises(ValueError, match=r"environment variable LOWRANK_INFER_TP_SHARDING is 'FULL', expected"):
+        LowRankVllmConfig.from_config(_quantization_config())
+    with pytest.raises(ValueError, match=r"tp_sharding is True"):
+        LowRankVllmConfig(RankPlan.from_dict(_quantization_config()["rank_plan"]), tp_sharding=True)
 
 
 def test_vllm_without_the_plugin_refuses_the_checkpoint_loudly(tmp_path):

@@ -1,12 +1,15 @@
-"""Compressed tiny checkpoints for the vLLM tests, and the transformers reference for them.
+"""Compressed tiny checkpoints for the vLLM tests, the transformers reference, and vLLM's side.
 
 A plain module (not conftest) so that test files and the processes they spawn can import it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import torch
 
 import lowrank_infer
@@ -76,3 +79,52 @@ def reference_greedy(path: Path, prompts: list[list[int]], max_tokens: int) -> l
         logprobs = [torch.log_softmax(step[0].float(), -1)[tok].item() for step, tok in zip(out.logits, tokens)]
         results.append((tokens, logprobs))
     return results
+
+
+@contextmanager
+def started_llm(path: Path, *, tp: int = 1, max_num_seqs: int = 4, env: dict[str, str] | None = None) -> Iterator:
+    """A float32, eager ``LLM`` on ``path`` (shut down on exit), with ``env`` set while it runs."""
+    from vllm import LLM
+
+    with pytest.MonkeyPatch.context() as patch:
+        # apply_model ships a function to the engine's workers, which vLLM refuses without this.
+        patch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        if tp > 1:
+            # vLLM binds each CPU worker to a NUMA node of its own unless told which cores to use.
+            patch.setenv("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(core) for core in range(tp)))
+        for name, value in (env or {}).items():
+            patch.setenv(name, value)  # vLLM's workers inherit the engine's environment
+        llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=128, max_num_seqs=max_num_seqs,
+                  kv_cache_memory_bytes=64 * 2**20, tensor_parallel_size=tp, seed=0)
+        try:
+            yield llm
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+
+
+def vllm_greedy(llm, prompts: list[list[int]], max_tokens: int) -> list[tuple[list[int], list[float]]]:
+    """Greedy tokens and their log-probabilities from vLLM, all prompts in one call."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=1)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    results = []
+    for out in outputs:
+        tokens = list(out.outputs[0].token_ids)
+        results.append((tokens, [step[tok].logprob for step, tok in zip(out.outputs[0].logprobs, tokens)]))
+    return results
+
+
+def linear_methods(model) -> dict[str, str]:
+    """Each vLLM linear layer's method class (run in the engine's workers through ``apply_model``)."""
+    from vllm.model_executor.layers.linear import LinearBase
+
+    return {name: type(m.quant_method).__name__ for name, m in model.named_modules() if isinstance(m, LinearBase)}
+
+
+def factor_sizes(model) -> dict[str, tuple[int, int]]:
+    """``(U numbers, V numbers)`` of each low-rank vLLM layer on a worker (through ``apply_model``)."""
+    from lowrank_infer.vllm_plugin import LowRankLinearMethod
+
+    return {name: (m.U.numel(), m.V.numel()) for name, m in model.named_modules()
+            if isinstance(getattr(m, "quant_method", None), LowRankLinearMethod)}
