@@ -1,6 +1,7 @@
 """Fused low-rank linear kernels and their dispatch (imported as ``lowrank_infer.kernels``)."""
 
 from lowrank_infer.cost import use_dense
+from lowrank_infer.kernels.grouped_op import lowrank_grouped_linear
 from lowrank_infer.kernels.lowrank_linear_op import (
     BACKENDS,
     get_backend,
@@ -16,6 +17,7 @@ __all__ = [
     "BACKENDS",
     "check_factors",
     "get_backend",
+    "lowrank_grouped_linear",
     "lowrank_linear",
     "set_backend",
     "torch_lowrank_linear",
