@@ -7,12 +7,14 @@ named like the checkpoint's tensors so that vLLM's loaders route ``<slice>.U`` t
 
 * ``U``: the low-rank slices' left factors ``[rows, k]``, flattened and concatenated (1-D,
   because the slices' ranks differ);
-* ``V``: their right factors ``[in, k]``, flattened the same way;
+* ``V``: their right factors ``[in, k]`` side by side, ``[in, Σk]`` flattened;
 * ``weight``: the dense slices' rows ``[rows, in]``, concatenated.
 
-The forward computes the slices in output order, each low-rank one through
-``lowrank_infer.kernels.lowrank_linear`` and each stretch of adjacent dense ones through one
-``F.linear``, and concatenates the outputs.
+``V`` is one ``[in, Σk]`` matrix, the slices' right factors side by side, so that the low-rank
+slices of a merged layer (which all read the layer's input) run one shrink over it and one
+expand each (``lowrank_infer.kernels.lowrank_grouped_linear``); a layer with one low-rank slice
+runs ``lowrank_infer.kernels.lowrank_linear``, and each stretch of adjacent dense slices one
+``F.linear``. The outputs are concatenated in output order.
 
 Tensor parallelism. A column-parallel layer (qkv, gate_up) holds, per output block (q, k, v;
 gate, up), the block's rows of U that its rank owns, and all of V. A row-parallel layer
@@ -43,7 +45,7 @@ from vllm.model_executor.layers.linear import (
 from vllm.model_executor.utils import set_weight_attrs
 
 from lowrank_infer.allocation.plan import LayerRank, PlanError
-from lowrank_infer.kernels import check_factors, lowrank_linear
+from lowrank_infer.kernels import check_factors, lowrank_grouped_linear, lowrank_linear
 from lowrank_infer.vllm_plugin.sharding import column_intermediates, fully_sharded_kind, row_output
 
 __all__ = ["LowRankLinearMethod"]
@@ -69,7 +71,7 @@ class _Slice:
     blocks: tuple[_Block, ...]
     out_offset: int  # first output column of the layer it produces
     offset: int  # into U (flattened) for a low-rank slice, into weight's rows for a dense one
-    v_offset: int  # into V (flattened); low-rank slices only
+    v_offset: int  # first column of V (low-rank slices only)
     u_cols: int = 0  # U's columns held: k, or k padded to a multiple of the TP size (fully sharded)
     v_cols: int = 0  # V's columns held: k, or this rank's share of the padded k (fully sharded)
     v_start: int = 0  # the first of them, counted in the checkpoint's V (columns past k are zeros)
@@ -140,7 +142,8 @@ class LowRankLinearMethod(LinearMethodBase):
             if rank is None:
                 w += piece.rows
             else:
-                u, v = u + piece.rows * piece.u_cols, v + self._input.part * piece.v_cols
+                u, v = u + piece.rows * piece.u_cols, v + piece.v_cols
+        self._v_width = v
         if self._full == "row" and (len(slices) != 1 or slices[0].rank is None):
             # vLLM merges only column-parallel layers; apply() relies on one low-rank slice here.
             raise PlanError(f"{self.prefix}: a fully sharded row-parallel layer holds one low-rank linear, "
@@ -224,9 +227,12 @@ class LowRankLinearMethod(LinearMethodBase):
     def _target(self, kind: str, piece: _Slice, data: torch.Tensor) -> torch.Tensor:
         if kind == "weight":
             return data.narrow(0, piece.offset, piece.rows)
-        rows, cols, offset = ((piece.rows, piece.u_cols, piece.offset) if kind == "U"
-                              else (self._input.part, piece.v_cols, piece.v_offset))
-        return data.narrow(0, offset, rows * cols).view(rows, cols)
+        if kind == "V":  # the slices' V side by side: one [in, Σk] matrix, for one shrink
+            return self._all_v(data).narrow(1, piece.v_offset, piece.v_cols)
+        return data.narrow(0, piece.offset, piece.rows * piece.u_cols).view(piece.rows, piece.u_cols)
+
+    def _all_v(self, data: torch.Tensor) -> torch.Tensor:
+        return data.view(self._input.part, self._v_width)
 
     def process_weights_after_loading(self, layer) -> None:
         # vLLM checks that every parameter was loaded, but U is loaded once per low-rank slice:
@@ -253,13 +259,28 @@ class LowRankLinearMethod(LinearMethodBase):
             (run,) = self._runs
             block = run.blocks[0]
             return row_output(x, *self._factors(layer, run), block.start, block.full, bias)
-        gathered = {}
+        lowrank = [run for run in self._runs if run.rank is not None]
         if self._full == "column":
-            lowrank = [run for run in self._runs if run.rank is not None]
-            Vs = [self._target("V", run, layer.V) for run in lowrank]
-            gathered = dict(zip((run.name for run in lowrank), column_intermediates(x, Vs, self._tp[1])))
-        outputs = [self._apply_run(layer, x, run, bias, gathered.get(run.name)) for run in self._runs]
+            widths = [run.v_cols for run in lowrank]
+            gathered = dict(zip((run.name for run in lowrank),
+                                column_intermediates(x, self._all_v(layer.V), widths, self._tp[1])))
+            outputs = [self._apply_run(layer, x, run, bias, gathered.get(run.name)) for run in self._runs]
+        elif len(lowrank) > 1:
+            outputs = self._grouped(layer, x, bias, lowrank)
+        else:
+            outputs = [self._apply_run(layer, x, run, bias, None) for run in self._runs]
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+
+    def _grouped(self, layer, x, bias, lowrank: list[_Slice]) -> list[torch.Tensor]:
+        """Low-rank slices that read one input: one shrink over their V, one expand each."""
+        Us = [self._target("U", run, layer.U) for run in lowrank]
+        biases = None if bias is None else torch.cat([bias.narrow(0, run.out_offset, run.rows) for run in lowrank])
+        y = lowrank_grouped_linear(x, self._all_v(layer.V), Us, biases)
+        if len(lowrank) == len(self._runs):
+            return [y]
+        pieces = iter(y.split([run.rows for run in lowrank], dim=-1))
+        return [next(pieces) if run.rank is not None else self._apply_run(layer, x, run, bias, None)
+                for run in self._runs]
 
     def _apply_run(self, layer, x, run: _Slice, bias, z: torch.Tensor | None):
         run_bias = None if bias is None else bias.narrow(0, run.out_offset, run.rows)

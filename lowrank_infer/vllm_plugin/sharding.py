@@ -73,23 +73,23 @@ def fully_sharded_kind(layer) -> str | None:
     return None
 
 
-def column_intermediates(x: torch.Tensor, Vs: list[torch.Tensor], tp_size: int) -> list[torch.Tensor]:
-    """Each low-rank slice's whole ``[..., k]`` intermediate ``x V``, from this rank's ``V[:, k/tp]``.
+def column_intermediates(x: torch.Tensor, V: torch.Tensor, widths: list[int], tp_size: int) -> list[torch.Tensor]:
+    """Each low-rank slice's whole ``[..., k]`` intermediate ``x V``, from this rank's columns
+    ``V = [V_1[:, k_1/tp] | V_2[:, k_2/tp] | ...]`` (``widths`` = their column counts).
 
-    One all-gather for the layer, however many slices: every rank's ``[x V_1 | x V_2 | ...]``
-    goes out in one message, and rank r's columns of slice i are then its ``r``-th k block.
+    One shrink and one all-gather for the layer, however many slices: every rank's
+    ``[x V_1 | x V_2 | ...]`` goes out in one message, and rank r's columns of slice i are then
+    its ``r``-th k block.
     """
     from vllm.distributed import tensor_model_parallel_all_gather
 
-    parts = [x @ V for V in Vs]
-    local = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    local = x @ V
     gathered = tensor_model_parallel_all_gather(local.contiguous(), dim=-1)
-    if len(parts) == 1:
+    if len(widths) == 1:
         return [gathered]
     by_rank = gathered.unflatten(-1, (tp_size, local.shape[-1]))
     results, offset = [], 0
-    for part in parts:
-        width = part.shape[-1]
+    for width in widths:
         results.append(by_rank[..., offset:offset + width].flatten(-2))
         offset += width
     return results
