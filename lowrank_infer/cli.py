@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import sys
@@ -349,7 +350,18 @@ def _check_resume(args) -> None:
 
 def _load_for_analysis(args):
     """The model to compress or plan for, on the CPU, or with its blocks on disk."""
+    _return_freed_memory()
     return load_model(args.model, dtype=_dtype(args), device="cpu", weights_on_disk=args.weights_on_disk)
+
+
+def _return_freed_memory() -> None:
+    """Have glibc map allocations of 1 MiB and more on their own, so that freeing them returns
+    the memory: compression frees each block's tensors before the next block, and from its
+    default heap glibc would keep most of them (SmolLM2: about 30 MiB more per block)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
 
 
 def _quiet_unless(main: bool) -> None:

@@ -25,6 +25,16 @@ def test_entry_point_registers_the_quant_method():
     assert get_quantization_config("lowrank_infer") is LowRankVllmConfig
 
 
+def test_loading_the_plugin_twice_is_harmless():
+    """vLLM loads plugins in every process it starts, and a user may call register() again."""
+    from lowrank_infer.vllm_plugin import register
+
+    load_general_plugins()
+    register()
+    register()
+    assert get_quantization_config("lowrank_infer") is LowRankVllmConfig
+
+
 def test_config_round_trips_a_saved_plan(tmp_path):
     path = mixed_checkpoint("llama", tmp_path / "ckpt")
     qconfig = json.loads((path / "config.json").read_text())["quantization_config"]
