@@ -24,7 +24,7 @@ from lowrank_infer.structure import target_linears
 from lowrank_infer.surgery import apply_plan, check_uncompressed, plan_applied
 from lowrank_infer.workdir import WorkDir
 
-__all__ = ["CompressResult", "analyze", "compress", "config_for", "needs_calibration", "run_settings"]
+__all__ = ["CompressResult", "analyze", "compress", "config_for", "needs_calibration"]
 
 # Calibration windows on which candidate plans are scored (D-Rank's beta="auto").
 SCORE_WINDOWS = 8
@@ -143,7 +143,7 @@ def analyze(
     return _analyze(job)
 
 
-def run_settings(job: _Job, linears: Mapping[str, nn.Linear]) -> dict:
+def _run_settings(job: _Job, linears: Mapping[str, nn.Linear]) -> dict:
     """What makes two runs the same, for a work directory: a resume must match all of it."""
     digest = hashlib.sha256()
     if offload.holds(job.model):
@@ -172,7 +172,7 @@ def _analyze(job: _Job) -> tuple[RankPlan, dict[str, Spectrum], dict[str, float]
         linears = {name: linears[name] for name in plan.ranks}  # a plan names the layers it changes
     caps = {name: (plan[name].rank or 1) if plan is not None else config.factor_cap(m.out_features, m.in_features)
             for name, m in linears.items()}
-    work = None if job.work_dir is None else WorkDir(job.work_dir, run_settings(job, linears), resume=job.resume,
+    work = None if job.work_dir is None else WorkDir(job.work_dir, _run_settings(job, linears), resume=job.resume,
                                                      ranks=ranks)
     seconds: dict[str, float] = {}
     spectra = stream_spectra(job.model, linears, caps, calib_ids=job.calib_ids, whiten=config.whiten,
