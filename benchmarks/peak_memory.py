@@ -33,6 +33,14 @@ def _peak_rss(command: list[str], cwd: Path) -> tuple[float, float]:
     return kib / 1024, seconds
 
 
+def _portable(command: list[str], scratch: Path, before: str | None) -> str:
+    """The command as a user would type it: no interpreter or temporary paths of this machine."""
+    names = {sys.executable: "python", before: "OLD_ENV/bin/python"}
+    words = [names.get(word, word) for word in command]
+    return " ".join(word.split("/")[-1].split("-")[0].upper() if word.startswith(f"{scratch}/") else word
+                    for word in words)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--calib-file", required=True)
@@ -62,7 +70,7 @@ def main() -> None:
         mib, seconds = _peak_rss(command, scratch)
         shutil.rmtree(work, ignore_errors=True)
         rows.append({"variant": label, "peak_rss_mib": round(mib, 1), "wall_s": round(seconds, 1),
-                     "command": " ".join(["python", *command[1:]] if command[0] == sys.executable else command)})
+                     "command": _portable(command, scratch, args.before_python)})
         print(f"{label:48s} {mib:8.1f} MiB {seconds:7.1f} s", flush=True)
     shutil.rmtree(scratch, ignore_errors=True)
     result = {"machine": "CPU, 2 cores (shared), float32 SmolLM2-135M-Instruct (GGUF)", "rows": rows}
