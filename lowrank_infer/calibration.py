@@ -221,9 +221,10 @@ def calibrate(
         linears that read the same input map to the same tensor object.
     """
     grams = {}
-    with block_stream(model, input_ids, batch_size=batch_size, device=_device_of(model, device)) as stream:
+    device = _device_of(model, device)
+    with block_stream(model, input_ids, batch_size=batch_size, device=device) as stream:
         blocks = tqdm(range(len(stream.blocks)), desc="calibration", unit="block", disable=not progress)
-        for _, found, _ in block_grams(stream, linears, device=_device_of(model, device), blocks=blocks):
+        for _, found, _ in block_grams(stream, linears, device=device, blocks=blocks):
             grams.update(found)
     missing = [n for n in linears if n not in grams]
     if missing:
@@ -242,6 +243,7 @@ def block_grams(
 ) -> Iterator[tuple[int, dict[str, torch.Tensor], list[torch.Tensor]]]:
     """Block by block: ``(i, grams, outputs)``, block ``i``'s linears' ``XᵀX`` (float64, CPU;
     linears that read one tensor share one object) and its outputs, the next block's inputs.
+    While the tuple is being handled the block is still on ``device``.
 
     Args:
         stream: from :func:`block_stream`.
@@ -259,11 +261,12 @@ def block_grams(
         block = stream.blocks[i]
         wanted = block_linears(linears, stream.prefix, i)
         collector = _GramCollector(wanted, torch.device("cpu"))
-        with block_on(block, device), collector.hooked():
-            hidden = run_block(block, stream.calls[i], [h.to(device) for h in hidden],
-                               lambda _: collector.start_batch())
-        grams = collector.results()
-        yield i, grams, hidden
+        with block_on(block, device):
+            with collector.hooked():
+                hidden = run_block(block, stream.calls[i], [h.to(device) for h in hidden],
+                                   lambda _: collector.start_batch())
+            # Still on the device (or read in from disk): the caller may factorize it now.
+            yield i, collector.results(), hidden
 
 
 def _device_of(model: nn.Module, device) -> torch.device:

@@ -68,8 +68,7 @@ def stream_spectra(model, linears, caps, *, calib_ids, whiten, batch_size, devic
 
     def finish(i, grams, hidden=None):
         began = time.perf_counter()
-        with block_on(blocks[i], device):  # weights kept on disk are read in for the SVDs
-            found = _block_spectra(block_linears(linears, prefix, i), grams, caps, device, ranks)
+        found = _block_spectra(block_linears(linears, prefix, i), grams, caps, device, ranks)
         seconds["factorization"] = seconds.get("factorization", 0.0) + time.perf_counter() - began
         if work is not None:
             if hidden is not None and i < last:
@@ -83,7 +82,8 @@ def stream_spectra(model, linears, caps, *, calib_ids, whiten, batch_size, devic
     with bar:  # closed before an error propagates, so the error is the last line printed
         if not whiten:
             for i in todo:
-                finish(i, None)
+                with block_on(blocks[i], device):  # weights kept on disk are read in for the SVDs
+                    finish(i, None)
         elif todo:
             with block_stream(model, ranks.shard(calib_ids), batch_size=batch_size, device=device) as stream:
                 hidden = work.load_hidden(start) if start else None
