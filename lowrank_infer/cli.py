@@ -357,7 +357,7 @@ def _load_for_analysis(args):
 def _return_freed_memory() -> None:
     """Have glibc map allocations of 1 MiB and more on their own, so that freeing them returns
     the memory: compression frees each block's tensors before the next block, and from its
-    default heap glibc would keep most of them (SmolLM2: about 30 MiB more per block)."""
+    default heap glibc would keep most of them, and the peak would grow block by block."""
     try:
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):  # not glibc: nothing to tune
