@@ -43,17 +43,23 @@ _GEMM_TILES = [  # (BLOCK_R, BLOCK_C, BLOCK_D, num_warps, num_stages), tutorial-
 ]
 
 
-def _decode_candidates(cols, inner, num_sms):
-    """Skinny GEMM configs (16 rows): b-tile shapes, warps and splits of the inner dimension."""
-    for block_c, block_d, (warps, stages) in itertools.product(
-            (64, 128, 256), (32, 64, 128), ((4, 3), (8, 4))):
-        if block_c * block_d > 32768:  # 64 KB b tiles per stage would not fit 4 stages
-            continue
-        tiles = -(-cols // block_c)
-        for waves in (1, 2, 4):
-            split = max(1, min(waves * num_sms // tiles, inner // block_d))
-            yield {"BLOCK_R": 16, "BLOCK_C": block_c, "BLOCK_D": block_d, "GROUP_R": 1,
-                   "SPLIT_D": split, "num_warps": warps, "num_stages": stages}
+def _decode_shrink_candidates(n, k, num_sms):
+    """Rank rows of Vᵀ per program, run length along n, warps and stages, and n split so that
+    one, two or four programs per SM run."""
+    for block_k, block_n, (warps, stages) in itertools.product(
+            (64, 128), (64, 128, 256), ((4, 3), (4, 4), (8, 4))):
+        k_tiles = -(-k // block_k)
+        for per_sm in (1, 2, 4):
+            split = max(1, min(per_sm * num_sms // k_tiles, n // block_n))
+            yield {"BLOCK_K": block_k, "BLOCK_N": block_n, "SPLIT_N": split, "num_warps": warps,
+                   "num_stages": stages}
+
+
+def _decode_expand_candidates():
+    """Rows of U per program and run length along k."""
+    for block_m, block_k, (warps, stages) in itertools.product(
+            (16, 32, 64), (64, 128, 256), ((4, 3), (4, 4), (8, 4))):
+        yield {"BLOCK_M": block_m, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages}
 
 
 def _prefill_candidates(T, m, n, k, num_sms):
@@ -118,7 +124,7 @@ def _tune_shape(T, m, n, k, dtype, table, device_name, num_sms, device="cuda"):
     gen = torch.Generator(device=device).manual_seed(0)
     inputs = (torch.randn(T, n, device=device, generator=gen).to(dtype),
               (torch.randn(m, k, device=device, generator=gen) / k**0.5).to(dtype),
-              (torch.randn(n, k, device=device, generator=gen) / n**0.5).to(dtype),
+              (torch.randn(k, n, device=device, generator=gen) / n**0.5).to(dtype).T,  # rank-major
               torch.randn(m, device=device, generator=gen).to(dtype))
     x, U, V, b = inputs
     ref = x.double() @ V.double() @ U.double().T + b.double()
@@ -128,8 +134,8 @@ def _tune_shape(T, m, n, k, dtype, table, device_name, num_sms, device="cuda"):
                for kernel in launch_config.KERNELS}
     path = launch_config.select_path(T, k)
     before_ms = _time_config(launch, inputs, ref, path, current)
-    candidates = {"decode_shrink": _decode_candidates(k, n, num_sms),
-                  "decode_expand": _decode_candidates(m, k, num_sms),
+    candidates = {"decode_shrink": _decode_shrink_candidates(n, k, num_sms),
+                  "decode_expand": _decode_expand_candidates(),
                   "prefill": _prefill_candidates(T, m, n, k, num_sms),
                   "shrink": _gemm_candidates(), "expand": _gemm_candidates()}
     ms, best = _tune_path(launch, inputs, ref, path, current, candidates)

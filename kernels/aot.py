@@ -33,14 +33,18 @@ from triton.runtime.jit import create_function_from_signature
 from lowrank_infer.kernels import triton_lowrank
 from lowrank_infer.kernels.launch_config import get_config
 
-__all__ = ["H100", "SM90", "SM90_MAX_SHARED_BYTES", "compile_case", "tools_missing"]
+__all__ = ["GATED_PATHS", "H100", "SM90", "SM90_MAX_SHARED_BYTES", "compile_case", "tools_missing"]
 
 SM90 = GPUTarget("cuda", 90, 32)
 # Largest shared memory one block may opt in to on sm_90 (228 KB per SM less 1 KB reserved).
 SM90_MAX_SHARED_BYTES = 227 * 1024
 H100 = {"device_name": "NVIDIA H100 80GB HBM3", "num_sms": 132}
 
-_JIT_KERNELS = ("_matmul_kernel", "_prefill_kernel", "_reduce_kernel")
+_JIT_KERNELS = ("_matmul_kernel", "_prefill_kernel", "_reduce_kernel", "_decode_shrink_kernel",
+                "_decode_expand_kernel")
+# Paths beyond launch_config.PATHS: the gated MLP's decode (shrink over gate and up, one expand
+# with the activation; k is each projection's rank).
+GATED_PATHS = {"decode_gated_silu": "silu", "decode_gated_gelu_tanh": "gelu_tanh"}
 _RES_USAGE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
 
@@ -56,16 +60,18 @@ def tools_missing() -> str | None:
 
 def compile_case(
     path: str, T: int, m: int, n: int, k: int, dtype: str = "float16", *, bias: bool = False,
-    device_name: str = H100["device_name"], num_sms: int = H100["num_sms"],
+    pdl: bool = False, device_name: str = H100["device_name"], num_sms: int = H100["num_sms"],
     target: GPUTarget = SM90,
 ) -> list[dict]:
     """Compile every kernel that ``triton_lowrank.launch`` runs for one layer shape on one path.
 
     Args:
-        path: one of ``launch_config.PATHS``.
+        path: one of ``launch_config.PATHS``, or of :data:`GATED_PATHS` (a gated MLP's gate and
+            up projections at decode, each of rank ``k``).
         T: tokens; ``m``, ``n``, ``k``: the layer's out features, in features and rank.
         dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"``.
         bias: whether the layer has a bias.
+        pdl: compile the decode kernels for programmatic dependent launch.
         device_name: GPU whose tuned table supplies the configs; a name without a table gets
             the heuristics. ``num_sms``: its SM count, which the heuristics read.
         target: what to compile for.
@@ -74,9 +80,10 @@ def compile_case(
         One dict per launch, in launch order: ``kernel`` (the config's kernel name, with
         ``.reduce`` for a split-K reduction), ``config`` (the constexprs and launch options),
         ``n_regs``, ``n_spills`` (local memory per thread in 4-byte words, as Triton counts them),
-        ``shared`` (bytes of shared memory per block), ``uses_wgmma``, ``uses_mma_sync``.
+        ``shared`` (bytes of shared memory per block), ``uses_wgmma``, ``uses_mma_sync``,
+        ``uses_griddepcontrol``, ``prefetches_l2``.
     """
-    launches = _record_launches(path, T, m, n, k, getattr(torch, dtype), bias, device_name, num_sms)
+    launches = _record_launches(path, T, m, n, k, getattr(torch, dtype), bias, pdl, device_name, num_sms)
     return [{"kernel": name, "config": kwargs, **_compile(fn, args, kwargs, target)}
             for name, fn, args, kwargs in launches]
 
@@ -92,28 +99,42 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def _recording(launches: list):
-    saved = {name: getattr(triton_lowrank, name) for name in _JIT_KERNELS}
+def _recording(launches: list, pdl: bool):
+    saved = {name: getattr(triton_lowrank, name) for name in (*_JIT_KERNELS, "_use_pdl")}
     try:
-        for name, fn in saved.items():
-            setattr(triton_lowrank, name, _Recorder(fn, launches))
+        for name in _JIT_KERNELS:
+            setattr(triton_lowrank, name, _Recorder(saved[name], launches))
+        triton_lowrank._use_pdl = lambda device: pdl
         yield
     finally:
         for name, fn in saved.items():
             setattr(triton_lowrank, name, fn)
 
 
-def _record_launches(path, T, m, n, k, dtype, bias, device_name, num_sms):
+def _gated_runner(activation):
+    def run(x, U, V, bias, out, cfgs, precision):
+        z = triton_lowrank._decode_shrink(x, V.T, cfgs["decode_shrink"], precision)
+        half = U.shape[1] // 2
+        triton_lowrank._decode_expand(z[:, :half], U[:, :half], None, out, cfgs["decode_expand"],
+                                      precision, (z[:, half:], U[:, half:]), activation)
+
+    return run, ("decode_shrink", "decode_expand")
+
+
+def _record_launches(path, T, m, n, k, dtype, bias, pdl, device_name, num_sms):
     """``(config kernel name, jit function, args, kwargs)`` of each launch the path makes."""
-    runner, kernels = triton_lowrank._PATHS[path]
+    runner, kernels = (_gated_runner(GATED_PATHS[path]) if path in GATED_PATHS
+                       else triton_lowrank._PATHS[path])
     elem_bytes = torch.empty((), dtype=dtype).element_size()
     cfgs = {kernel: get_config(kernel, T, m, n, k, device_name=device_name, num_sms=num_sms,
                                elem_bytes=elem_bytes) for kernel in kernels}
+    # A gated pair: gate and up side by side, each of rank k.
+    k_all = 2 * k if path in GATED_PATHS else k
     meta = {"device": "meta", "dtype": dtype}
-    x, U, V, out = torch.empty(T, n, **meta), torch.empty(m, k, **meta), torch.empty(n, k, **meta), \
-        torch.empty(T, m, **meta)
+    x, U, V, out = torch.empty(T, n, **meta), torch.empty(m, k_all, **meta), \
+        torch.empty(k_all, n, **meta).T, torch.empty(T, m, **meta)
     launches = []
-    with _recording(launches):
+    with _recording(launches, pdl):
         runner(x, U, V, torch.empty(m, **meta) if bias else None, out, cfgs,
                "ieee" if dtype == torch.float32 else "tf32")
     names, labelled = iter(kernels), []
@@ -145,7 +166,8 @@ def _compile_specialized(fn, specialization, options, target) -> dict:
     regs, local = _resource_usage(compiled.asm["cubin"])
     ptx = compiled.asm["ptx"]
     return {"n_regs": regs, "n_spills": local // 4, "shared": compiled.metadata.shared,
-            "uses_wgmma": "wgmma.mma_async" in ptx, "uses_mma_sync": "mma.sync" in ptx}
+            "uses_wgmma": "wgmma.mma_async" in ptx, "uses_mma_sync": "mma.sync" in ptx,
+            "uses_griddepcontrol": "griddepcontrol.wait" in ptx, "prefetches_l2": "prefetch.global.L2" in ptx}
 
 
 def _resource_usage(cubin: bytes) -> tuple[int, int]:

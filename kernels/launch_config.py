@@ -3,10 +3,11 @@
 Pure Python (no Triton import), so the rules can be unit-tested anywhere. A config is a
 dict of the kernel's ``BLOCK_*`` constexprs plus ``num_warps``/``num_stages`` and, for the
 fused prefill kernel, ``M_GROUPS``: into how many program groups the m axis is split (a
-count, not a width, so that it carries over to a nearby shape); the GEMM kernels' (decode,
-shrink, expand) ``SPLIT_D`` is likewise a count: into how many pieces their inner dimension
-is split (partials summed by a second kernel) when the output tiles alone leave SMs idle, and
-``GROUP_R`` how many row tiles share a column sweep. Tuned configs come from
+count, not a width, so that it carries over to a nearby shape); the GEMM kernels' (shrink,
+expand) ``SPLIT_D`` is likewise a count: into how many pieces their inner dimension is split
+(partials summed by a second kernel) when the output tiles alone leave SMs idle, and
+``GROUP_R`` how many row tiles share a column sweep. The decode shrink's ``SPLIT_N`` splits n
+the same way, its partials summed inside the kernel; the decode expand never splits. Tuned configs come from
 ``configs/<GPU name>.json`` (written by ``benchmarks/tune_kernels.py``, which times 16-bit
 inputs); a shape missing from the table uses the nearest tuned shape. fp32 inputs, whose tiles
 take twice the shared memory, and a GPU without a table use the rule-of-thumb heuristics below.
@@ -14,7 +15,7 @@ take twice the shared memory, and a GPU without a table use the rule-of-thumb he
 Table layout::
 
     {"device": "...", "triton": "...",
-     "decode_shrink": {"T=1,m=4096,n=4096,k=1024": {"BLOCK_R": 16, ..., "num_warps": 4}},
+     "decode_shrink": {"T=1,m=4096,n=4096,k=1024": {"BLOCK_K": 64, ..., "num_warps": 4}},
      "decode_expand": {...}, "prefill": {...}, "shrink": {...}, "expand": {...}}
 """
 
@@ -54,8 +55,8 @@ KERNELS = ("decode_shrink", "decode_expand", "prefill", "shrink", "expand")
 
 _GEMM_KEYS = ("BLOCK_R", "BLOCK_C", "BLOCK_D", "GROUP_R", "SPLIT_D")
 _REQUIRED_KEYS = {
-    "decode_shrink": _GEMM_KEYS,
-    "decode_expand": _GEMM_KEYS,
+    "decode_shrink": ("BLOCK_K", "BLOCK_N", "SPLIT_N"),
+    "decode_expand": ("BLOCK_M", "BLOCK_K"),
     "prefill": ("BLOCK_T", "BLOCK_N", "BLOCK_M", "M_GROUPS"),
     "shrink": _GEMM_KEYS,
     "expand": _GEMM_KEYS,
@@ -166,11 +167,11 @@ def _pow2_block(dim: int, cap: int) -> int:
 def _prefill_heuristic(num_tokens, m, n, k, *, num_sms, elem_bytes):
     k_pad = _pow2_block(k, FUSED_MAX_RANK)
     # The fp32 [BLOCK_T, k_pad] intermediate stays in registers: 8K elements (32 KB) over 8
-    # warps compiles without spills on sm_90 for 16-bit inputs; fp32 inputs, with twice the
-    # bytes per x/V/U tile, get half. The V [BLOCK_N, k_pad] and U [k_pad, BLOCK_M] tiles are
+    # warps compiles without spills on sm_90 for 16-bit inputs; fp32 inputs, which multiply on
+    # the CUDA cores (no tensor-core fragments), get a quarter: half spills with rank-major V. The V [BLOCK_N, k_pad] and U [k_pad, BLOCK_M] tiles are
     # held to 8K elements as well: at k_pad = 256 a 64-wide U tile spills on sm_90
     # (tests/kernels/test_sm90_compile.py checks every regime).
-    budget = 8192 if elem_bytes == 2 else 4096
+    budget = 8192 if elem_bytes == 2 else 2048
     block_t = _pow2_block(num_tokens, max(16, min(64, budget // k_pad)))
     tile_width = min(64, 8192 // k_pad)
     block_m = _pow2_block(m, tile_width)
@@ -209,22 +210,30 @@ def _gemm_heuristic(rows, cols, inner, *, num_sms, elem_bytes):
             "num_stages": 3}
 
 
-def _skinny_gemm_heuristic(rows, cols, inner, *, num_sms):
-    """Decode GEMM (rows = T <= DECODE_MAX_TOKENS): memory-bound on b, so 64 x 64 b tiles, whose
-    contiguous runs (the shrink's C, the expand's D) are whole 128-byte lines in 16 and 32 bits,
-    and the inner dimension split until the SMs are busy. 16-bit tiles twice as wide need more
-    than 255 registers per thread at 4 warps on sm_90 and spill (tests/kernels/test_sm90_compile.py)."""
-    block_c, block_d = _pow2_block(cols, 64), _pow2_block(inner, 64)
-    tiles = -(-cols // block_c)
-    return {"BLOCK_R": 16, "BLOCK_C": block_c, "BLOCK_D": block_d, "GROUP_R": 1,
-            "SPLIT_D": _split(tiles, inner, block_d, num_sms), "num_warps": 4, "num_stages": 4}
+def _decode_shrink_heuristic(num_tokens, m, n, k, *, num_sms, elem_bytes):
+    """Decode shrink: 64 rank rows of Vᵀ per program (the smallest ``wgmma`` M), read in runs of
+    256 bytes (two cache lines), and n split so that about two programs per SM (two fit in shared
+    memory at four stages) each stream the same share of Vᵀ: 64 KB in flight per program."""
+    block_k = _pow2_block(k, 64)
+    block_n = 256 // elem_bytes
+    k_tiles = -(-k // block_k)
+    splits = max(1, min(2 * num_sms // k_tiles, n // (2 * block_n)))
+    return {"BLOCK_K": block_k, "BLOCK_N": block_n, "SPLIT_N": splits, "num_warps": 4,
+            "num_stages": 4 if elem_bytes == 2 else 3}
+
+
+def _decode_expand_heuristic(num_tokens, m, n, k, *, num_sms, elem_bytes):
+    """Decode expand: each program owns whole rows of U (no split, no reduction), as many rows
+    as still leave at least one program per SM, read in 256-byte runs along k."""
+    block_m = next((b for b in (64, 32) if -(-m // b) >= num_sms), 16)
+    # 64 rows take 8 warps: at 4, the gated variant's two fp32 accumulators spill on sm_90.
+    return {"BLOCK_M": block_m, "BLOCK_K": _pow2_block(k, 256 // elem_bytes),
+            "num_warps": 8 if block_m == 64 else 4, "num_stages": 4 if elem_bytes == 2 else 3}
 
 
 _HEURISTICS = {
-    # Decode: x @ V streams V [n, k] (k-contiguous rows, along C), z @ U.T streams U [m, k]
-    # (each column of U.T k-contiguous, along D).
-    "decode_shrink": lambda t, m, n, k, num_sms, **_: _skinny_gemm_heuristic(t, k, n, num_sms=num_sms),
-    "decode_expand": lambda t, m, n, k, num_sms, **_: _skinny_gemm_heuristic(t, m, k, num_sms=num_sms),
+    "decode_shrink": _decode_shrink_heuristic,
+    "decode_expand": _decode_expand_heuristic,
     "prefill": _prefill_heuristic,
     "shrink": lambda t, m, n, k, **kw: _gemm_heuristic(t, k, n, **kw),
     "expand": lambda t, m, n, k, **kw: _gemm_heuristic(t, m, k, **kw),

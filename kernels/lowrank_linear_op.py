@@ -33,8 +33,10 @@ from lowrank_infer.kernels.validation import check_factors, check_input
 __all__ = [
     "BACKENDS",
     "get_backend",
+    "get_pdl",
     "lowrank_linear",
     "set_backend",
+    "set_pdl",
     "triton_lowrank_linear",
     "use_backend",
 ]
@@ -123,6 +125,26 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         set_backend(previous)
+
+
+_pdl = os.environ.get("LOWRANK_INFER_PDL", "0") == "1"
+
+
+def set_pdl(enabled: bool) -> None:
+    """Launch the Triton decode kernels with programmatic dependent launch (sm_90 and newer).
+
+    With PDL a kernel starts while the previous one in the stream finishes: it prefetches its
+    weights into L2 and waits (``griddepcontrol.wait``) only before it reads the activations.
+    Off by default (``$LOWRANK_INFER_PDL=1`` turns it on at import) until a GPU run measures it
+    faster; ignored on GPUs older than sm_90 and in the interpreter.
+    """
+    global _pdl
+    _pdl = bool(enabled)
+
+
+def get_pdl() -> bool:
+    """Whether the Triton decode kernels launch with PDL (see :func:`set_pdl`)."""
+    return _pdl
 
 
 def _lowrank_linear_fake(x, U, V, bias):
@@ -214,3 +236,41 @@ def triton_lowrank_linear(
     check_factors(U, V, bias)
     check_input(x, V)
     return _triton(x, U, V, bias)
+
+
+def triton_grouped_linear(
+    x: torch.Tensor, V: torch.Tensor, Us: list[torch.Tensor], bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """:func:`~lowrank_infer.kernels.lowrank_grouped_linear` with the Triton kernels, whatever the
+    device (CPU tensors under ``TRITON_INTERPRET=1``): one shrink over ``V``, one expand per ``U``.
+
+    Raises:
+        ValueError: shapes, dtypes or devices do not fit together.
+        ImportError: Triton is not installed.
+    """
+    from lowrank_infer.kernels.grouped_op import check_grouped
+
+    for U in Us:
+        check_factors(U, V[:, :U.shape[1]])
+    check_input(x, V)
+    check_grouped(V, Us, bias)
+    return _triton_launcher().launch_grouped(x, V, Us, bias)
+
+
+def triton_gated_linear(
+    x: torch.Tensor, V: torch.Tensor, U_gate: torch.Tensor, U_up: torch.Tensor,
+    up_start: Optional[int] = None, activation: str = "silu",
+) -> torch.Tensor:
+    """:func:`~lowrank_infer.kernels.lowrank_gated_linear` with the Triton kernels, whatever the
+    device (CPU tensors under ``TRITON_INTERPRET=1``).
+
+    Raises:
+        ValueError: shapes, dtypes or devices do not fit together.
+        ImportError: Triton is not installed.
+    """
+    from lowrank_infer.kernels.gated_op import check_gated
+
+    up_start = U_gate.shape[1] if up_start is None else up_start
+    check_input(x, V)
+    check_gated(V, U_gate, U_up, up_start, activation)
+    return _triton_launcher().launch_gated(x, V, U_gate, U_up, up_start, activation)

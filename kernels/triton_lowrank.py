@@ -2,14 +2,17 @@
 
 Imported lazily (it imports Triton at module level) by ``lowrank_linear_op``. Three paths:
 
-* ``decode`` (T <= ``DECODE_MAX_TOKENS`` = 32): memory-bound on U and V. Two skinny GEMMs,
-  each split so that every SM streams weights: the shrink ``z = x @ V`` over n (programs own
-  row blocks of V, so each reads whole 128-byte lines of a row-major V once) and the expand
-  ``z @ U.T`` over m (and over k when m alone gives too few programs). Split partials are
-  fp32 and are summed by a small kernel in fixed order (deterministic, unlike atomics); ``z``
-  itself is fp32, at most ``32·k·4`` bytes, and is read back from L2. Splitting k instead, so
-  that z stays on chip, would read V and U in 64-byte pieces and leave SMs idle (a fused
-  decode kernel ran that way: benchmarks/results/h100/v1-fused-decode/).
+* ``decode`` (T <= ``DECODE_MAX_TOKENS`` = 32): memory-bound on U and V, so two launches,
+  each streaming its weights in long contiguous runs. The shrink is swap-AB: ``zᵀ = Vᵀ xᵀ``
+  puts 64 rank rows of ``Vᵀ [k, n]`` (rank-major, as ``LowRankLinear`` stores V) on the MMA's
+  wide side (``wgmma`` on Hopper) and the tokens on its narrow side; n is split so every SM
+  streams an equal share, and the last program of each row tile to arrive adds the fp32
+  partials in split order and resets its counter (deterministic, graph-safe, no reduction
+  launch). The expand gives each program whole rows of U, so it needs no split at all; for a
+  gated MLP it reads the gate's and the up projection's rows and writes only ``act(g) * u``.
+  ``z`` (fp32, ``T·k·4`` bytes), the partials and the counters live in a preallocated
+  workspace. With PDL (:func:`~lowrank_infer.kernels.set_pdl`) each kernel prefetches its
+  weights into L2 before waiting for the previous kernel.
 * ``prefill`` (T > 32, k <= 256): the fused kernel. One program per (T-tile, group of
   m-tiles) keeps its ``[BLOCK_T, k]`` fp32 intermediate on chip and reuses it for every
   m-tile of its group.
@@ -31,9 +34,10 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from lowrank_infer.kernels.launch_config import get_config, select_path
+from lowrank_infer.kernels.gated_op import ACTIVATIONS as _ACTIVATIONS
+from lowrank_infer.kernels.launch_config import DECODE_MAX_TOKENS, get_config, select_path
 
-__all__ = ["launch"]
+__all__ = ["launch", "launch_gated", "launch_grouped"]
 
 
 @triton.jit
@@ -74,6 +78,121 @@ def _reduce_kernel(
         acc += tl.load(bias_ptr + offs_m, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + t * stride_ot + offs_m * stride_om, acc.to(out_ptr.dtype.element_ty),
              mask=mask)
+
+
+@triton.jit
+def _prefetch_rows_l2(ptr, rows, n_rows, col_start, col_end, stride_r, LINE: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
+    """Ask L2 for the 128-byte lines of ``ptr[rows, col_start:col_end]`` (PDL: weights do not
+    depend on the previous kernel, so they are fetched before ``gdc_wait``)."""
+    for c0 in range(col_start, col_end, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C // LINE) * LINE
+        ok = (rows[:, None] < n_rows) & (cols[None, :] < col_end)
+        # An out-of-range line is replaced by the first one, which is valid and cheap to refetch.
+        offsets = tl.where(ok, rows[:, None].to(tl.int64) * stride_r + cols[None, :], 0)
+        tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];", "=r,l", [ptr + offsets],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _decode_shrink_kernel(
+    x_ptr, vt_ptr, z_ptr, part_ptr, count_ptr,
+    T, N, K, n_per_split, splits,
+    stride_xt, stride_xn, stride_vk, stride_vn, stride_zt, stride_zk,
+    PRECISION: tl.constexpr, USE_PDL: tl.constexpr, LINE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """zᵀ[k-tile, :T] = Vᵀ[k-tile, n-split] @ xᵀ[n-split, :T], swap-AB: the weights are the MMA's
+    wide side (BLOCK_K rows of Vᵀ, read whole), the few tokens its narrow side.
+
+    Program (i, s) covers rank rows tile i over split s of n. With one split it writes z; with
+    several, each writes its fp32 partial, and the last of a tile's programs to arrive (an atomic
+    counter per tile) adds the partials in split order, writes z and resets the counter to 0, so
+    the result is deterministic and the next call (or CUDA-graph replay) starts from zero.
+    """
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_t = tl.arange(0, BLOCK_T)
+    n_start = pid_s * n_per_split
+    n_end = tl.minimum(n_start + n_per_split, N)
+    if USE_PDL:
+        _prefetch_rows_l2(vt_ptr, offs_k, K, n_start, n_end, stride_vk, LINE, BLOCK_N)
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    acc = tl.zeros((BLOCK_K, BLOCK_T), dtype=tl.float32)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        vt = _load_tile(vt_ptr, offs_k, offs_n, stride_vk, stride_vn, K, n_end)
+        xt = _load_tile(x_ptr, offs_n, offs_t, stride_xn, stride_xt, n_end, T)
+        acc = tl.dot(vt, xt, acc, input_precision=PRECISION)
+    if splits > 1:
+        # part: [splits, K, BLOCK_T] fp32, contiguous
+        _store_tile(part_ptr + pid_s.to(tl.int64) * K * BLOCK_T, acc, part_ptr, offs_k, offs_t,
+                    BLOCK_T, 1, K, BLOCK_T, HAS_BIAS=False)
+        tl.debug_barrier()  # every thread's partial is stored before the counter moves
+        arrived = tl.atomic_add(count_ptr + pid_k, 1, sem="acq_rel")
+        if arrived == splits - 1:
+            tl.debug_barrier()
+            acc = tl.zeros((BLOCK_K, BLOCK_T), dtype=tl.float32)
+            for s in range(0, splits):
+                offsets = s * K * BLOCK_T + offs_k[:, None] * BLOCK_T + offs_t[None, :]
+                acc += tl.load(part_ptr + offsets, mask=offs_k[:, None] < K, other=0.0,
+                               cache_modifier=".cg")
+            _store_tile(z_ptr, acc, z_ptr, offs_k, offs_t, stride_zk, stride_zt, K, T, HAS_BIAS=False)
+            tl.atomic_xchg(count_ptr + pid_k, 0)
+    else:
+        _store_tile(z_ptr, acc, z_ptr, offs_k, offs_t, stride_zk, stride_zt, K, T, HAS_BIAS=False)
+
+
+@triton.jit
+def _expand_rows(acc, z_ptr, u_ptr, offs_m, offs_t, T, M, K, stride_zt, stride_zk, stride_um,
+                 stride_uk, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += U[offs_m, :K] @ zᵀ[:K, offs_t]: the program's whole rows of U, k in BLOCK_K steps."""
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        u = _load_tile(u_ptr, offs_m, offs_k, stride_um, stride_uk, M, K)
+        zt = _load_tile(z_ptr, offs_k, offs_t, stride_zk, stride_zt, K, T)
+        acc = tl.dot(u.to(tl.float32), zt, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _decode_expand_kernel(
+    z_ptr, u_ptr, z2_ptr, u2_ptr, bias_ptr, out_ptr,
+    T, M, K, K2,
+    stride_zt, stride_zk, stride_um, stride_uk, stride_u2m, stride_u2k, stride_ot, stride_om,
+    HAS_BIAS: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
+    PRECISION: tl.constexpr, USE_PDL: tl.constexpr, LINE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """outᵀ[m-tile, :T] = U[m-tile] @ zᵀ (+ bias); each program owns whole rows of U, so no
+    partials and no reduction. ``GATED``: ``act(U z_gate) * (U2 z_up)`` (``ACTIVATION`` 1 SiLU,
+    2 GELU-tanh); ``z2`` points at the up projection's columns of the same z."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_t = tl.arange(0, BLOCK_T)
+    if USE_PDL:
+        _prefetch_rows_l2(u_ptr, offs_m, M, 0, K, stride_um, LINE, BLOCK_K)
+        if GATED:
+            _prefetch_rows_l2(u2_ptr, offs_m, M, 0, K2, stride_u2m, LINE, BLOCK_K)
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    acc = tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.float32)
+    acc = _expand_rows(acc, z_ptr, u_ptr, offs_m, offs_t, T, M, K, stride_zt, stride_zk,
+                       stride_um, stride_uk, PRECISION, BLOCK_K)
+    if GATED:
+        up = tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.float32)
+        up = _expand_rows(up, z2_ptr, u2_ptr, offs_m, offs_t, T, M, K2, stride_zt, stride_zk,
+                          stride_u2m, stride_u2k, PRECISION, BLOCK_K)
+        if ACTIVATION == 1:
+            acc = acc * tl.sigmoid(acc)
+        else:  # tanh(y) = 2 sigmoid(2y) - 1
+            inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+            acc = acc * tl.sigmoid(2.0 * inner)
+        acc = acc * up
+    if HAS_BIAS:  # along m, the rows of this transposed tile
+        acc += tl.load(bias_ptr + offs_m, mask=offs_m < M, other=0.0).to(tl.float32)[:, None]
+    _store_tile(out_ptr, acc, out_ptr, offs_m, offs_t, stride_om, stride_ot, M, T, HAS_BIAS=False)
 
 
 @triton.jit
@@ -213,6 +332,106 @@ def _launch_reduce(partials, bias, out):
     )
 
 
+class _Workspace:
+    """Buffers the decode shrink reuses on every call, one set per device: the fp32 ``z``, the
+    split partials and the arrival counters (zeroed once; the kernel leaves them at zero).
+
+    Nothing is allocated per call, so a captured CUDA graph replays with the same buffers. They
+    only grow, and growing is refused while a graph is being captured: run the shapes once
+    before capturing (a warm-up step does). Calls on one device share the buffers, so they must
+    run in one stream's order, as a model's layers do.
+    """
+
+    def __init__(self):
+        self._buffers = {}
+
+    def get(self, device, z_numel, part_numel, counters):
+        have = self._buffers.get(device)
+        sizes = (z_numel, part_numel, counters)
+        if have is None or any(b.numel() < size for b, size in zip(have, sizes)):
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    "the Triton decode kernels need a larger workspace while a CUDA graph is being "
+                    "captured; run the model once at these shapes before capturing")
+            sizes = [max(size, 0 if have is None else b.numel()) for b, size in zip(have or (None,) * 3, sizes)]
+            have = (torch.empty(sizes[0], device=device, dtype=torch.float32),
+                    torch.empty(max(sizes[1], 1), device=device, dtype=torch.float32),
+                    torch.zeros(max(sizes[2], 1), device=device, dtype=torch.int32))
+            self._buffers[device] = have
+        return have
+
+
+_WORKSPACE = _Workspace()
+
+
+def _use_pdl(device) -> bool:
+    from lowrank_infer.kernels.lowrank_linear_op import get_pdl
+
+    return (get_pdl() and not _INTERPRETED and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def _line(x) -> int:
+    """Elements per 128-byte cache line."""
+    return 128 // x.element_size()
+
+
+def _block_t(T: int) -> int:
+    return 16 if T <= 16 else 32
+
+
+def _decode_shrink(x, Vt, cfg, precision):
+    """``z = x @ Vtᵀ`` in fp32, ``[T, K]``, a view of the workspace (valid until the next call)."""
+    # x: [T, n], Vt: [K, n] (any strides; rank-major rows read whole)
+    T, n = x.shape
+    K = Vt.shape[0]
+    block_t, block_k = _block_t(T), cfg["BLOCK_K"]
+    n_per_split = triton.cdiv(triton.cdiv(n, cfg["SPLIT_N"]), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    splits = triton.cdiv(n, n_per_split)
+    k_tiles = triton.cdiv(K, block_k)
+    z_buf, part, counts = _WORKSPACE.get(x.device, T * K, splits * K * block_t if splits > 1 else 0, k_tiles)
+    z = z_buf[:T * K].view(T, K)
+    use_pdl = _use_pdl(x.device)
+    _decode_shrink_kernel[(k_tiles, splits)](
+        x, Vt, z, part, counts, T, n, K, n_per_split, splits,
+        x.stride(0), x.stride(1), Vt.stride(0), Vt.stride(1), z.stride(0), z.stride(1),
+        PRECISION=precision, USE_PDL=use_pdl, LINE=_line(x), BLOCK_T=block_t, BLOCK_K=block_k,
+        BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        launch_pdl=use_pdl,
+    )
+    return z
+
+
+_ACTIVATION_CODES = {None: 0, "silu": 1, "gelu_tanh": 2}
+
+
+def _decode_expand(z, U, bias, out, cfg, precision, up=None, activation=None):
+    """``out = z @ Uᵀ (+ bias)``, or with ``up = (z_up, U_up)`` ``act(z @ Uᵀ) * (z_up @ U_upᵀ)``."""
+    # z: [T, k] fp32 (a column slice of the workspace), U: [m, k], bias: [m] | None,
+    # out: [T, m] (any strides: a slice of a grouped output), up: ([T, k2], [m, k2]) | None
+    T, K = z.shape
+    M = U.shape[0]
+    z2, U2 = up if up is not None else (z, U)
+    use_pdl = _use_pdl(z.device)
+    _decode_expand_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
+        z, U, z2, U2, out if bias is None else bias, out, T, M, K, z2.shape[1],
+        z.stride(0), z.stride(1), U.stride(0), U.stride(1), U2.stride(0), U2.stride(1),
+        out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, GATED=up is not None, ACTIVATION=_ACTIVATION_CODES[activation],
+        PRECISION=precision, USE_PDL=use_pdl, LINE=_line(U), BLOCK_T=_block_t(T),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], launch_pdl=use_pdl,
+    )
+
+
+def _launch_decode(x, U, V, bias, out, cfgs, precision):
+    # x: [T, n], U: [m, k], V: [n, k], bias: [m] | None, out: [T, m]
+    for t0 in range(0, x.shape[0], DECODE_MAX_TOKENS):  # a forced path may get more tokens
+        rows = slice(t0, t0 + DECODE_MAX_TOKENS)
+        z = _decode_shrink(x[rows], V.T, cfgs["decode_shrink"], precision)
+        _decode_expand(z, U, bias, out[rows], cfgs["decode_expand"], precision)
+
+
 def _two_gemms(shrink, expand):
     """Runner of a two-GEMM path whose kernels take the ``shrink``/``expand`` configs."""
 
@@ -226,7 +445,7 @@ def _two_gemms(shrink, expand):
 
 
 _PATHS = {  # path -> (launcher, kernels whose configs it takes)
-    "decode": (_two_gemms("decode_shrink", "decode_expand"), ("decode_shrink", "decode_expand")),
+    "decode": (_launch_decode, ("decode_shrink", "decode_expand")),
     "prefill": (_launch_prefill, ("prefill",)),
     "shrink_expand": (_two_gemms("shrink", "expand"), ("shrink", "expand")),
 }
@@ -241,14 +460,16 @@ def _device_info(device: torch.device) -> tuple[str, int]:
     return props.name, props.multi_processor_count
 
 
-def _configs(kernels, x, U, V, overrides):
-    T, n = x.shape
-    m, k = U.shape
+def _config(kernel, x, m, k):
+    """Config of ``kernel`` for ``x [T, n]`` through a layer of ``m`` outputs and rank ``k``."""
     name, sms = _device_info(x.device)
+    return get_config(kernel, x.shape[0], m, x.shape[1], k, device_name=name, num_sms=sms,
+                      elem_bytes=x.element_size())
+
+
+def _configs(kernels, x, U, V, overrides):
     overrides = overrides or {}
-    return {kernel: overrides.get(kernel) or get_config(
-        kernel, T, m, n, k, device_name=name, num_sms=sms, elem_bytes=x.element_size())
-        for kernel in kernels}
+    return {kernel: overrides.get(kernel) or _config(kernel, x, *U.shape) for kernel in kernels}
 
 
 def _check_out(out: torch.Tensor, x: torch.Tensor, m: int) -> None:
@@ -256,6 +477,25 @@ def _check_out(out: torch.Tensor, x: torch.Tensor, m: int) -> None:
     if tuple(out.shape) != want or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {want} on {x.device}, "
                          f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+
+
+def _check_runnable(x):
+    if not (x.device.type == "cuda" or (x.device.type == "cpu" and _INTERPRETED)):
+        raise RuntimeError(
+            "the Triton kernels run on CUDA tensors, or on CPU tensors when "
+            f"TRITON_INTERPRET=1 was set before triton was imported; got {x.device} tensors")
+    if _INTERPRETED and x.dtype == torch.bfloat16:
+        # The interpreter's bf16 tl.dot returns garbage (values off by 1e10), not an error.
+        raise TypeError("Triton's CPU interpreter computes bfloat16 dots wrongly; use float16 or float32 "
+                        "with TRITON_INTERPRET=1 (bfloat16 runs on CUDA)")
+
+
+def _precision(x) -> str:
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def _guard(x):
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
 def launch(x, U, V, bias=None, *, path=None, out=None, configs=None):
@@ -269,14 +509,7 @@ def launch(x, U, V, bias=None, *, path=None, out=None, configs=None):
     assert U.dim() == 2 and V.dim() == 2 and x.shape[-1] == V.shape[0] and U.shape[1] == V.shape[1]
     assert x.dtype == U.dtype == V.dtype and x.device == U.device == V.device
     assert bias is None or (bias.shape == U.shape[:1] and bias.dtype == x.dtype)
-    if not (x.device.type == "cuda" or (x.device.type == "cpu" and _INTERPRETED)):
-        raise RuntimeError(
-            "triton_lowrank_linear runs on CUDA tensors, or on CPU tensors when "
-            f"TRITON_INTERPRET=1 was set before triton was imported; got {x.device} tensors")
-    if _INTERPRETED and x.dtype == torch.bfloat16:
-        # The interpreter's bf16 tl.dot returns garbage (values off by 1e10), not an error.
-        raise TypeError("Triton's CPU interpreter computes bfloat16 dots wrongly; use float16 or float32 "
-                        "with TRITON_INTERPRET=1 (bfloat16 runs on CUDA)")
+    _check_runnable(x)
     m, k = U.shape
     x2d = x.reshape(-1, x.shape[-1])
     if out is None:
@@ -287,9 +520,69 @@ def launch(x, U, V, bias=None, *, path=None, out=None, configs=None):
         return out
     runner, kernels = _PATHS[path or select_path(x2d.shape[0], k)]
     cfgs = _configs(kernels, x2d, U, V, configs)
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
     bias = None if bias is None else bias.contiguous()
-    guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
-    with guard:
-        runner(x2d, U, V, bias, out.view(-1, m), cfgs, precision)
+    with _guard(x):
+        runner(x2d, U, V, bias, out.view(-1, m), cfgs, _precision(x))
     return out
+
+
+def _shrink(x2d, V, m, precision):
+    """``x2d @ V`` in fp32 for a group of ``m`` outputs: the decode shrink up to
+    DECODE_MAX_TOKENS rows (``z`` then lives in the workspace), a tiled GEMM above."""
+    T, k = x2d.shape[0], V.shape[1]
+    if T <= DECODE_MAX_TOKENS:
+        return _decode_shrink(x2d, V.T, _config("decode_shrink", x2d, m, k), precision)
+    z = torch.empty((T, k), device=x2d.device, dtype=torch.float32)
+    _launch_matmul(x2d, V, None, z, _config("shrink", x2d, m, k), precision)
+    return z
+
+
+def _expand(x2d, z, U, bias, out, precision):
+    if x2d.shape[0] <= DECODE_MAX_TOKENS:
+        _decode_expand(z, U, bias, out, _config("decode_expand", x2d, *U.shape), precision)
+    else:
+        _launch_matmul(z, U.T, bias, out, _config("expand", x2d, *U.shape), precision)
+
+
+def launch_grouped(x, V, Us, bias=None):
+    """``[x V_1 U_1ᵀ | x V_2 U_2ᵀ | …] (+ bias)``: one shrink over ``V = [V_1 | V_2 | …]``, then
+    one expand per ``U_i`` into its columns of the output (inputs as ``check_grouped`` accepts)."""
+    # x: [..., n], V: [n, Σk], Us: [m_i, k_i], bias: [Σm] | None
+    _check_runnable(x)
+    x2d = x.reshape(-1, x.shape[-1])
+    widths = [U.shape[0] for U in Us]
+    out = torch.empty((x2d.shape[0], sum(widths)), device=x.device, dtype=x.dtype)
+    if x2d.shape[0]:
+        with _guard(x):
+            z = _shrink(x2d, V, sum(widths), _precision(x))
+            col = row = 0
+            for U, width in zip(Us, widths):
+                piece_bias = None if bias is None else bias[row:row + width]
+                _expand(x2d, z[:, col:col + U.shape[1]], U, piece_bias, out[:, row:row + width], _precision(x))
+                col, row = col + U.shape[1], row + width
+    return out.view(*x.shape[:-1], sum(widths))
+
+
+def launch_gated(x, V, U_gate, U_up, up_start, activation):
+    """``act(x V_g U_gateᵀ) * (x V_u U_upᵀ)`` (inputs as ``check_gated`` accepts): one shrink; up
+    to DECODE_MAX_TOKENS rows one expand that reads both ``U`` and writes only the product."""
+    # x: [..., n], V: [n, K], U_gate: [m, k_g] (z columns [0, k_g)), U_up: [m, k_u] (z columns
+    # [up_start, up_start + k_u)), activation: "silu" | "gelu_tanh"
+    _check_runnable(x)
+    x2d = x.reshape(-1, x.shape[-1])
+    m = U_gate.shape[0]
+    out = torch.empty((x2d.shape[0], m), device=x.device, dtype=x.dtype)
+    if x2d.shape[0]:
+        with _guard(x):
+            z = _shrink(x2d, V, m, _precision(x))
+            z_gate, z_up = z[:, :U_gate.shape[1]], z[:, up_start:up_start + U_up.shape[1]]
+            if x2d.shape[0] <= DECODE_MAX_TOKENS:
+                cfg = _config("decode_expand", x2d, *U_gate.shape)
+                _decode_expand(z_gate, U_gate, None, out, cfg, _precision(x), (z_up, U_up), activation)
+            else:  # prefill sizes: two tiled GEMMs in fp32, the activation in torch
+                gate = torch.empty((x2d.shape[0], m), device=x.device, dtype=torch.float32)
+                up = torch.empty_like(gate)
+                _expand(x2d, z_gate, U_gate, None, gate, _precision(x))
+                _expand(x2d, z_up, U_up, None, up, _precision(x))
+                out.copy_(_ACTIVATIONS[activation](gate) * up)
+    return out.view(*x.shape[:-1], m)

@@ -15,6 +15,10 @@ __all__ = ["LowRankLinear"]
 class LowRankLinear(nn.Module):
     """``y = U·(Vᵀx) + b`` with ``U: [out_features, k]`` and ``V: [in_features, k]``.
 
+    ``V`` is stored rank-major (``V.T`` is contiguous): ``from_factors`` copies into that layout,
+    whatever the source's; a loaded checkpoint is converted when it is packed
+    (:func:`lowrank_infer.pack_model`, which loading runs).
+
     A layer whose rank is ``None`` or at/past break-even (``k·(m+n) ≥ m·n``) runs in dense mode
     with a plain ``weight``; the choice is made once, here, so the forward pass never branches on it.
     """
@@ -42,7 +46,10 @@ class LowRankLinear(nn.Module):
             self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
         else:
             self.U = nn.Parameter(torch.empty(out_features, self.rank, **kw))
-            self.V = nn.Parameter(torch.empty(in_features, self.rank, **kw))
+            # Rank-major: V [n, k] is the transposed view of a contiguous Vᵀ [k, n], the one copy
+            # there is. The kernels read whole rows of Vᵀ, and the factors of layers that share
+            # an input stack into one Vᵀ without copying (lowrank_infer.packing).
+            self.V = nn.Parameter(torch.empty(self.rank, in_features, **kw).T)
         self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
 
     @property

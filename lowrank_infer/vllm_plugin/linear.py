@@ -232,7 +232,8 @@ class LowRankLinearMethod(LinearMethodBase):
         return data.narrow(0, piece.offset, piece.rows * piece.u_cols).view(piece.rows, piece.u_cols)
 
     def _all_v(self, data: torch.Tensor) -> torch.Tensor:
-        return data.view(self._input.part, self._v_width)
+        # Rank-major storage ([Σk, in] contiguous): the kernels read whole rows of Vᵀ.
+        return data.view(self._v_width, self._input.part).T
 
     def process_weights_after_loading(self, layer) -> None:
         # vLLM checks that every parameter was loaded, but U is loaded once per low-rank slice:

@@ -80,3 +80,28 @@ def poisoned():
         return torch.full((*x.shape[:-1], m), float("nan"), dtype=x.dtype, device=x.device)
 
     return make
+
+
+# The decode shrink split in 3 pieces of 16 along n (37 in the tests: the last one ragged), so
+# the in-kernel ordered reduction of the partials runs.
+SPLIT_SHRINK = {"BLOCK_K": 16, "BLOCK_N": 16, "SPLIT_N": 3, "num_warps": 4, "num_stages": 2}
+
+
+@pytest.fixture
+def split_shrink(monkeypatch):
+    """Every decode shrink launches with :data:`SPLIT_SHRINK`, whatever the table says; the
+    fixture's value is that config."""
+    from lowrank_infer.kernels import triton_lowrank
+
+    original = triton_lowrank._config
+    monkeypatch.setattr(triton_lowrank, "_config", lambda kernel, *args: SPLIT_SHRINK
+                        if kernel == "decode_shrink" else original(kernel, *args))
+    return SPLIT_SHRINK
+
+
+@pytest.fixture
+def counters():
+    """``counters(device)``: the decode shrink's arrival counters in the launcher's workspace."""
+    from lowrank_infer.kernels import triton_lowrank
+
+    return lambda device: triton_lowrank._WORKSPACE._buffers[torch.device(device)][2]

@@ -29,20 +29,24 @@ def test_heuristics_give_compilable_blocks(kernel, shape):
     assert cfg["num_warps"] in (1, 2, 4, 8, 16) and cfg["num_stages"] >= 1
 
 
-def test_decode_heuristics_split_until_the_sms_are_busy():
-    """Few output tiles (T <= 16): the inner dimension is split so ~2 waves of programs run."""
-    def programs(kernel, cols, inner):
-        cfg = get_config(kernel, 1, 4096, 4096, 1228, device_name="x", num_sms=132, elem_bytes=2)
-        tiles = -(-cols // cfg["BLOCK_C"])
-        d_per_split = -(-(-(-inner // cfg["SPLIT_D"])) // cfg["BLOCK_D"]) * cfg["BLOCK_D"]
-        return tiles * -(-inner // d_per_split), cfg
+def test_decode_shrink_spreads_vt_evenly_over_the_sms():
+    """64-row tiles of Vᵀ (the smallest wgmma M) in 256-byte runs, n split so that about two
+    programs per SM each stream an equal share, no more than fits two BLOCK_N steps each."""
+    for k, n in ((1228, 4096), (1790, 11008), (491, 4096)):
+        cfg = get_config("decode_shrink", 1, 4096, n, k, device_name="x", num_sms=132, elem_bytes=2)
+        assert cfg["BLOCK_K"] == 64 and cfg["BLOCK_N"] * 2 == 256
+        per_split = -(-(-(-n // cfg["SPLIT_N"])) // cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+        programs = -(-k // 64) * -(-n // per_split)
+        assert 128 <= programs <= 2 * 132, (k, n, cfg, programs)
+    few = get_config("decode_shrink", 1, 64, 100, 16, device_name="x", num_sms=132, elem_bytes=4)
+    assert few["SPLIT_N"] == 1 and few["BLOCK_K"] == 16 and few["BLOCK_N"] * 4 == 256
 
-    shrink, cfg = programs("decode_shrink", 1228, 4096)
-    assert 132 <= shrink <= 2 * 132 and cfg["BLOCK_R"] == 16
-    expand, _ = programs("decode_expand", 4096, 1228)
-    assert 132 <= expand <= 2 * 132
-    # Bytes per b-tile row are whole 128-byte lines for bf16.
-    assert cfg["BLOCK_C"] * 2 >= 128
+
+def test_decode_expand_gives_every_sm_whole_rows_of_u():
+    for m, rows in ((4096, 16), (11008, 64), (576, 16)):
+        cfg = get_config("decode_expand", 16, m, 4096, 1228, device_name="x", num_sms=132, elem_bytes=2)
+        assert cfg["BLOCK_M"] == rows and cfg["BLOCK_K"] * 2 == 256
+        assert -(-m // rows) >= 132 or rows == 16
 
 
 def test_gemm_heuristic_does_not_split_large_outputs():
@@ -67,11 +71,11 @@ def test_nearest_bucket_wins(monkeypatch, tmp_path):
     small = {"BLOCK_R": 16, "BLOCK_C": 64, "BLOCK_D": 16, "GROUP_R": 1, "SPLIT_D": 8,
              "num_warps": 4, "num_stages": 2}
     large = dict(small, BLOCK_C=128)
-    _write_table(monkeypatch, tmp_path, {"device": "Fake GPU 80GB", "decode_shrink": {
+    _write_table(monkeypatch, tmp_path, {"device": "Fake GPU 80GB", "shrink": {
         bucket_key(1, 4096, 4096, 1024): small, bucket_key(16, 4096, 4096, 1024): large}})
 
     def lookup(T, k=1024):
-        return get_config("decode_shrink", T, 4096, 4096, k, device_name="Fake GPU 80GB",
+        return get_config("shrink", T, 4096, 4096, k, device_name="Fake GPU 80GB",
                           num_sms=132, elem_bytes=2)
 
     assert lookup(1) == small and lookup(2) == small
@@ -96,9 +100,9 @@ _GOOD = {"BLOCK_R": 16, "BLOCK_C": 64, "BLOCK_D": 16, "GROUP_R": 1, "SPLIT_D": 1
      (dict(_GOOD, num_stages=True), r"\['num_stages'\] must be positive integers")],
 )
 def test_malformed_table_is_rejected(monkeypatch, tmp_path, entry, message):
-    _write_table(monkeypatch, tmp_path, {"decode_shrink": {bucket_key(1, 64, 64, 16): entry}})
+    _write_table(monkeypatch, tmp_path, {"shrink": {bucket_key(1, 64, 64, 16): entry}})
     with pytest.raises(ValueError, match=message):
-        get_config("decode_shrink", 1, 64, 64, 16, device_name="Fake GPU 80GB", num_sms=1,
+        get_config("shrink", 1, 64, 64, 16, device_name="Fake GPU 80GB", num_sms=1,
                    elem_bytes=2)
 
 
@@ -111,9 +115,9 @@ def test_malformed_prefill_groups_are_rejected(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("key", ["T=4,m=37,n=24", "T=0,m=37,n=24,k=7", "T=1,m=2,n=2,k=2,x=1", "T=a,m=1,n=1,k=1"])
 def test_malformed_table_key_is_rejected(monkeypatch, tmp_path, key):
-    _write_table(monkeypatch, tmp_path, {"decode_shrink": {key: _GOOD}})
+    _write_table(monkeypatch, tmp_path, {"shrink": {key: _GOOD}})
     with pytest.raises(ValueError, match=f"tuned config key '{key}' must be"):
-        get_config("decode_shrink", 1, 64, 64, 16, device_name="Fake GPU 80GB", num_sms=1, elem_bytes=2)
+        get_config("shrink", 1, 64, 64, 16, device_name="Fake GPU 80GB", num_sms=1, elem_bytes=2)
 
 
 def test_fp32_ignores_the_16_bit_table(monkeypatch, tmp_path):

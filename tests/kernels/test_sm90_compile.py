@@ -4,8 +4,10 @@ Triton compiles for an H100 on this CPU with the ptxas bundled in its wheel. Eac
 layer shape and path as ``launch`` would run it on an H100, with the heuristic configs (for
 LLaMA-2-7B shapes at decode and prefill token counts) or with tuned table entries. One
 subprocess compiles them all (the kernels here are interpreted: TRITON_INTERPRET=1 is fixed when
-``@triton.jit`` runs). Whether each kernel uses Hopper's ``wgmma`` or Ampere-style ``mma.sync``
-is printed (``pytest -rP``) and recorded as a junit property, not asserted.
+``@triton.jit`` runs); V is rank-major, as ``LowRankLinear`` stores it. Every kernel's MMA
+(Hopper's ``wgmma`` or Ampere-style ``mma.sync``) is printed (``pytest -rP``) and recorded as a
+junit property; ``wgmma`` is asserted where the design needs it (the decode shrink), and so are
+the PDL instructions of kernels built for programmatic dependent launch.
 """
 
 import json
@@ -17,7 +19,7 @@ import pytest
 
 pytest.importorskip("triton.backends.nvidia.compiler", reason="needs Triton with its NVIDIA backend")
 
-from lowrank_infer.kernels.aot import H100, SM90_MAX_SHARED_BYTES, tools_missing  # noqa: E402
+from lowrank_infer.kernels.aot import GATED_PATHS, H100, SM90_MAX_SHARED_BYTES, tools_missing  # noqa: E402
 
 # A name without a tuned table: the heuristics, with the H100's SM count.
 HEURISTICS = {"device_name": "sm_90 heuristics", "num_sms": H100["num_sms"]}
@@ -35,6 +37,12 @@ def _heuristic_cases():
             cases.append(dict(path="shrink_expand", T=2048, m=m, n=n, k=k, dtype=dtype, bias=True, **HEURISTICS))
         for m, n, k in FUSED:
             cases += [dict(path="prefill", T=T, m=m, n=n, k=k, dtype=dtype, **HEURISTICS) for T in (512, 2048)]
+    # The gated MLP's decode (gate and up of LLaMA-2-7B at keep 0.6, each of rank 1790), and
+    # every decode kernel built for programmatic dependent launch.
+    for path in GATED_PATHS:
+        cases += [dict(path=path, T=T, m=11008, n=4096, k=1790, dtype="bfloat16", **HEURISTICS) for T in (1, 32)]
+    cases += [dict(path="decode", T=16, m=m, n=n, k=k, dtype="bfloat16", pdl=True, **HEURISTICS) for m, n, k in KEEP_06]
+    cases.append(dict(path="decode_gated_silu", T=16, m=11008, n=4096, k=1790, dtype="float16", pdl=True, **HEURISTICS))
     # fp32 tiles take twice the bytes; the heuristics size some of them by element size.
     cases += [dict(path="decode", T=16, m=m, n=n, k=k, dtype="float32", **HEURISTICS) for m, n, k in KEEP_06[:2]]
     cases.append(dict(path="shrink_expand", T=2048, m=4096, n=4096, k=1228, dtype="float32", **HEURISTICS))
@@ -53,25 +61,8 @@ CASES = _heuristic_cases() + TUNED
 
 def _case_id(case):
     table = "tuned" if case["device_name"] == H100["device_name"] else "heuristic"
-    return f"{table}-{case['path']}-T{case['T']}-{case['m']}x{case['n']}-k{case['k']}-{case['dtype']}"
-
-
-# Tuned entries that spill when this Triton compiles them (the table records the Triton it was
-# tuned with): they measured fastest on an H100, so they stay until benchmarks/tune_kernels.py
-# reruns there.
-KNOWN_SPILLS = {
-    "tuned-decode-T16-11008x4096-k1790-bfloat16":
-        "decode_shrink (BLOCK_C=64, BLOCK_D=128, 4 warps): 255 registers, 6 spilled words",
-    "tuned-decode-T1-1024x4096-k491-float16":
-        "decode_shrink (BLOCK_C=64, BLOCK_D=128, 4 warps): 255 registers, 2 spilled words",
-    "tuned-shrink_expand-T2048-4096x11008-k1790-bfloat16":
-        "shrink (BLOCK_R=256, BLOCK_C=128, BLOCK_D=64, 8 warps): 255 registers, 28 spilled words",
-}
-
-
-def _param(case):
-    spill = KNOWN_SPILLS.get(_case_id(case))
-    return pytest.param(case, id=_case_id(case), marks=[pytest.mark.xfail(strict=True, reason=spill)] if spill else [])
+    pdl = "-pdl" if case.get("pdl") else ""
+    return f"{table}-{case['path']}-T{case['T']}-{case['m']}x{case['n']}-k{case['k']}-{case['dtype']}{pdl}"
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +78,7 @@ def compiled():
     return {_case_id(case): case["launches"] for case in json.loads(run.stdout)}
 
 
-@pytest.mark.parametrize("case", [_param(case) for case in CASES])
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_fits_sm90_without_spills(compiled, case, record_property):
     launches = compiled[_case_id(case)]
     assert launches, "the path launched no kernel"
@@ -99,3 +90,31 @@ def test_fits_sm90_without_spills(compiled, case, record_property):
     for launch in launches:
         assert launch["n_spills"] == 0, f"{launch['kernel']} spills {launch['n_spills']} words: {launch}"
         assert launch["shared"] <= SM90_MAX_SHARED_BYTES, f"{launch['kernel']} needs {launch['shared']} B: {launch}"
+
+
+DECODE_16_BIT = [case for case in CASES if case["dtype"] != "float32" and "decode" in case["path"]]
+
+
+@pytest.mark.parametrize("case", DECODE_16_BIT, ids=_case_id)
+def test_decode_shrink_puts_the_weights_on_wgmma(compiled, case):
+    """Swap-AB: 64 rank rows of Vᵀ are the MMA's M side, so Hopper's wgmma runs the shrink."""
+    (shrink,) = [launch for launch in compiled[_case_id(case)] if launch["kernel"] == "decode_shrink"]
+    assert shrink["config"]["BLOCK_K"] == 64 and shrink["uses_wgmma"], shrink
+
+
+@pytest.mark.parametrize("case", [case for case in CASES if "decode" in case["path"]], ids=_case_id)
+def test_pdl_kernels_wait_on_the_grid_dependency(compiled, case):
+    """Built for PDL, each decode kernel prefetches its weights to L2 and waits on the previous
+    grid (griddepcontrol.wait) before reading activations; built without, it does neither."""
+    for launch in compiled[_case_id(case)]:
+        pdl = bool(case.get("pdl"))
+        assert launch["config"]["launch_pdl"] == pdl
+        assert launch["uses_griddepcontrol"] == pdl and launch["prefetches_l2"] == pdl, launch
+
+
+@pytest.mark.parametrize("case", [case for case in CASES if case["path"] == "shrink_expand"
+                                  and case["dtype"] != "float32"], ids=_case_id)
+def test_prefill_gemm_tiles_use_wgmma(compiled, case):
+    """The tiled GEMMs of long 16-bit prefills (``triton_fp32`` backend) run on wgmma."""
+    for launch in compiled[_case_id(case)]:
+        assert launch["uses_wgmma"] or launch["kernel"].endswith(".reduce"), launch

@@ -88,23 +88,29 @@ def test_allocates_output(triton_device, make_inputs, assert_matches_reference):
 
 @pytest.mark.parametrize("dtype, bias", [(torch.float32, True), (torch.float16, False)], ids=str)
 def test_split_decode_is_deterministic_and_correct(triton_device, launch, make_inputs, assert_matches_reference,
-                                                   monkeypatch, dtype, bias):
-    """Both decode GEMMs split their inner dimension (n = 37, k = 100) into 3 ragged pieces,
-    so the partial sums go through the reduction kernel; two runs agree bit for bit."""
+                                                   monkeypatch, split_shrink, counters, dtype, bias):
+    """The decode shrink splits n = 37 into 3 ragged pieces of 16 for each of k = 100's 7 row
+    tiles; the last program of each tile sums the partials inside the kernel (no reduction
+    launch), leaves its counter at 0, and repeated calls agree bit for bit."""
     from lowrank_infer.kernels import triton_lowrank
 
-    split = {"BLOCK_R": 16, "BLOCK_C": 16, "BLOCK_D": 16, "GROUP_R": 1, "SPLIT_D": 3, "num_warps": 4,
-             "num_stages": 2}
-    configs = {"decode_shrink": split, "decode_expand": split}
+    configs = {"decode_shrink": split_shrink}
     x, U, V, b = make_inputs(16, 24, 37, 100, dtype, triton_device, bias=bias)
-    reductions = []
-    original = triton_lowrank._launch_reduce
-    monkeypatch.setattr(triton_lowrank, "_launch_reduce",
-                        lambda partials, *rest: reductions.append(partials.shape[0]) or original(partials, *rest))
+    monkeypatch.setattr(triton_lowrank, "_launch_reduce", lambda *args: pytest.fail("decode launched a reduction"))
     first = launch(x, U, V, b, path="decode", configs=configs)
-    assert reductions == [3, 3]  # shrink and expand each summed 3 partials
-    assert torch.equal(first, launch(x, U, V, b, path="decode", configs=configs))
     assert_matches_reference(first, x, U, V, b)
+    for _ in range(2):
+        assert torch.equal(first, launch(x, U, V, b, path="decode", configs=configs))
+        assert not counters(triton_device).any(), "an arrival counter was left non-zero"
+
+
+def test_decode_reads_rank_major_and_row_major_v_alike(triton_device, launch, make_inputs, split_shrink):
+    """``LowRankLinear`` keeps V rank-major (V.T contiguous); a row-major V gives the same bits."""
+    x, U, V, b = make_inputs(3, 24, 37, 33, torch.float32, triton_device)
+    rank_major = V.T.contiguous().T
+    configs = {"decode_shrink": split_shrink}
+    assert torch.equal(launch(x, U, V, b, path="decode", configs=configs),
+                       launch(x, U, rank_major, b, path="decode", configs=configs))
 
 
 @pytest.mark.parametrize(
@@ -126,16 +132,18 @@ def test_dispatcher_picks_path(triton_device, make_inputs, monkeypatch, T, k, ex
 def test_tuned_table_drives_launch(triton_device, make_inputs, assert_matches_reference, monkeypatch,
                                    tmp_path, kernel, T):
     """The nearest table entry is launched: prefill's 3 m-tiles of 16 split 2 + 1 over 2 m-groups;
-    the decode GEMMs' inner dimension (24 or 33) split into pieces of 16 with a ragged end."""
+    the decode shrink's n (24) split into pieces of 16 with a ragged end; the decode expand's
+    37 rows in 3 tiles of 16, k (33) in steps of 16."""
     from lowrank_infer.kernels import triton_lowrank
 
     name, _ = triton_lowrank._device_info(torch.device(triton_device))
     if kernel == "prefill":
         config = {"BLOCK_T": 16, "BLOCK_N": 16, "BLOCK_M": 16, "M_GROUPS": 2, "num_warps": 4,
                   "num_stages": 2}
+    elif kernel == "decode_shrink":
+        config = {"BLOCK_K": 16, "BLOCK_N": 16, "SPLIT_N": 2, "num_warps": 4, "num_stages": 2}
     else:
-        config = {"BLOCK_R": 16, "BLOCK_C": 16, "BLOCK_D": 16, "GROUP_R": 1, "SPLIT_D": 2,
-                  "num_warps": 4, "num_stages": 2}
+        config = {"BLOCK_M": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2}
     monkeypatch.setattr(launch_config, "CONFIG_DIR", tmp_path)
     launch_config.config_file(name).write_text(  # tables hold 16-bit configs
         json.dumps({kernel: {launch_config.bucket_key(2 * T, 32, 32, 32): config}}))
