@@ -4,6 +4,7 @@ from lowrank_infer.hf_quantizer import register as _register
 from lowrank_infer.module import LowRankLinear
 from lowrank_infer.allocation import METHODS, ARAConfig, DRankConfig, MethodConfig, RankPlan, UniformConfig
 from lowrank_infer.io import load_compressed, save_compressed
+from lowrank_infer.packing import PackReport, pack_model
 from lowrank_infer.surgery import dequantize
 from lowrank_infer.compress import CompressResult, analyze, compress, config_for
 from lowrank_infer.data import calibration_ids, load_text, tokenize_text
@@ -22,6 +23,7 @@ __all__ = [
     "LowRankLinear",
     "METHODS",
     "MethodConfig",
+    "PackReport",
     "RankPlan",
     "UniformConfig",
     "analyze",
@@ -32,6 +34,7 @@ __all__ = [
     "load_compressed",
     "load_model",
     "load_text",
+    "pack_model",
     "perplexity",
     "save_compressed",
     "tokenize_text",

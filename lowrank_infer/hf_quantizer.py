@@ -3,7 +3,10 @@
 A saved model's ``config.json`` carries ``quantization_config = {"quant_method": "lowrank_infer",
 "rank_plan": {...}}``. Registering the config class and the quantizer with transformers' public
 hooks lets ``from_pretrained`` (and so lm-eval's ``HFLM``, ``device_map``, ``generate``) swap the
-planned linears for empty ``LowRankLinear`` modules on the meta device before the weights load.
+planned linears for empty ``LowRankLinear`` modules on the meta device before the weights load,
+and pack the loaded model for inference (:func:`lowrank_infer.packing.pack_model`) after. A
+``"pack": false`` in the ``quantization_config`` handed to ``from_pretrained`` (through its
+``config``; ``load_compressed(path, pack=False)`` does that) leaves the model unpacked.
 
 Without the registration transformers only logs "Unknown quantization type ... we will skip the
 quantization", builds the dense model, reports the factors as unexpected keys and fills every
@@ -28,6 +31,7 @@ from transformers.quantizers.auto import (
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from lowrank_infer.allocation.plan import RankPlan
+from lowrank_infer.packing import pack_model, unshared_state_dict
 from lowrank_infer.surgery import build_lowrank_skeleton
 
 QUANT_METHOD = "lowrank_infer"
@@ -57,14 +61,16 @@ def _accept(config):
 
 
 class LowRankConfig(QuantizationConfigMixin):
-    """The ``quantization_config`` of a compressed checkpoint: its rank plan."""
+    """The ``quantization_config`` of a compressed checkpoint: its rank plan, and whether loading
+    packs the model (a loading option, never saved)."""
 
-    def __init__(self, rank_plan: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(self, rank_plan: dict[str, Any] | None = None, pack: bool = True, **kwargs: Any) -> None:
         self.quant_method = QUANT_METHOD
         if rank_plan is None:
             raise ValueError("a lowrank_infer quantization_config needs a rank_plan")
         # Parsed once, here, so that a broken plan fails at config load with the plan's own error.
         self.plan = RankPlan.from_dict(rank_plan)
+        self.pack = pack
 
     def to_dict(self) -> dict[str, Any]:
         return {"quant_method": QUANT_METHOD, "rank_plan": self.plan.to_dict()}
@@ -93,7 +99,13 @@ class LowRankQuantizer(HfQuantizer):
         # The factors are plain floating-point tensors: unlike a quantized model, this one may
         # be cast (transformers refuses .half() / .float() while is_quantized is set).
         model.is_quantized = False
+        if self.quantization_config.pack:
+            pack_model(model)
         return model
+
+    def get_state_dict_and_metadata(self, model):
+        # transformers saves what this returns, instead of a state_dict handed to save_pretrained.
+        return unshared_state_dict(model), {}
 
     def is_serializable(self, *args, **kwargs) -> bool:
         return True

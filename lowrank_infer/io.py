@@ -21,6 +21,7 @@ from lowrank_infer.allocation.plan import RankPlan
 from lowrank_infer.atomic import atomic_directory
 from lowrank_infer.hf_quantizer import QUANT_METHOD, REFUSAL, LowRankConfig, register
 from lowrank_infer.module import LowRankLinear
+from lowrank_infer.packing import unshared_state_dict
 
 PLAN_FILE = "rank_plan.json"
 CARD_FILE = "README.md"
@@ -254,7 +255,9 @@ def save_compressed(
     card = model_card(plan, path.name, base_model=base_model, model_params=_param_count(model), metrics=metrics)
     _prepare_destination(path, overwrite)
     with atomic_directory(path) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        # A packed model's factors share storage (a loaded model's quantizer supplies the same dict).
+        model.save_pretrained(tmp, state_dict=unshared_state_dict(model), safe_serialization=True,
+                              max_shard_size=max_shard_size)
         _refuse_plain_transformers(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -314,7 +317,8 @@ def _check_shards(path: Path) -> None:
 
 
 def load_compressed(
-    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+    *, pack: bool = True,
 ) -> nn.Module:
     """Load a compressed checkpoint; refuses anything that would not load exactly.
 
@@ -326,8 +330,12 @@ def load_compressed(
         path: a directory written by :func:`save_compressed`.
         device: where the model is placed.
         dtype: parameter dtype (default: as saved).
+        pack: pack the model for inference (:func:`lowrank_infer.packing.pack_model`: rank-major
+            factors, one shrink for q/k/v and one fused gate/up per block), as a plain
+            ``AutoModelForCausalLM.from_pretrained`` does too; ``False`` leaves every layer on its
+            own, with ``V`` as stored in the checkpoint.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     register()
     path = Path(path)
@@ -335,8 +343,10 @@ def load_compressed(
         raise ValueError(f"{path} is not a lowrank_infer checkpoint (config.json has no quant_method {QUANT_METHOD!r})")
     _check_shards(path)
     try:
+        config = AutoConfig.from_pretrained(path)
+        config.quantization_config = {**config.quantization_config, "pack": pack}  # see LowRankConfig
         model, info = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype or "auto", device_map=str(device), output_loading_info=True
+            path, config=config, dtype=dtype or "auto", device_map=str(device), output_loading_info=True
         )
     except (OSError, RuntimeError, SafetensorError) as err:
         raise ValueError(f"could not load checkpoint {path}: {err}") from None

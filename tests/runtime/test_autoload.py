@@ -83,7 +83,7 @@ def test_installed_hook_loads_checkpoints_in_programs_that_never_import_lowrank_
         f"ids = torch.tensor({IDS.tolist()})\n"
         "with torch.no_grad():\n"
         "    save_file({'logits': m(ids).logits.contiguous()}, 'logits.safetensors')\n"
-        "lowrank = sum(type(x).__name__ == 'LowRankLinear' for x in m.modules())\n"
+        "lowrank = sum(isinstance(x, sys.modules['lowrank_infer'].LowRankLinear) for x in m.modules())\n"
         "origin = sys.modules['lowrank_infer'].__file__\n"
         "from lm_eval.__main__ import cli_evaluate\n"
         f"sys.argv = ['lm_eval', '--model', 'hf', '--model_args', 'pretrained={path}', '--device', 'cpu',\n"

@@ -70,7 +70,7 @@ def test_plain_from_pretrained_loads_natively_after_import(tmp_path):
         "import sys, torch, lowrank_infer\n"
         "from transformers import AutoModelForCausalLM\n"
         f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'ck')!r})\n"
-        "print(sum(type(x).__name__ == 'LowRankLinear' for x in m.modules()))\n"
+        "print(sum(isinstance(x, lowrank_infer.LowRankLinear) for x in m.modules()))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert int(out.stdout.strip().splitlines()[-1]) == sum(l.rank is not None for l in model.config.quantization_config.plan.layers)
