@@ -8,14 +8,14 @@ registered op that a compressed model runs.
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager
+from typing import Iterator
 
 import torch
 
 from lowrank_infer.kernels import BACKENDS as KERNEL_BACKENDS
-from lowrank_infer.kernels import use_backend
+from lowrank_infer.kernels import get_pdl, set_pdl, use_backend
 
-__all__ = ["BACKENDS", "CPU_BACKENDS", "LEGACY_NAMES", "backend_of", "check_backends", "running"]
+__all__ = ["BACKENDS", "CPU_BACKENDS", "LEGACY_NAMES", "TRITON_BACKENDS", "backend_of", "check_backends", "running"]
 
 BACKENDS = ("dense", *KERNEL_BACKENDS)
 # Result files written before the benches ran the library's backends call them so. Their
@@ -24,6 +24,8 @@ BACKENDS = ("dense", *KERNEL_BACKENDS)
 LEGACY_NAMES = {"two_matmul": "cublas", "torch_lowrank": "torch", "fused": "triton"}
 # Off CUDA, lowrank_linear runs torch math whatever the backend: other names would mislabel it.
 CPU_BACKENDS = ("dense", "torch")
+# The backends that launch the Triton kernels, the only ones programmatic dependent launch changes.
+TRITON_BACKENDS = ("triton", "triton_fp32")
 
 
 def check_backends(names: list[str], device: torch.device) -> list[str]:
@@ -42,9 +44,19 @@ def check_backends(names: list[str], device: torch.device) -> list[str]:
     return names
 
 
-def running(name: str) -> ContextManager[None]:
-    """Inside the block, every ``lowrank_linear`` call runs backend ``name`` (``dense``: unchanged)."""
-    return contextlib.nullcontext() if name == "dense" else use_backend(name)
+@contextlib.contextmanager
+def running(name: str, pdl: bool | None = None) -> Iterator[None]:
+    """Inside the block, every ``lowrank_linear`` call runs backend ``name`` (``dense``: unchanged),
+    and the Triton kernels launch with programmatic dependent launch when ``pdl`` is True (None:
+    unchanged); both come back after."""
+    pdl_before = get_pdl()
+    with contextlib.nullcontext() if name == "dense" else use_backend(name):
+        if pdl is not None:
+            set_pdl(pdl)
+        try:
+            yield
+        finally:
+            set_pdl(pdl_before)
 
 
 def backend_of(row: dict) -> str:

@@ -1,4 +1,4 @@
-"""``lowrank-infer bench kernels`` and ``lowrank-infer bench e2e``, plugged into the main CLI.
+"""``lowrank-infer bench kernels``, ``bench block`` and ``bench e2e``, plugged into the main CLI.
 
 The main CLI (:mod:`lowrank_infer.cli`) reports the ValueError, OSError and ImportError that
 bad input raises here as one-line errors.
@@ -13,9 +13,13 @@ import torch
 
 from lowrank_infer.bench.backends import BACKENDS, CPU_BACKENDS, check_backends
 
-__all__ = ["add_bench_parser", "cmd_e2e", "cmd_kernels"]
+__all__ = ["add_bench_parser", "cmd_block", "cmd_e2e", "cmd_kernels"]
 
 _DTYPES = ("float32", "float16", "bfloat16")
+# Copies of lowrank_infer.bench.e2e's MODES and PACKINGS: building the parser imports none of the
+# bench modules, which load the model stack (tests check that the copies match).
+_E2E_MODES = ("eager", "compiled")
+_E2E_PACKINGS = ("unpacked", "packed")
 
 # Defaults by (device type, --quick); a flag given on the command line wins. --quick is a
 # one-minute smoke run; on CPU everything is small because CPU timings only check the harness.
@@ -29,6 +33,16 @@ KERNEL_DEFAULTS = {
                          rep_ms=50.0, backends=CPU_BACKENDS),
     ("cpu", True): dict(models=["smollm2-135m"], layers=["q", "down"], keep=[0.6], tokens=[1, 16], rep_ms=10.0,
                         backends=CPU_BACKENDS),
+}
+BLOCK_DEFAULTS = {
+    ("cuda", False): dict(model="llama2-7b", keep=0.6, tokens=[1, 16, 32], backends=("dense", "cublas", "triton"),
+                          pdl=["off", "on"], rep_ms=25.0),
+    ("cuda", True): dict(model="llama2-7b", keep=0.6, tokens=[1, 16], backends=("dense", "cublas", "triton"),
+                         pdl=["off", "on"], rep_ms=10.0),
+    ("cpu", False): dict(model="smollm2-135m", keep=0.6, tokens=[1, 16, 32], backends=CPU_BACKENDS, pdl=["off"],
+                         rep_ms=20.0),
+    ("cpu", True): dict(model="smollm2-135m", keep=0.6, tokens=[1, 16], backends=CPU_BACKENDS, pdl=["off"],
+                        rep_ms=5.0),
 }
 E2E_DEFAULTS = {
     ("cuda", False): dict(keep=[0.6], prompt_lens=[128, 2048], batches=[1, 8, 32], context=512, decode_steps=32,
@@ -78,6 +92,22 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     _add_common_options(p)
     p.set_defaults(run=cmd_kernels)
 
+    p = sub.add_parser("block", help="one decoder block's projections at decode sizes, alone and grouped",
+                       description=(
+        "Time one decoder block's projections at decode token counts: each alone, q/k/v and gate/up as "
+        "separate calls and as one grouped (lowrank_grouped_linear) or gated (lowrank_gated_linear) op, against "
+        "dense weights of the same shapes, the Triton backends with programmatic dependent launch off and on. "
+        "Ranks are uniform at --keep, multiples of --multiple-of (default 16 here). Reports time, speedups side "
+        "by side, and GB/s on the weights' bytes against a device copy measured in the same run."))
+    p.add_argument("--model", help="model shape table (llama2-7b llama3-8b qwen2.5-7b smollm2-135m; "
+                   "default llama2-7b on CUDA, smollm2-135m on CPU)")
+    p.add_argument("--keep", type=float, help="kept fraction, in (0, 1) (default 0.6)")
+    p.add_argument("--tokens", nargs="+", type=int, help="rows of x (T) (default 1 16 32)")
+    p.add_argument("--pdl", nargs="+", choices=("off", "on"),
+                   help="programmatic dependent launch for the Triton backends (default off on, on CUDA)")
+    _add_common_options(p)
+    p.set_defaults(run=cmd_block, multiple_of=16)
+
     p = sub.add_parser("e2e", help="prefill and decode speed of a compressed model vs its dense counterpart",
                        description=(
         "Prefill latency, static-cache decode throughput (CUDA-graph replays on a GPU) and peak memory of a "
@@ -97,6 +127,12 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, help="tokens in the KV cache before timed decode steps (default 512)")
     p.add_argument("--decode-steps", type=int, help="decode steps per timed trial (default 32)")
     p.add_argument("--trials", type=int, help="timed decode trials; the median is reported (default 5)")
+    p.add_argument("--modes", nargs="+", choices=_E2E_MODES, default=["eager"],
+                   help="how the decode step runs: the eager model, torch.compile'd, or both; each is timed as "
+                   "CUDA-graph replays on a GPU (default eager)")
+    p.add_argument("--packing", nargs="+", choices=_E2E_PACKINGS, default=["unpacked"],
+                   help="compressed models as built, and/or packed by lowrank_infer.pack_model (q/k/v as one "
+                   "grouped op, gate/up as one gated op) (default unpacked)")
     _add_common_options(p)
     p.set_defaults(run=cmd_e2e)
     return bench
@@ -133,6 +169,19 @@ def _start(args, defaults: dict) -> tuple[torch.device, torch.dtype, dict]:
     return device, getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32")), opts
 
 
+def _partial_writer(args, document, markdown_report):
+    """``on_row`` for a bench: write ``--json`` and ``--markdown`` of the rows so far, so that a run
+    cut short (a time limit, an out-of-memory kill) still leaves the rows it measured."""
+    from lowrank_infer.bench.output import write_outputs
+
+    def save(rows: list[dict]) -> None:
+        if args.json or args.markdown:
+            partial = document(rows, True)
+            write_outputs(partial, markdown_report(partial), args.json, args.markdown, echo=False)
+
+    return save
+
+
 def _document(kind: str, args, device: torch.device, dtype: torch.dtype, **fields) -> dict:
     from lowrank_infer.bench.output import command_line, environment
 
@@ -163,6 +212,29 @@ def cmd_kernels(args) -> int:
     opts["layers"] = [s.layer for s in shapes]
     document = _document("kernels", args, device, dtype, settings=opts, peaks=peaks.to_dict(), rows=rows)
     write_outputs(document, markdown_report(document), args.json, args.markdown)
+    return 0
+
+
+def cmd_block(args) -> int:
+    """Run ``bench block``."""
+    from lowrank_infer.bench.block import BlockSettings, block_units, impls, markdown_report, run_block_bench
+    from lowrank_infer.bench.output import write_outputs
+    from lowrank_infer.bench.roofline import measure_peaks
+
+    device, dtype, opts = _start(args, BLOCK_DEFAULTS)
+    _positive("--tokens", opts["tokens"])
+    # An unknown model, a keep outside (0, 1] or a dense layer fails here, before any timing.
+    units = block_units(opts["model"], opts["keep"], args.multiple_of)
+    pairs = impls(list(opts["backends"]), [flag == "on" for flag in dict.fromkeys(opts["pdl"])])
+    settings = BlockSettings(opts["model"], opts["keep"], units, opts["tokens"], pairs, device, dtype, opts["rep_ms"])
+    peaks = measure_peaks(device, dtype, opts["rep_ms"])
+
+    def document(rows: list[dict], partial: bool) -> dict:
+        return _document("block", args, device, dtype, settings=opts, peaks=peaks.to_dict(), partial=partial,
+                         rows=rows)
+
+    final = document(run_block_bench(settings, peaks, on_row=_partial_writer(args, document, markdown_report)), False)
+    write_outputs(final, markdown_report(final), args.json, args.markdown)
     return 0
 
 
@@ -205,7 +277,7 @@ def _shape_only_variants(args, opts: dict, device: torch.device, dtype: torch.dt
 
 def cmd_e2e(args) -> int:
     """Run ``bench e2e``."""
-    from lowrank_infer.bench.e2e import E2ESettings, markdown_report, run_e2e_bench
+    from lowrank_infer.bench.e2e import E2ESettings, check_packing, markdown_report, run_e2e_bench
     from lowrank_infer.bench.output import write_outputs
 
     device, dtype, opts = _start(args, E2E_DEFAULTS)
@@ -213,12 +285,17 @@ def cmd_e2e(args) -> int:
                          ("--context", [opts["context"]]), ("--decode-steps", [opts["decode_steps"]]),
                          ("--trials", [opts["trials"]])):
         _positive(flag, values)
+    packings = check_packing(args.packing)
     label, variants = _e2e_variants(args, opts, device, dtype)
     opts["keep"] = [variant.plan.keep_target for variant in variants if variant.plan]
-    opts["plan"] = args.plan or []
+    opts.update(plan=args.plan or [], modes=[mode for mode in _E2E_MODES if mode in args.modes], packing=list(packings))
     settings = E2ESettings(opts["prompt_lens"], opts["batches"], opts["context"], opts["decode_steps"], opts["trials"],
-                           opts["backends"], device, dtype, opts["rep_ms"])
-    rows = run_e2e_bench(variants, settings)
-    document = _document("e2e", args, device, dtype, model=label, shape_only=args.shape_only, settings=opts, rows=rows)
-    write_outputs(document, markdown_report(document), args.json, args.markdown)
+                           opts["backends"], device, dtype, opts["rep_ms"], tuple(opts["modes"]), packings)
+
+    def document(rows: list[dict], partial: bool) -> dict:
+        return _document("e2e", args, device, dtype, model=label, shape_only=args.shape_only, settings=opts,
+                         partial=partial, rows=rows)
+
+    final = document(run_e2e_bench(variants, settings, on_row=_partial_writer(args, document, markdown_report)), False)
+    write_outputs(final, markdown_report(final), args.json, args.markdown)
     return 0

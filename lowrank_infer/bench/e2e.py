@@ -3,34 +3,45 @@
 Decode follows gpt-fast: a static KV cache (transformers' ``StaticCache``) and one decode step
 captured as a CUDA graph, whose replays are timed. The static cache advances its own position
 on the device, so each replay decodes the next token, and the cache is sized for exactly the
-number of steps run. Models are built one at a time and freed before the next, so that peak
-memory belongs to the model being measured.
+number of steps run. The step runs the model eagerly (mode ``eager``) or ``torch.compile``d
+(mode ``compiled``): the graph removes launch overhead in both, so what compiling gains is the
+fusion of the ops around the linears (norms, rotary embedding, attention glue), the share of
+the step that compression does not shrink. Models are built one at a time and freed before the
+next, so that peak memory belongs to the model being measured.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from lowrank_infer.allocation import RankPlan, uniform_plan
 from lowrank_infer.bench.backends import running
+from lowrank_infer.bench.operands import relative_error
 from lowrank_infer.bench.output import Column, add_speedups, markdown_table
 from lowrank_infer.bench.timing import available_memory, capture_graph, fixed_calls_ms, free_memory, median_ms
 from lowrank_infer.io import PLAN_FILE, is_compressed_checkpoint, load_compressed
+from lowrank_infer.packing import pack_model
 from lowrank_infer.report import model_size
 from lowrank_infer.structure import target_shapes
 from lowrank_infer.surgery import apply_plan, dequantize
 
 __all__ = [
+    "MODES",
+    "PACKINGS",
     "E2ESettings",
     "Variant",
+    "check_packing",
     "checkpoint_variants",
+    "compile_decode",
+    "decode_step",
     "markdown_report",
     "random_factors",
     "random_model",
@@ -38,8 +49,15 @@ __all__ = [
     "shape_only_variants",
 ]
 
+# How the decode step runs: the model's eager forward, or torch.compile's graph of it.
+MODES = ("eager", "compiled")
+# Compressed models run as loaded, or packed (layers that share an input grouped into one op).
+PACKINGS = ("unpacked", "packed")
 # Decode steps run on a side stream before a graph is captured.
 _DECODE_WARMUP = 3
+# Relative error of a compiled step's logits vs the eager step's above which compiling broke the
+# model: rounding differs between the two, so the bound is loose; broken graphs give errors near 1.
+_COMPILED_TOLERANCE = 0.1
 
 
 @dataclass(frozen=True)
@@ -63,6 +81,8 @@ class E2ESettings:
     device: torch.device
     dtype: torch.dtype
     rep_ms: float
+    modes: tuple[str, ...] = ("eager",)  # of the decode step (prefill always runs eagerly)
+    packings: tuple[str, ...] = ("unpacked",)  # of compressed models, in the order of PACKINGS
 
 
 # ---------------------------------------------------------------- models
@@ -145,66 +165,129 @@ def checkpoint_variants(path: str, device: torch.device, dtype: torch.dtype | No
     plan = RankPlan.load(Path(path) / PLAN_FILE)
     if all(layer.rank is None for layer in plan.layers):
         raise ValueError(f"{path} keeps every layer dense: there is no low-rank model to compare with dense")
-    load = functools.partial(load_compressed, path, device=str(device), dtype=dtype)
+    # Unpacked as built: the packed rows pack it themselves (--packing).
+    load = functools.partial(load_compressed, path, device=str(device), dtype=dtype, pack=False)
     return plan, [Variant(lambda: dequantize(load())), Variant(load, plan)]
+
+
+def check_packing(packings: list[str]) -> tuple[str, ...]:
+    """``packings`` in the order they are measured (unpacked first: packing changes a model in place).
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    unknown = [name for name in packings if name not in PACKINGS]
+    if unknown:
+        raise ValueError(f"unknown packing {', '.join(map(repr, unknown))} (known: {', '.join(PACKINGS)})")
+    return tuple(name for name in PACKINGS if name in packings)
+
+
+def _pack(model: nn.Module) -> dict | None:
+    """Pack ``model`` in place; what it now holds (``lowrank_infer.PackReport``'s fields)."""
+    return dataclasses.asdict(pack_model(model))
 
 
 # ---------------------------------------------------------------- measurements
 
 
-def run_e2e_bench(variants: list[Variant], settings: E2ESettings) -> list[dict]:
+def run_e2e_bench(
+    variants: list[Variant], settings: E2ESettings, on_row: Callable[[list[dict]], None] | None = None,
+) -> list[dict]:
     """Rows of prefill and decode measurements: the dense variant with backend ``dense``, each
-    compressed one with every other backend, and ``speedup_vs_dense`` where the dense row succeeded.
+    compressed one with every other backend (in each of ``settings.packings``), decode in each of
+    ``settings.modes``; ``speedup_vs_dense`` where the dense row of the same mode succeeded, and
+    ``speedup_vs_eager`` on compiled rows.
+
+    Args:
+        variants: the models to measure.
+        settings: what to measure, and where.
+        on_row: called with the rows so far after each one, e.g. to save them while a long run goes on.
     """
     rows: list[dict] = []
     with torch.inference_mode():
         for variant in variants:
             backends = [name for name in settings.backends if (name == "dense") == (variant.plan is None)]
-            if backends:
-                rows += _bench_variant(variant, backends, settings)
-                free_memory(settings.device)
-    add_speedups(rows, ("phase", "batch", "tokens"))
+            for row in _bench_variant(variant, backends, settings) if backends else ():
+                rows.append(row)
+                if on_row is not None:
+                    _add_ratios(rows)
+                    on_row(rows)
+            free_memory(settings.device)
+    _add_ratios(rows)
     return rows
 
 
-def _bench_variant(variant: Variant, backends: list[str], settings: E2ESettings) -> list[dict]:
+def _add_ratios(rows: list[dict]) -> None:
+    add_speedups(rows, ("mode", "phase", "batch", "tokens"))
+    _add_compile_gains(rows)
+
+
+def _bench_variant(variant: Variant, backends: list[str], settings: E2ESettings) -> Iterator[dict]:
     model = variant.build()
-    size = model_size(model)
     plan = variant.plan
     labels = (dict(method=plan.method, keep=plan.keep_target, keep_achieved=plan.keep_achieved) if plan
               else dict(method="dense", keep=1.0, keep_achieved=1.0))
-    base = {**labels, "model_params": size["params"], "model_bytes": size["bytes"],
-            "dtype": str(settings.dtype).removeprefix("torch.")}
-    rows = []
-    for backend in backends:
-        with running(backend):
-            rows += _measure_backend(model, {"backend": backend, **base}, settings)
-    return rows
+    for packing in settings.packings if plan else ("unpacked",):
+        report = _pack(model) if packing == "packed" else None
+        size = model_size(model)
+        base = {**labels, "packed": packing == "packed", "pack_report": report, "model_params": size["params"],
+                "model_bytes": size["bytes"], "dtype": str(settings.dtype).removeprefix("torch.")}
+        print(f"{labels['method']} keep {labels['keep']} {packing}:", file=sys.stderr, flush=True)
+        yield from _measure_model(model, backends, base, settings)
 
 
-def _measure_backend(model: nn.Module, base: dict, settings: E2ESettings) -> list[dict]:
-    print(f"{base['method']} keep {base['keep']} backend {base['backend']}:", file=sys.stderr, flush=True)
-    rows = [_measurement(functools.partial(_prefill_ms, model, length, settings), settings.device,
-                         phase="prefill", batch=1, tokens=length) for length in settings.prompt_lens]
-    rows += [_measurement(functools.partial(_decode_ms, model, batch, settings), settings.device,
-                          phase="decode", batch=batch, tokens=settings.context) for batch in settings.batches]
-    return [{**base, **row} for row in rows]
+def _measure_model(model: nn.Module, backends: list[str], base: dict, settings: E2ESettings) -> Iterator[dict]:
+    """Prefill rows, then decode rows mode by mode and batch by batch, every backend at each.
+
+    Backends are the inner loop: one compiled forward serves them all (the op reads the backend
+    when it runs, so switching it recompiles nothing), and a run stopped by a time limit has
+    every backend's rows of the cases it finished.
+    """
+    torch._dynamo.reset()  # a new model starts from an empty compile cache
+    compiled = compile_decode(model) if "compiled" in settings.modes else None
+    cases = []
+    for length in settings.prompt_lens:
+        case = dict(phase="prefill", mode="eager", batch=1, tokens=length)
+        cases.append((functools.partial(_prefill_ms, model, length, settings), case))
+    for mode in settings.modes:
+        for batch in settings.batches:
+            case = dict(phase="decode", mode=mode, batch=batch, tokens=settings.context)
+            forward = compiled if mode == "compiled" else None
+            cases.append((functools.partial(_decode_ms, model, batch, settings, forward), case))
+    try:
+        for measure, case in cases:
+            for backend in backends:
+                with running(backend):
+                    yield {**base, **_measurement(measure, settings.device, backend=backend, **case)}
+    finally:
+        torch._dynamo.reset()  # compiled code holds on to the model: let it go before the next is built
 
 
-def _measurement(measure: Callable[[], tuple[float, str]], device: torch.device, **row) -> dict:
-    """Run ``measure`` with fresh peak-memory statistics; a failure becomes a failed row."""
+def _add_compile_gains(rows: list[dict]) -> None:
+    """Set ``speedup_vs_eager`` = eager time / compiled time on compiled rows whose eager twin was timed."""
+    twin = ("backend", "method", "keep", "keep_achieved", "packed", "phase", "batch", "tokens")
+    eager_ms = {tuple(r[key] for key in twin): r["median_ms"] for r in rows if r["mode"] == "eager"}
+    for row in rows:
+        base = eager_ms.get(tuple(row[key] for key in twin)) if row["mode"] == "compiled" else None
+        row["speedup_vs_eager"] = base / row["median_ms"] if base and row["median_ms"] else None
+
+
+def _measurement(measure: Callable[[], dict], device: torch.device, **row) -> dict:
+    """Run ``measure`` (which returns ``median_ms``, ``timer`` and, compiled, ``compiled_rel_err``)
+    with fresh peak-memory statistics; a failure becomes a failed row."""
     free_memory(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    row["compiled_rel_err"] = None
     try:
-        ms, timer = measure()
+        row.update(measure())
     except Exception as err:  # noqa: BLE001 - e.g. out of memory at batch 32: report, go on
         row.update(median_ms=None, timer=None, tokens_per_s=None, peak_memory_bytes=None,
                    status=f"failed: {type(err).__name__}: {err}"[:200])
     else:
         produced = row["batch"] * (row["tokens"] if row["phase"] == "prefill" else 1)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        row.update(median_ms=ms, timer=timer, tokens_per_s=produced / ms * 1e3, peak_memory_bytes=peak, status="ok")
+        row.update(tokens_per_s=produced / row["median_ms"] * 1e3, peak_memory_bytes=peak, status="ok")
     _progress(row)
     return row
 
@@ -213,41 +296,79 @@ def _random_ids(model: nn.Module, batch: int, length: int, device: torch.device)
     return torch.randint(model.config.vocab_size, (batch, length), device=device)
 
 
-def _prefill_ms(model: nn.Module, length: int, settings: E2ESettings) -> tuple[float, str]:
+def _prefill_ms(model: nn.Module, length: int, settings: E2ESettings) -> dict:
     """Median latency of one forward over a ``length``-token prompt (batch 1).
 
     Only the last position's logits are computed, as in generation.
     """
     ids = _random_ids(model, 1, length, settings.device)
     ms = median_ms(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), settings.device, settings.rep_ms)
-    return ms, "do_bench" if settings.device.type == "cuda" else "perf_counter"
+    return {"median_ms": ms, "timer": "do_bench" if settings.device.type == "cuda" else "perf_counter"}
 
 
-def _decode_ms(model: nn.Module, batch: int, settings: E2ESettings) -> tuple[float, str]:
-    """Median latency of one decode step of ``batch`` sequences after ``settings.context`` tokens."""
+def compile_decode(model: nn.Module) -> nn.Module:
+    """``model`` under ``torch.compile`` for static-cache decode steps: one whole graph
+    (``fullgraph``: a graph break fails loudly instead of timing half a model eagerly), static
+    shapes (each batch size compiles once; the graph then serves every backend)."""
+    return torch.compile(model, fullgraph=True, dynamic=False)
+
+
+def decode_step(forward: Callable[..., object], ids: torch.Tensor, cache) -> Callable[[], torch.Tensor]:
+    """One decode step as the bench times it: ``forward`` (a model, or :func:`compile_decode` of
+    it) on the tokens in ``ids`` (``[batch, 1]``, read at each call) writes the next slot of the
+    static ``cache`` and returns the logits ``[batch, 1, vocab]``."""
+    return lambda: forward(input_ids=ids, past_key_values=cache, use_cache=True).logits
+
+
+def _decode_ms(model: nn.Module, batch: int, settings: E2ESettings, compiled: nn.Module | None = None) -> dict:
+    """Median latency of one decode step of ``batch`` sequences after ``settings.context`` tokens,
+    run by ``compiled`` (first checked against the eager step) or, when None, eagerly."""
     from transformers import StaticCache
 
     steps, trials = settings.decode_steps, settings.trials
-    # Every step run below advances the cache by one slot; a step past its end would fault.
-    cache = StaticCache(config=model.config, max_cache_len=settings.context + _DECODE_WARMUP + (trials + 1) * steps)
+    # Every step run below advances the cache by one slot; a step past its end would fault. The
+    # check of a compiled step runs one eager and one compiled step at the same slot.
+    checks = 0 if compiled is None else 1
+    cache = StaticCache(config=model.config,
+                        max_cache_len=settings.context + checks + _DECODE_WARMUP + (trials + 1) * steps)
     model(input_ids=_random_ids(model, batch, settings.context, settings.device), past_key_values=cache,
           use_cache=True, logits_to_keep=1)
     if settings.device.type == "cuda":
         # The decode row's peak memory is the steady state (weights, cache, one step), not the prefill's.
         torch.cuda.reset_peak_memory_stats(settings.device)
     ids = _random_ids(model, batch, 1, settings.device)
-
-    def step() -> None:
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
-
+    step = decode_step(model if compiled is None else compiled, ids, cache)
+    fields = {}
+    if compiled is not None:
+        fields["compiled_rel_err"] = _compiled_error(decode_step(model, ids, cache), step, cache)
     run, timer = _prepare_step(step, settings.device)
-    return fixed_calls_ms(run, settings.device, steps, trials), timer
+    return {"median_ms": fixed_calls_ms(run, settings.device, steps, trials), "timer": timer, **fields}
 
 
-def _prepare_step(step: Callable[[], None], device: torch.device) -> tuple[Callable[[], None], str]:
-    """``(what to time, timer name)``: on a GPU the replay of ``step`` captured as a CUDA graph
-    (after ``_DECODE_WARMUP`` eager steps), or ``step`` itself if capture fails; on a CPU ``step``."""
+def _compiled_error(eager: Callable[[], torch.Tensor], compiled: Callable[[], torch.Tensor], cache) -> float:
+    """Relative error of the ``compiled`` step's logits vs the ``eager`` step's at the same cache slot
+    (the first compiled call, which compiles).
+
+    Raises:
+        ValueError: compiling changed the result beyond rounding (:data:`_COMPILED_TOLERANCE`).
+    """
+    ref = eager().double()
+    cache.crop(-1)  # back one slot: the compiled step rewrites the slot the eager one wrote
+    err = relative_error(compiled(), ref)
+    if not err < _COMPILED_TOLERANCE:  # also catches NaN
+        raise ValueError(f"the compiled step's logits differ from the eager step's by {err:.3g} (relative)")
+    return err
+
+
+def _prepare_step(step: Callable[[], object], device: torch.device) -> tuple[Callable[[], object], str]:
+    """``(what to time, timer name)`` after ``_DECODE_WARMUP`` steps: on a GPU the replay of ``step``
+    captured as a CUDA graph, or ``step`` itself if capture fails; on a CPU ``step``.
+
+    The warm-up also keeps a compiled step's first calls, which are slow on both, out of the timing.
+    """
     if device.type != "cuda":
+        for _ in range(_DECODE_WARMUP):
+            step()
         return step, "perf_counter"
     try:
         graph = capture_graph(step, warmup=_DECODE_WARMUP)
@@ -259,16 +380,19 @@ def _prepare_step(step: Callable[[], None], device: torch.device) -> tuple[Calla
 
 def _progress(row: dict) -> None:
     timing = f"{row['median_ms']:.3f} ms" if row["median_ms"] is not None else row["status"]
-    print(f"  {row['phase']} batch {row['batch']} tokens {row['tokens']}: {timing}", file=sys.stderr, flush=True)
+    print(f"  {row['phase']} {row['mode']} batch {row['batch']} tokens {row['tokens']} {row['backend']}: {timing}",
+          file=sys.stderr, flush=True)
 
 
 _COLUMNS: list[Column] = [
     ("backend", "backend", str), ("method", "method", str), ("keep", "keep", str),
-    ("phase", "phase", str), ("batch", "batch", str), ("tokens", "tokens", str), ("timer", "timer", str),
+    ("packed", "packed", lambda v: "yes" if v else "no"), ("phase", "phase", str), ("mode", "mode", str),
+    ("batch", "batch", str), ("tokens", "tokens", str), ("timer", "timer", str),
     ("ms", "median_ms", lambda v: f"{v:.3f}"), ("tok/s", "tokens_per_s", lambda v: f"{v:.1f}"),
     ("peak MiB", "peak_memory_bytes", lambda v: f"{v / 2**20:.0f}"),
     ("model MiB", "model_bytes", lambda v: f"{v / 2**20:.0f}"),
-    ("x dense", "speedup_vs_dense", lambda v: f"{v:.2f}"), ("status", "status", str),
+    ("x dense", "speedup_vs_dense", lambda v: f"{v:.2f}"), ("x eager", "speedup_vs_eager", lambda v: f"{v:.2f}"),
+    ("compiled err", "compiled_rel_err", lambda v: f"{v:.1e}"), ("status", "status", str),
 ]
 
 
@@ -279,9 +403,14 @@ def markdown_report(document: dict) -> str:
     head = [
         f"## lowrank-infer bench e2e: {document['model']} ({source}) on {env['device_label']}, {document['dtype']}",
         "",
-        "Prefill: batch 1, tokens = prompt length. Decode: tokens = KV-cache length before the timed steps; "
-        f"tok/s = batch / step time. torch {env['torch']}, triton {env['triton']}, "
+        "Prefill: batch 1, tokens = prompt length, eager. Decode: tokens = KV-cache length before the timed "
+        "steps; tok/s = batch / step time; mode eager or compiled (torch.compile), both timed the same way "
+        "(CUDA-graph replays on a GPU), so x eager is what fusing the non-linear ops gains; x dense compares "
+        "with the dense model in the same mode; compiled err = the compiled step's logits vs the eager "
+        f"step's (relative). torch {env['torch']}, triton {env['triton']}, "
         f"transformers {env['transformers']}.", "",
         f"Command: `{document['command']}`", "",
     ]
+    if document.get("partial"):
+        head += ["Partial: the run stopped before its end (a time limit?); these are the rows it measured.", ""]
     return "\n".join(head) + markdown_table(document["rows"], _COLUMNS)

@@ -15,7 +15,7 @@ from lowrank_infer.bench.operands import check_call, make_operands, reference
 from lowrank_infer.bench.output import Column, add_speedups, markdown_table
 from lowrank_infer.bench.roofline import Peaks, layer_cost, throughput
 from lowrank_infer.bench.shapes import LayerShape
-from lowrank_infer.bench.timing import cuda_graph_ms, free_memory, median_ms
+from lowrank_infer.bench.timing import free_memory, median_ms, rotated_graph_ms, rotation_copies
 from lowrank_infer.cost import layer_params, use_dense
 from lowrank_infer.kernels import lowrank_linear
 
@@ -24,12 +24,6 @@ __all__ = ["GRAPH_MAX_TOKENS", "KernelSettings", "layer_rank", "markdown_report"
 # Decode-sized calls (up to this many tokens) are timed as CUDA-graph replays: eagerly their
 # CPU launch overhead would be measured instead of the GPU.
 GRAPH_MAX_TOKENS = 16
-# A graph cycles through copies of x and the weights adding up to this many bytes, 5x the
-# H100's 50 MB L2, so that each call reads its weights from HBM as in a real model.
-_ROTATION_BYTES = 256 * 2**20
-_MAX_COPIES = 2048
-# Enough calls per graph that one replay is long next to the timer's resolution.
-_MIN_GRAPH_CALLS = 32
 
 
 def layer_rank(m: int, n: int, keep: float, multiple_of: int = 1) -> int:
@@ -87,7 +81,7 @@ def _copies(shape: LayerShape, k: int | None, tokens: int, settings: KernelSetti
     if settings.device.type != "cuda" or tokens > GRAPH_MAX_TOKENS:
         return 1
     nbytes, _ = layer_cost(shape.m, shape.n, k, tokens, settings.dtype.itemsize)
-    return min(_MAX_COPIES, -(-_ROTATION_BYTES // nbytes))
+    return rotation_copies(nbytes)
 
 
 def _bench_group(
@@ -138,9 +132,8 @@ def _time(fn, sets: list[tuple], row: dict, settings: KernelSettings) -> tuple[f
     if row["tokens"] > GRAPH_MAX_TOKENS:
         return median_ms(functools.partial(fn, *sets[0]), settings.device, settings.rep_ms), "do_bench"
     calls = [functools.partial(fn, *ops) for ops in sets]
-    calls *= -(-_MIN_GRAPH_CALLS // len(calls))
     try:
-        return cuda_graph_ms(calls, settings.device, settings.rep_ms), "cuda_graph"
+        return rotated_graph_ms(calls, settings.device, settings.rep_ms), "cuda_graph"
     except RuntimeError as err:
         # Still a number, but the timer column shows that launch overhead is in it.
         print(f"  {row['backend']}: CUDA graph capture failed, timing eagerly: {str(err).splitlines()[0]}",

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["TOLERANCE", "check_call", "make_operands", "reference"]
+__all__ = ["TOLERANCE", "check_call", "check_value", "make_operands", "reference", "relative_error"]
 
 # Relative Frobenius error vs float64 above which a call has failed. Looser than the kernel
 # tests' bounds: large-n layers accumulate more rounding, and the check is there to catch
@@ -47,14 +47,24 @@ def check_call(fn: Callable[..., torch.Tensor], operands: tuple[torch.Tensor, ..
 
     An exception raised by ``fn`` is a failure too: the benchmark goes on without it.
     """
+    return check_value(lambda: fn(*operands), operands[0].dtype, ref)
+
+
+def check_value(compute: Callable[[], torch.Tensor], dtype: torch.dtype, ref: torch.Tensor) -> str | None:
+    """``None`` when ``compute()`` is a ``dtype`` tensor within :data:`TOLERANCE` of ``ref``, else why not."""
     try:
-        y = fn(*operands)
+        y = compute()
     except Exception as err:  # noqa: BLE001 - any error fails this backend, not the run
         return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]
-    x = operands[0]
-    if y.shape != ref.shape or y.dtype != x.dtype:
-        return f"returned {y.dtype} {list(y.shape)}, expected {x.dtype} {list(ref.shape)}"
-    err = ((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-    if not err < TOLERANCE[x.dtype]:  # also catches NaN
-        return f"relative error {err:.3g} > {TOLERANCE[x.dtype]:g}"
+    if y.shape != ref.shape or y.dtype != dtype:
+        return f"returned {y.dtype} {list(y.shape)}, expected {dtype} {list(ref.shape)}"
+    err = relative_error(y, ref)
+    if not err < TOLERANCE[dtype]:  # also catches NaN
+        return f"relative error {err:.3g} > {TOLERANCE[dtype]:g}"
     return None
+
+
+def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """``‖y − ref‖ / ‖ref‖`` (Frobenius), computed in float64."""
+    ref = ref.double()
+    return ((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()

@@ -75,9 +75,11 @@ def markdown_table(rows: list[dict], columns: list[Column]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(document: dict, markdown: str, json_path: str | None, markdown_path: str | None) -> None:
-    """Print ``markdown`` and write the files asked for (each written whole, then renamed)."""
-    print(markdown, flush=True)
+def write_outputs(document: dict, markdown: str, json_path: str | None, markdown_path: str | None,
+                  echo: bool = True) -> None:
+    """Print ``markdown`` (if ``echo``) and write the files asked for (each written whole, then renamed)."""
+    if echo:
+        print(markdown, flush=True)
     if json_path:
         atomic_write_text(json_path, json.dumps(document, indent=1) + "\n")
     if markdown_path:

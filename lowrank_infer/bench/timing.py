@@ -20,12 +20,20 @@ __all__ = [
     "free_memory",
     "median_ms",
     "resolve_device",
+    "rotated_graph_ms",
+    "rotation_copies",
     "synchronize",
 ]
 
 # CPU timing: at least this many samples, however slow the function.
 _MIN_SAMPLES = 5
 _MAX_SAMPLES = 10_000
+# A graph-timed case cycles through copies of its operands adding up to this many bytes, 5x the
+# H100's 50 MB L2, so that each call reads its weights from HBM as in a real model.
+_ROTATION_BYTES = 256 * 2**20
+_MAX_COPIES = 2048
+# Enough calls per graph that one replay is long next to the timer's resolution.
+_MIN_GRAPH_CALLS = 32
 
 
 def resolve_device(spec: str | None) -> torch.device:
@@ -133,6 +141,17 @@ def cuda_graph_ms(calls: list[Callable[[], object]], device: torch.device, rep_m
     with torch.cuda.device(device):
         graph = capture_graph(run_all, warmup=1)
     return median_ms(graph.replay, device, rep_ms) / len(calls)
+
+
+def rotation_copies(nbytes: int) -> int:
+    """How many copies of a call's operands (``nbytes`` each) a graph-timed case cycles through."""
+    return min(_MAX_COPIES, -(-_ROTATION_BYTES // nbytes))
+
+
+def rotated_graph_ms(calls: list[Callable[[], object]], device: torch.device, rep_ms: float) -> float:
+    """:func:`cuda_graph_ms` of ``calls`` (one per operand copy, see :func:`rotation_copies`),
+    repeated until one graph holds at least ``_MIN_GRAPH_CALLS`` calls."""
+    return cuda_graph_ms(calls * -(-_MIN_GRAPH_CALLS // len(calls)), device, rep_ms)
 
 
 def _elapsed_ms(fn: Callable[[], object], calls: int, device: torch.device) -> float:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from lowrank_infer.bench.backends import BACKENDS, backend_of, check_backends, running
 from lowrank_infer.bench.operands import check_call, make_operands, reference
-from lowrank_infer.kernels import get_backend, lowrank_linear
+from lowrank_infer.kernels import get_backend, get_pdl, lowrank_linear
 
 H100_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "h100"
 CPU = torch.device("cpu")
@@ -33,6 +33,15 @@ def test_running_switches_the_backend_and_restores_it():
     assert get_backend() == before
     with running("dense"):
         assert get_backend() == before
+
+
+def test_running_sets_pdl_only_when_asked_and_restores_it():
+    before = get_pdl()
+    with running("triton", pdl=not before):
+        assert (get_backend(), get_pdl()) == ("triton", not before)
+    with running("cublas"):
+        assert get_pdl() == before
+    assert get_pdl() == before
 
 
 @pytest.mark.parametrize(("row", "backend"), [

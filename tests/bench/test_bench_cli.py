@@ -15,8 +15,13 @@ KERNEL_ROW_KEYS = {
     "gbs", "tflops", "mem_frac", "compute_frac", "roofline_frac", "speedup_vs_dense", "status",
 }
 E2E_ROW_KEYS = {
-    "backend", "method", "keep", "keep_achieved", "phase", "batch", "tokens", "dtype", "timer", "median_ms",
-    "tokens_per_s", "peak_memory_bytes", "model_params", "model_bytes", "speedup_vs_dense", "status",
+    "backend", "method", "keep", "keep_achieved", "packed", "pack_report", "phase", "mode", "batch", "tokens",
+    "dtype", "timer", "median_ms", "tokens_per_s", "peak_memory_bytes", "model_params", "model_bytes",
+    "speedup_vs_dense", "speedup_vs_eager", "compiled_rel_err", "status",
+}
+BLOCK_ROW_KEYS = {
+    "model", "unit", "form", "tokens", "shapes", "k", "keep", "weight_bytes", "dtype", "backend", "pdl", "timer",
+    "median_ms", "gbs", "copy_frac", "speedup_vs_dense", "speedup_vs_separate", "pdl_gain", "status",
 }
 
 
@@ -100,6 +105,48 @@ def _e2e(bench, tmp_path, *argv):
     return json.loads(out.read_text())
 
 
+def test_block_quick_writes_json_and_both_tables(bench, tmp_path):
+    out, md = tmp_path / "block.json", tmp_path / "block.md"
+    code, err = bench("block", "--quick", "--device", "cpu", "--tokens", 1, "--rep-ms", 1, "--json", out,
+                      "--markdown", md)
+    assert code == 0, err
+    doc = json.loads(out.read_text())
+    assert doc["benchmark"] == "block" and doc["settings"]["model"] == "smollm2-135m"
+    assert doc["args"]["multiple_of"] == 16 and doc["peaks"]["bandwidth_gbs"] > 0
+    rows = doc["rows"]
+    # 4 distinct shapes alone, q/k/v and gate/up each separate and as one op; dense and torch each.
+    assert len(rows) == (4 + 2 * 2) * 2
+    for row in rows:
+        assert row.keys() >= BLOCK_ROW_KEYS and row["status"] == "ok" and row["pdl"] is None
+        assert row["k"] is None or all(k % 16 == 0 for k in row["k"])
+    assert {(r["unit"], r["form"]) for r in rows} >= {("qkv", "grouped"), ("gate_up", "gated"), ("down", "single")}
+    text = md.read_text()
+    assert "### Ratios side by side" in text and "| torch x dense |" in text and "### Every row" in text
+
+
+def test_a_run_cut_short_leaves_the_rows_it_measured(bench, tmp_path, monkeypatch):
+    from lowrank_infer.bench import block
+
+    bench_case, cases = block._bench_case, []
+
+    def stopping(*args):
+        if len(cases) == 2:
+            raise KeyboardInterrupt  # what a time limit's signal does to the run, in effect
+        cases.append(args)
+        return bench_case(*args)
+
+    monkeypatch.setattr(block, "_bench_case", stopping)
+    out, md = tmp_path / "block.json", tmp_path / "block.md"
+    code, _ = bench("block", "--quick", "--device", "cpu", "--tokens", 1, "--rep-ms", 1, "--json", out,
+                    "--markdown", md)
+    assert code == 130
+    doc = json.loads(out.read_text())
+    assert doc["partial"] is True and [(r["unit"], r["backend"]) for r in doc["rows"]] == [
+        ("q/o", "dense"), ("q/o", "torch")]
+    assert doc["rows"][1]["speedup_vs_dense"] > 0
+    assert "Partial: the run stopped before its end" in md.read_text()
+
+
 def test_e2e_shape_only_quick(bench, tmp_path, tiny_config_file):
     md = tmp_path / "e2e.md"
     doc = _e2e(bench, tmp_path, "--shape-only", "--config", tiny_config_file, "--markdown", md)
@@ -140,6 +187,28 @@ def test_e2e_shape_only_plan_and_keep_together(bench, tmp_path, tiny_config_file
     assert {(r["method"], r["keep"]) for r in rows} == {("dense", 1.0), ("uniform", 0.7), ("ara", 0.55)}
     uniform = {r["keep_achieved"] for r in rows if r["method"] == "uniform"}
     assert len(uniform) == 1 and 0.695 <= uniform.pop() <= 0.7  # the library's uniform plans keep within 0.005
+
+
+def test_e2e_compiled_mode_rows_sit_beside_the_eager_ones(bench, tmp_path, tiny_config_file):
+    md = tmp_path / "e2e.md"
+    doc = _e2e(bench, tmp_path, "--shape-only", "--config", tiny_config_file, "--modes", "compiled", "eager",
+               "--markdown", md)
+    rows = doc["rows"]
+    _check_e2e_rows(rows, {"dense", "torch"})
+    assert doc["settings"]["modes"] == ["eager", "compiled"] and doc["partial"] is False
+    assert [(r["backend"], r["phase"], r["mode"]) for r in rows] == [
+        (b, phase, mode) for b in ("dense", "torch")
+        for phase, mode in (("prefill", "eager"), ("decode", "eager"), ("decode", "compiled"))]
+    by_case = {(r["backend"], r["phase"], r["mode"]): r for r in rows}
+    for backend in ("dense", "torch"):
+        compiled, eager = by_case[(backend, "decode", "compiled")], by_case[(backend, "decode", "eager")]
+        assert compiled["compiled_rel_err"] < 1e-5 and eager["compiled_rel_err"] is None
+        assert compiled["speedup_vs_eager"] == pytest.approx(eager["median_ms"] / compiled["median_ms"])
+        assert eager["speedup_vs_eager"] is None
+    dense_compiled = by_case[("dense", "decode", "compiled")]["median_ms"]
+    torch_compiled = by_case[("torch", "decode", "compiled")]
+    assert torch_compiled["speedup_vs_dense"] == pytest.approx(dense_compiled / torch_compiled["median_ms"])
+    assert "| x eager | compiled err |" in md.read_text()
 
 
 def test_e2e_without_dense_has_no_speedups(bench, tmp_path, tiny_config_file):
@@ -198,6 +267,11 @@ def test_e2e_compressed_checkpoint_against_its_dense_counterpart(bench, tmp_path
     (["e2e", "--shape-only", "--config", "smollm2-135m", "--plan", "missing.json"], "rank plan file not found"),
     (["e2e", "--shape-only", "--config", "smollm2-135m", "--keep", "0.001"], "below the smallest plan possible"),
     (["e2e", "--shape-only", "--config", "smollm2-135m", "--backends", "cublas"], "would time torch under another"),
+    (["block", "--model", "gpt5"], "unknown model 'gpt5' (known: llama2-7b"),
+    (["block", "--keep", "1.0"], "leaves a 576x576 layer dense"),
+    (["block", "--multiple-of", "1024"], "multiple_of 1024 leaves a 576x576 layer dense"),
+    (["block", "--backends", "dense", "triton"], "on cpu, lowrank_linear runs torch math whatever the backend"),
+    (["block", "--tokens", "0"], "--tokens must be positive"),
 ])
 def test_bad_input_is_one_line_error(bench, argv, message):
     code, err = bench(*argv, "--device", "cpu")

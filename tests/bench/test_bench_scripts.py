@@ -1,7 +1,9 @@
-"""The scripts in benchmarks/: plots from a kernel JSON (new and old names), and the quality suite's commands."""
+"""The scripts in benchmarks/: plots from a kernel JSON (new and old names), the quality suite's commands,
+and the GPU session script's guard."""
 
 import importlib.util
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,10 @@ def test_quality_suite_applies_plans_and_plain_svd(tmp_path, capsys):
     commands = [line for line in capsys.readouterr().out.splitlines() if line.startswith("+ ")]
     assert f"--plan {tmp_path / 'smollm2-135m_ara_keep0.6.json'}" in commands[0] and "--method" not in commands[0]
     assert commands[2].endswith("--method uniform --no-whiten")
+
+
+def test_gpu_session_parses_and_refuses_unknown_stages():
+    script = BENCHMARKS / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
+    result = subprocess.run(["bash", script, "kernels"], capture_output=True, text=True)
+    assert result.returncode == 2 and "unknown stage 'kernels' (the one stage is v2)" in result.stderr
