@@ -36,7 +36,7 @@ CLI = ["lowrank-infer"]
 
 
 # Method-name suffixes: a pipeline variant of the allocator before the dash.
-VARIANTS = {"plain": ["--no-whiten"], "seq": ["--sequential"]}
+VARIANTS = {"plain": ["--no-whiten"], "seq": ["--sequential"], "heal": ["--heal-steps", "100"]}
 
 
 def plan_file(args, method: str, keep: float) -> Path | None:
@@ -71,10 +71,13 @@ def plan_summary(checkpoint: Path) -> dict:
             "mean_rank_by_type": {kind: round(sum(v) / len(v), 1) for kind, v in ranks.items()}}
 
 
-def allocation_seconds(stdout: str) -> float | None:
-    """The allocator's wall time from ``compress``'s summary line (None with ``--plan``)."""
-    found = re.search(r"allocation ([0-9.]+) s", stdout)
-    return float(found.group(1)) if found else None
+def compress_seconds(stdout: str) -> dict:
+    """Wall times from ``compress``'s summary line: the whole command, and the allocator's and
+    healing's shares (absent with ``--plan``, or without healing)."""
+    found = {"compress_seconds": re.search(r"compressed .* in ([0-9.]+) s", stdout),
+             "allocation_seconds": re.search(r"allocation ([0-9.]+) s", stdout),
+             "healing_seconds": re.search(r"healing ([0-9.]+) s", stdout)}
+    return {key: float(match.group(1)) if match else None for key, match in found.items()}
 
 
 def eval_command(args, model: str) -> list[str]:
@@ -107,13 +110,13 @@ def run_grid(args) -> list[dict]:
     for method in args.methods:
         for keep in args.keeps:
             out = args.work_dir / f"{Path(args.model).stem}-{method}-{keep}"
-            made, seconds = [], None
+            made, seconds = [], {}
             if not is_compressed_checkpoint(out):
                 made = [compress_command(args, method, keep, out)]
-                seconds = allocation_seconds(_run(made[0], args.dry_run))
+                seconds = compress_seconds(_run(made[0], args.dry_run))
             row = _evaluate(args, method, keep, str(out), made)
             if not args.dry_run:
-                row.update(plan_summary(out), allocation_seconds=seconds)
+                row.update(plan_summary(out), **seconds)
                 _save_plan(args, out, method, keep)
             rows.append(row)
     return rows
@@ -135,6 +138,7 @@ def combine(paths: list[Path]) -> tuple[list[dict], list[str]]:
 _COLUMNS = [("method", "method", str), ("keep", "keep", str), ("perplexity", "perplexity", lambda v: f"{v:.3f}"),
             ("keep achieved", "keep_achieved", lambda v: f"{v:.4f}"), ("dense layers", "dense_layers", str),
             ("allocation s", "allocation_seconds", lambda v: f"{v:.1f}"),
+            ("healing s", "healing_seconds", lambda v: f"{v:.1f}"), ("compress s", "compress_seconds", lambda v: f"{v:.1f}"),
             ("mean rank by type", "mean_rank_by_type", lambda v: ", ".join(f"{k} {r:g}" for k, r in v.items())),
             ("windows", "windows", str), ("seq len", "seq_len", str)]
 
@@ -173,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     table = f"## Perplexity of {args.model} ({args.seq_len}-token windows)\n\n" + markdown_table(rows, _COLUMNS)
     table += (
         "\nMean rank by type counts low-rank layers only (a type whose layers are all dense is absent); "
-        "allocation s is '-' where a finished checkpoint was reused. Every row's compress and eval "
+        "allocation, healing and compress s (wall times on this machine) are '-' where a finished checkpoint was reused "
+        "or the stage did not run. Every row's compress and eval "
         f"commands are in {args.out.name}; made by: `{document['command']}`\n"
     )
     print(table)

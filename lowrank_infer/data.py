@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
 
-__all__ = ["DATASETS", "PYDOC_MODULES", "calibration_ids", "load_text", "python_docstrings", "shared_data_file",
-           "tokenize_text"]
+__all__ = ["DATASETS", "HELD_OUT_FRACTION", "PYDOC_MODULES", "calibration_ids", "clean_calibration_text", "load_text",
+           "python_docstrings", "shared_data_file", "split_held_out", "tokenize_text"]
 
 # name -> (datasets.load_dataset positional args, keyword args, split for evaluation, split for
 # calibration, text column). C4 is read from its first validation and training shards, as the
@@ -111,3 +112,25 @@ def calibration_ids(tokens: torch.Tensor, samples: int, seq_len: int, *, seed: i
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, tokens.numel() - seq_len + 1, (samples,), generator=generator)
     return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
+
+
+# Word-level releases (WikiText's *.tokens files) replace rare words by this marker, which no real
+# text holds: fitted on, it teaches the whitening a token the model will never be asked about.
+_UNK = re.compile(r" ?<unk>")
+# The tail of the calibration tokens kept for decisions that must not see the fitting windows
+# (healing's early stop).
+HELD_OUT_FRACTION = 0.1
+
+
+def clean_calibration_text(text: str) -> str:
+    """``text`` without ``<unk>`` markers (the word before a removed marker keeps its space)."""
+    return _UNK.sub("", text)
+
+
+def split_held_out(tokens: torch.Tensor, fraction: float = HELD_OUT_FRACTION) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(fit, held_out)``: the token stream cut once, the last ``fraction`` held out, so windows drawn
+    from one part never overlap the other."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"held-out fraction must be in (0, 1), got {fraction}")
+    cut = tokens.numel() - int(tokens.numel() * fraction)
+    return tokens[:cut], tokens[cut:]

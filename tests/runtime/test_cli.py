@@ -94,8 +94,34 @@ def test_plan_that_does_not_match(cli, tiny_model_dir, tiny_text, tmp_path):
 def test_text_too_short(cli, tiny_model_dir, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("too short")
-    _one_line_error(*cli(*_compress_args(tiny_model_dir, short, tmp_path / "ck")), "fewer than one window")
+    _one_line_error(*cli(*_compress_args(tiny_model_dir, short, tmp_path / "ck")), "fewer than the 4 x 32 requested")
     _one_line_error(*cli("eval", tiny_model_dir, "--text-file", short, "--seq-len", 32), "fewer than one window")
+
+
+def test_unk_markers_leave_too_few_tokens(cli, tiny_model_dir, tmp_path):
+    """A word-level text whose words are mostly <unk>: after cleaning, what is left is counted."""
+    text = tmp_path / "unk.txt"
+    text.write_text("the <unk> <unk> of <unk> " * 12)  # 288 characters, 96 tokens once cleaned
+    _one_line_error(*cli(*_compress_args(tiny_model_dir, text, tmp_path / "ck")),
+                    "once <unk> markers and the held-out 10% are set aside", "4 x 32 requested")
+
+
+def test_heal_steps_train_the_factors_and_report(tiny_model_dir, tiny_text, tmp_path, capsys):
+    out = tmp_path / "ck"
+    code = main(list(map(str, _compress_args(tiny_model_dir, tiny_text, out, "--keep", 0.5, "--heal-steps", 3,
+                                             "--heal-seq-len", 32, "--heal-lr", 1e-3))))
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "healing: " in printed and "held-out KL" in printed
+
+
+@pytest.mark.parametrize("extra, words", [
+    (("--heal-steps", -1), "--heal-steps must be >= 0"),
+    (("--heal-steps", 2, "--weights-on-disk"), "--heal-steps trains the whole model"),
+    (("--heal-steps", 2, "--heal-seq-len", 4000), "fewer than 8 windows of --heal-seq-len 4000"),
+])
+def test_bad_heal_settings(cli, tiny_model_dir, tiny_text, tmp_path, extra, words):
+    _one_line_error(*cli(*_compress_args(tiny_model_dir, tiny_text, tmp_path / "ck", *extra)), words)
 
 
 def test_existing_output_needs_overwrite(cli, tiny_model_dir, tiny_text, tmp_path):
@@ -192,19 +218,23 @@ def test_calibration_longer_than_the_model_positions(cli, tiny_model_dir, tiny_t
     assert not (tmp_path / "ck").exists()
 
 
-def test_calibration_text_of_exactly_one_window(cli, tiny_model_dir, tmp_path, capsys):
-    """32 tokens make one window of 32: eval accepts it, and so does calibration."""
+@pytest.mark.parametrize("tokens, accepted", [(142, True), (141, False)])
+def test_calibration_text_of_exactly_the_requested_size(cli, tiny_model_dir, tmp_path, tokens, accepted):
+    """4 windows of 32 need 128 tokens once the last 10 % is held out: 142 give 128 + 14, 141 one short."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    text = tmp_path / "one-window.txt"
+    text = tmp_path / "exact.txt"
     words = "the of and to in is was for on as with by at from his her an which it were are".split()
     text.write_text(" ".join(words[i % len(words)] for i in range(200)))
-    ids = tokenizer(text.read_text(), add_special_tokens=False).input_ids[:32]
+    ids = tokenizer(text.read_text(), add_special_tokens=False).input_ids[:tokens]
     text.write_text(tokenizer.decode(ids))
-    assert len(tokenizer(text.read_text(), add_special_tokens=False).input_ids) == 32
+    assert len(tokenizer(text.read_text(), add_special_tokens=False).input_ids) == tokens
     code, err = cli(*_compress_args(tiny_model_dir, text, tmp_path / "ck"))
-    assert code == 0, err
+    if accepted:
+        assert code == 0, err
+    else:
+        _one_line_error(code, err, "leaves 127 tokens", "fewer than the 4 x 32 requested")
 
 
 def test_out_paths_that_cannot_be_written_fail_first(cli, tiny_model_dir, tiny_text, tmp_path):

@@ -1,0 +1,211 @@
+"""Healing: a short distillation of a compressed model's factors toward the dense model.
+
+The dense model's next-token distributions on the healing windows are recorded before
+compression (its ``top_k`` most likely tokens per position: a few MB instead of a vocabulary-wide
+tensor, and no second model in memory); afterwards only the low-rank factors ``U`` and ``V`` train,
+so the parameter count stays what the plan says. The loss is the KL divergence from the dense
+distribution restricted to those tokens, ``Σ p_dense · (log p_dense − log p_compressed)``. Training
+stops early when the same loss on held-out windows (never trained on) stops improving, and the
+factors that scored best there are kept; when no step beats the compressed model as it came, the
+factors are left exactly as they were.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowrank_infer.module import LowRankLinear
+
+__all__ = ["HealConfig", "HealReport", "TeacherTargets", "heal", "teacher_targets"]
+
+
+@dataclass(frozen=True)
+class TeacherTargets:
+    """The dense model's ``top_k`` log-probabilities at every position of some windows.
+
+    Attributes:
+        ids: ``[windows, seq_len]`` token ids.
+        logp: ``[windows, seq_len, top_k]`` float32 log-probabilities, most likely first.
+        index: ``[windows, seq_len, top_k]`` the tokens they belong to.
+    """
+
+    ids: torch.Tensor
+    logp: torch.Tensor
+    index: torch.Tensor
+
+    def batch(self, rows: slice) -> "TeacherTargets":
+        return TeacherTargets(self.ids[rows], self.logp[rows], self.index[rows])
+
+
+@dataclass(frozen=True)
+class HealConfig:
+    """Settings of :func:`heal`.
+
+    Attributes:
+        steps: most optimizer steps (each on ``batch_size`` windows, cycling through them).
+        lr: Adam's learning rate on the factors.
+        batch_size: windows per step.
+        eval_every: steps between held-out evaluations.
+        patience: held-out evaluations without improvement before stopping.
+    """
+
+    steps: int
+    lr: float = 1e-4
+    batch_size: int = 2
+    eval_every: int = 10
+    patience: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_every", "patience"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"heal {name} must be an integer >= 1, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"heal lr must be a positive number, got {self.lr!r}")
+
+
+@dataclass(frozen=True)
+class HealReport:
+    """What :func:`heal` did: ``held_before``/``held_after`` are the held-out loss (nats per token)
+    of the factors it started from and of those it kept; ``best_step`` 0 = kept the originals."""
+
+    steps_run: int
+    best_step: int
+    held_before: float
+    held_after: float
+    seconds: float
+
+
+@torch.no_grad()
+def teacher_targets(model: nn.Module, ids: torch.Tensor, *, top_k: int = 64, batch_size: int = 4,
+                    progress: bool = False) -> TeacherTargets:
+    """Record ``model``'s ``top_k`` next-token log-probabilities on ``ids`` (run it on the dense model).
+
+    Args:
+        model: a causal LM returning ``.logits``.
+        ids: ``[windows, seq_len]`` token ids.
+        top_k: tokens kept per position.
+        batch_size: windows per forward pass.
+        progress: show a progress bar.
+    """
+    if ids.dim() != 2 or ids.numel() == 0:
+        raise ValueError(f"teacher targets need [windows, seq_len] token ids, got shape {list(ids.shape)}")
+    device = next(model.parameters()).device
+    logps, indices = [], []
+    for start in tqdm(range(0, len(ids), batch_size), desc="dense targets", disable=not progress):
+        logits = model(ids[start:start + batch_size].to(device)).logits.float()
+        top = logits.log_softmax(-1).topk(min(top_k, logits.shape[-1]), dim=-1)
+        logps.append(top.values.cpu())
+        indices.append(top.indices.to(torch.int32).cpu())
+    return TeacherTargets(ids, torch.cat(logps), torch.cat(indices))
+
+
+def _kl(model: nn.Module, targets: TeacherTargets, device: torch.device) -> torch.Tensor:
+    """Mean over positions of the KL divergence restricted to the teacher's top tokens."""
+    logits = model(targets.ids.to(device)).logits.float()
+    student = logits.log_softmax(-1).gather(-1, targets.index.to(device).long())
+    teacher = targets.logp.to(device)
+    return (teacher.exp() * (teacher - student)).sum(-1).mean()
+
+
+@torch.no_grad()
+def _held_loss(model, held: TeacherTargets, device, batch_size: int) -> float:
+    losses = [_kl(model, held.batch(slice(s, s + batch_size)), device).item() * min(batch_size, len(held.ids) - s)
+              for s in range(0, len(held.ids), batch_size)]
+    return sum(losses) / len(held.ids)
+
+
+def _factors(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in model.modules() if isinstance(m, LowRankLinear) and not m.is_dense for p in (m.U, m.V)]
+
+
+def heal(model: nn.Module, train: TeacherTargets, held: TeacherTargets, config: HealConfig, *,
+         progress: bool = False) -> HealReport:
+    """Distill ``model``'s low-rank factors toward the dense targets, in place (see the module docstring).
+
+    Args:
+        model: a compressed model (its ``LowRankLinear`` factors train; nothing else does).
+        train: dense targets of the training windows (:func:`teacher_targets` before compression).
+        held: dense targets of held-out windows, for early stopping only.
+        config: steps, learning rate, batch size, evaluation cadence.
+        progress: show a progress bar.
+
+    Returns:
+        What ran and what it gained on the held-out windows.
+
+    Raises:
+        ValueError: the model has no low-rank layer, or a loss is not finite (the factors are
+            then restored to what they were before healing).
+    """
+    factors = _factors(model)
+    if not factors:
+        raise ValueError("heal: the model has no low-rank layer to train")
+    device = factors[0].device
+    start = time.perf_counter()
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    original = [p.detach().clone() for p in factors]
+    try:
+        report = _train(model, factors, original, train, held, config, device, progress)
+    except ValueError:
+        _restore(factors, original)
+        raise
+    finally:
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return HealReport(**report, seconds=time.perf_counter() - start)
+
+
+def _restore(factors, values) -> None:
+    with torch.no_grad():
+        for p, value in zip(factors, values):
+            p.copy_(value)
+
+
+def _train(model, factors, original, train, held, config, device, progress) -> dict:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in factors:
+        p.requires_grad_(True)
+    model.eval()  # no dropout: the dense targets were made without it
+    optimizer = torch.optim.Adam(factors, lr=config.lr)
+    best = before = _checked(_held_loss(model, held, device, config.batch_size), "held-out loss before healing")
+    best_step, best_values, waited, step = 0, original, 0, 0
+    bar = tqdm(total=config.steps, desc="heal", disable=not progress)
+    windows = len(train.ids)
+    for step in range(1, config.steps + 1):
+        first = ((step - 1) * config.batch_size) % windows
+        loss = _kl(model, train.batch(slice(first, first + config.batch_size)), device)
+        _checked(loss.item(), f"training loss at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.update()
+        if step % config.eval_every and step != config.steps:
+            continue
+        current = _checked(_held_loss(model, held, device, config.batch_size), f"held-out loss at step {step}")
+        bar.set_postfix(held=f"{current:.4f}", best=f"{best:.4f}")
+        if current < best:
+            best, best_step, waited = current, step, 0
+            best_values = [p.detach().clone() for p in factors]
+        else:
+            waited += 1
+            if waited >= config.patience:
+                break
+    bar.close()
+    _restore(factors, best_values)
+    return {"steps_run": step, "best_step": best_step, "held_before": before, "held_after": best}
+
+
+def _checked(value: float, what: str) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"heal: {what} is {value}; the factors were restored (try a smaller lr)")
+    return value

@@ -1,0 +1,123 @@
+"""Healing: distillation of the factors toward dense targets, checked against independent math
+(the full-vocabulary KL, float64 top-k) and against the model as it came (never made worse)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowrank_infer import LowRankLinear, UniformConfig, compress
+from lowrank_infer.data import clean_calibration_text, split_held_out
+from lowrank_infer.healing import HealConfig, _held_loss, heal, teacher_targets
+
+from tiny_models import tiny_model
+
+GEN = torch.Generator().manual_seed(0)
+TRAIN = torch.randint(3, 128, (8, 24), generator=GEN)
+HELD = torch.randint(3, 128, (4, 24), generator=GEN)
+
+
+@pytest.fixture
+def dense_and_compressed():
+    dense = tiny_model("llama")
+    compressed = copy.deepcopy(dense)
+    compress(compressed, UniformConfig(keep=0.3, whiten=False), progress=False)
+    return dense, compressed
+
+
+def _factors(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith((".U", ".V"))}
+
+
+def _others(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if not n.endswith((".U", ".V"))}
+
+
+def test_teacher_targets_are_the_float64_top_k(dense_and_compressed):
+    dense, _ = dense_and_compressed
+    targets = teacher_targets(dense, TRAIN, top_k=5, batch_size=3)
+    with torch.no_grad():
+        logp = dense(TRAIN).logits.double().log_softmax(-1)
+    values, index = logp.topk(5, dim=-1)
+    assert torch.equal(targets.index.long(), index)
+    torch.testing.assert_close(targets.logp.double(), values, rtol=1e-5, atol=1e-5)
+
+
+def test_the_loss_with_the_whole_vocabulary_is_the_kl_divergence(dense_and_compressed):
+    dense, compressed = dense_and_compressed
+    targets = teacher_targets(dense, HELD, top_k=128)
+    with torch.no_grad():
+        teacher = dense(HELD).logits.double().log_softmax(-1)
+        student = compressed(HELD).logits.double().log_softmax(-1)
+    expected = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1).mean().item()
+    assert _held_loss(compressed, targets, torch.device("cpu"), batch_size=3) == pytest.approx(expected, rel=1e-5)
+
+
+def test_healing_lowers_the_held_out_loss_and_trains_only_the_factors(dense_and_compressed):
+    dense, compressed = dense_and_compressed
+    train, held = teacher_targets(dense, TRAIN), teacher_targets(dense, HELD)
+    others, factors = _others(compressed), _factors(compressed)
+    count = sum(p.numel() for p in compressed.parameters())
+    report = heal(compressed, train, held, HealConfig(steps=12, lr=3e-3, eval_every=4))
+    assert report.best_step > 0 and report.held_after < report.held_before
+    # The reported loss is the one the kept factors score, measured again here.
+    assert _held_loss(compressed, held, torch.device("cpu"), 2) == pytest.approx(report.held_after, rel=1e-6)
+    assert all(torch.equal(p, others[n]) for n, p in compressed.named_parameters() if n in others)
+    assert any(not torch.equal(p, factors[n]) for n, p in compressed.named_parameters() if n in factors)
+    assert sum(p.numel() for p in compressed.parameters()) == count
+    assert all(p.requires_grad for p in compressed.parameters())  # flags as they were
+
+
+def test_a_worse_model_is_never_kept(dense_and_compressed, monkeypatch):
+    """Steps that only hurt (an optimizer pushing the factors up the gradient): the held-out loss
+    never improves, so the factors stay bit for bit what compression made."""
+    dense, compressed = dense_and_compressed
+    train, held = teacher_targets(dense, TRAIN), teacher_targets(dense, HELD)
+    factors = _factors(compressed)
+    monkeypatch.setattr(torch.optim, "Adam", lambda params, lr: torch.optim.SGD(params, lr=lr, maximize=True))
+    report = heal(compressed, train, held, HealConfig(steps=6, lr=1e-2, eval_every=2, patience=2))
+    assert report.best_step == 0 and report.held_after == report.held_before and report.steps_run == 4
+    assert all(torch.equal(p, factors[n]) for n, p in compressed.named_parameters() if n in factors)
+
+
+class _Poison(torch.optim.SGD):
+    """An optimizer whose second step leaves a NaN in the factors (as a diverging run would)."""
+
+    def step(self, closure=None):
+        super().step(closure)
+        self.steps = getattr(self, "steps", 0) + 1
+        if self.steps == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0][0, 0] = float("nan")
+
+
+def test_a_non_finite_loss_restores_the_factors(dense_and_compressed, monkeypatch):
+    dense, compressed = dense_and_compressed
+    train, held = teacher_targets(dense, TRAIN), teacher_targets(dense, HELD)
+    factors = _factors(compressed)
+    monkeypatch.setattr(torch.optim, "Adam", lambda params, lr: _Poison(params, lr=lr))
+    with pytest.raises(ValueError, match=r"heal: training loss at step 3 is nan; the factors were restored"):
+        heal(compressed, train, held, HealConfig(steps=20, lr=1e-3, eval_every=5))
+    assert all(torch.equal(p, factors[n]) for n, p in compressed.named_parameters() if n in factors)
+
+
+def test_bad_settings_and_models_are_refused(dense_and_compressed):
+    dense, _ = dense_and_compressed
+    with pytest.raises(ValueError, match="heal steps must be an integer >= 1"):
+        HealConfig(steps=0)
+    with pytest.raises(ValueError, match="heal lr must be a positive number"):
+        HealConfig(steps=1, lr=float("nan"))
+    targets = teacher_targets(dense, HELD)
+    with pytest.raises(ValueError, match="no low-rank layer"):
+        heal(dense, targets, targets, HealConfig(steps=1))
+    assert not any(isinstance(m, LowRankLinear) for m in dense.modules())
+
+
+def test_unk_markers_are_removed_and_the_held_out_part_is_disjoint():
+    assert clean_calibration_text("the <unk> cat <unk>\n<unk> sat") == "the cat\n sat"
+    tokens = torch.arange(1000)
+    fit, held = split_held_out(tokens)
+    assert torch.equal(torch.cat([fit, held]), tokens) and held.numel() == 100
+    with pytest.raises(ValueError, match="held-out fraction"):
+        split_held_out(tokens, 1.0)
