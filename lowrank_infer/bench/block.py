@@ -26,7 +26,7 @@ from lowrank_infer.bench.operands import check_value
 from lowrank_infer.bench.output import Column, add_speedups, markdown_table
 from lowrank_infer.bench.roofline import Peaks
 from lowrank_infer.bench.shapes import MODELS, layer_shapes
-from lowrank_infer.bench.timing import free_memory, median_ms, rotated_graph_ms, rotation_copies
+from lowrank_infer.bench.timing import free_memory, graph_or_eager_ms, median_ms, rotation_copies
 from lowrank_infer.kernels import lowrank_gated_linear, lowrank_grouped_linear, lowrank_linear
 
 __all__ = ["BlockSettings", "Unit", "block_units", "impls", "markdown_report", "run_block_bench"]
@@ -243,13 +243,7 @@ def _time(calls: list[Callable[[], object]], row: dict, settings: BlockSettings)
     cycling through the operand copies, since every token count here is a decode step's."""
     if settings.device.type != "cuda":
         return median_ms(calls[0], settings.device, settings.rep_ms), "perf_counter"
-    try:
-        return rotated_graph_ms(calls, settings.device, settings.rep_ms), "cuda_graph"
-    except RuntimeError as err:
-        # Still a number, but the timer column shows that launch overhead is in it.
-        print(f"  {_label(row)}: CUDA graph capture failed, timing eagerly: {str(err).splitlines()[0]}",
-              file=sys.stderr, flush=True)
-        return median_ms(calls[0], settings.device, settings.rep_ms), "do_bench"
+    return graph_or_eager_ms(calls, settings.device, settings.rep_ms, _label(row))
 
 
 def _failed(row: dict, reason: str) -> dict:

@@ -15,7 +15,7 @@ from lowrank_infer.bench.operands import check_call, make_operands, reference
 from lowrank_infer.bench.output import Column, add_speedups, markdown_table
 from lowrank_infer.bench.roofline import Peaks, layer_cost, throughput
 from lowrank_infer.bench.shapes import LayerShape
-from lowrank_infer.bench.timing import free_memory, median_ms, rotated_graph_ms, rotation_copies
+from lowrank_infer.bench.timing import free_memory, graph_or_eager_ms, median_ms, rotation_copies
 from lowrank_infer.cost import layer_params, use_dense
 from lowrank_infer.kernels import lowrank_linear
 
@@ -132,13 +132,7 @@ def _time(fn, sets: list[tuple], row: dict, settings: KernelSettings) -> tuple[f
     if row["tokens"] > GRAPH_MAX_TOKENS:
         return median_ms(functools.partial(fn, *sets[0]), settings.device, settings.rep_ms), "do_bench"
     calls = [functools.partial(fn, *ops) for ops in sets]
-    try:
-        return rotated_graph_ms(calls, settings.device, settings.rep_ms), "cuda_graph"
-    except RuntimeError as err:
-        # Still a number, but the timer column shows that launch overhead is in it.
-        print(f"  {row['backend']}: CUDA graph capture failed, timing eagerly: {str(err).splitlines()[0]}",
-              file=sys.stderr, flush=True)
-        return median_ms(calls[0], settings.device, settings.rep_ms), "do_bench"
+    return graph_or_eager_ms(calls, settings.device, settings.rep_ms, row["backend"])
 
 
 def _failed(row: dict, reason: str) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import os
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -18,6 +19,7 @@ __all__ = [
     "cuda_graph_ms",
     "fixed_calls_ms",
     "free_memory",
+    "graph_or_eager_ms",
     "median_ms",
     "resolve_device",
     "rotated_graph_ms",
@@ -152,6 +154,19 @@ def rotated_graph_ms(calls: list[Callable[[], object]], device: torch.device, re
     """:func:`cuda_graph_ms` of ``calls`` (one per operand copy, see :func:`rotation_copies`),
     repeated until one graph holds at least ``_MIN_GRAPH_CALLS`` calls."""
     return cuda_graph_ms(calls * -(-_MIN_GRAPH_CALLS // len(calls)), device, rep_ms)
+
+
+def graph_or_eager_ms(calls: list[Callable[[], object]], device: torch.device, rep_ms: float,
+                      label: str) -> tuple[float, str]:
+    """``(median ms, timer name)``: :func:`rotated_graph_ms`, or, when a CUDA graph cannot be
+    captured, eager timing of the first call (still a number, but the timer name shows that launch
+    overhead is in it; the reason is printed, prefixed by ``label``)."""
+    try:
+        return rotated_graph_ms(calls, device, rep_ms), "cuda_graph"
+    except RuntimeError as err:
+        print(f"  {label}: CUDA graph capture failed, timing eagerly: {str(err).splitlines()[0]}",
+              file=sys.stderr, flush=True)
+        return median_ms(calls[0], device, rep_ms), "do_bench"
 
 
 def _elapsed_ms(fn: Callable[[], object], calls: int, device: torch.device) -> float:
