@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
+from lowrank_infer import offload
 from lowrank_infer.allocation import METHODS, MethodConfig, RankPlan
 from lowrank_infer.compress import analyze, compress, config_for, needs_calibration
 from lowrank_infer.data import (
-    HELD_OUT_FRACTION, calibration_ids, clean_calibration_text, load_text, shared_data_file, split_held_out, tokenize_text,
+    GENERATED, HELD_OUT_FRACTION, calibration_ids, generated_ids, clean_calibration_text, load_text, shared_data_file, split_held_out, tokenize_text,
 )
 from lowrank_infer.distributed import Ranks, process_group
 from lowrank_infer.evaluate import check_seq_len, perplexity
@@ -56,8 +57,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def _add_calibration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--calib-file", default=_default_data_file("wikitext2", "valid.tokens.txt"),
-        help="calibration text file, or 'wikitext2' / 'c4' (training split via the datasets package); "
-        "default: $LOWRANK_INFER_DATA/wikitext2/valid.tokens.txt when that exists",
+        help="calibration text file, 'wikitext2' / 'c4' (training split via the datasets package), or "
+        "'generated' (the model samples its own windows: no data needed); <unk> markers are dropped and "
+        "the last 10%% held out; default: $LOWRANK_INFER_DATA/wikitext2/valid.tokens.txt when that exists",
     )
     p.add_argument("--calib-samples", type=_positive_int, default=32, help="calibration windows (default 32)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
@@ -237,9 +239,15 @@ def _calibration_tokens(args, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     return split_held_out(tokenize_text(tokenizer, text))
 
 
-def _calibration_ids(args, tokenizer, config, plan=None):
+def _calibration_ids(args, tokenizer, config, plan=None, model=None, device="cpu"):
     if not needs_calibration(config, plan) and not getattr(args, "heal_steps", 0):
         return None
+    if args.calib_file == GENERATED:
+        if model is None or offload.holds(model):
+            raise ValueError("--calib-file generated samples text from the whole model, which --weights-on-disk never holds")
+        with _on_device(model, device):
+            return generated_ids(model, tokenizer, args.calib_samples, args.seq_len, seed=args.seed,
+                                 batch_size=args.batch_size)
     fit, _ = _calibration_tokens(args, tokenizer)
     if fit.numel() < args.calib_samples * args.seq_len:
         raise ValueError(f"--calib-file leaves {fit.numel():,} tokens once <unk> markers and the held-out "
@@ -248,12 +256,31 @@ def _calibration_ids(args, tokenizer, config, plan=None):
     return calibration_ids(fit, args.calib_samples, args.seq_len, seed=args.seed)
 
 
+def _select_ids(args, tokenizer, config, plan, model, device):
+    """Windows for the allocator's choices made on the model's output (ARA's training, D-Rank's
+    beta="auto"): from the held-out part of the text, never the whitening windows (generated: other
+    samples)."""
+    if plan is not None or not config.needs_model_forward:
+        return None
+    if args.calib_file == GENERATED:
+        with _on_device(model, device):
+            return generated_ids(model, tokenizer, args.calib_samples, args.seq_len, seed=args.seed + 1,
+                                 batch_size=args.batch_size)
+    _, held = _calibration_tokens(args, tokenizer)
+    if held.numel() < args.seq_len:
+        raise ValueError(f"{config.name} chooses on the held-out {HELD_OUT_FRACTION:.0%} of --calib-file "
+                         f"({held.numel():,} tokens), less than one window of {args.seq_len}: pass a longer text")
+    return calibration_ids(held, args.calib_samples, args.seq_len, seed=args.seed + 3)
+
+
 # Healing trains on windows of the fitting part of the calibration text and stops on windows of
 # its held-out part; a step takes batch_size windows, and HEAL_HELD_WINDOWS are scored each time.
 HEAL_BATCH, HEAL_HELD_WINDOWS = 2, 8
 
 
 def _heal_windows(args, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    if args.calib_file == GENERATED:
+        raise ValueError("--heal-steps trains on and stops on calibration text: pass a --calib-file")
     fit, held = _calibration_tokens(args, tokenizer)
     if held.numel() < HEAL_HELD_WINDOWS * args.heal_seq_len:
         raise ValueError(f"healing holds out the last {HELD_OUT_FRACTION:.0%} of --calib-file ({held.numel():,} tokens), "
@@ -348,13 +375,15 @@ def _compress(args, plan, device: str, config, ranks: Ranks) -> int:
     # The model stays in host memory (or on disk); calibration moves one block at a time to --device.
     model, tokenizer, model_id = _load_for_analysis(args)
     _check_seq_len(args, model)
-    calib = _calibration_ids(args, tokenizer, config, plan)
+    calib = _calibration_ids(args, tokenizer, config, plan, model, device)
     eval_tokens = _eval_tokens(args.eval_file, tokenizer) if args.eval_file and ranks.main else None
     before = model_size(model)
     ppl_before = _perplexity_on(device, model, eval_tokens, args) if eval_tokens is not None else None
     targets = _dense_targets(args, model, tokenizer, device) if args.heal_steps else None
+    select = _select_ids(args, tokenizer, config, plan, model, device)
     result = compress(model, config, calib_ids=calib, plan=plan, model_id=model_id, batch_size=args.batch_size,
-                      device=device, work_dir=args.work_dir, resume=args.resume, progress=ranks.main)
+                      device=device, work_dir=args.work_dir, resume=args.resume, progress=ranks.main,
+                      select_ids=select)
     if not ranks.main:
         return 0
     healed = _heal(args, model, targets, device) if targets is not None else None
@@ -451,9 +480,11 @@ def cmd_plan(args) -> int:
         _quiet_unless(ranks.main)
         model, tokenizer, model_id = _load_for_analysis(args)
         _check_seq_len(args, model)
-        calib = _calibration_ids(args, tokenizer, config)
+        calib = _calibration_ids(args, tokenizer, config, model=model, device=device)
+        select = _select_ids(args, tokenizer, config, None, model, device)
         plan, _, seconds = analyze(model, config, calib_ids=calib, model_id=model_id, batch_size=args.batch_size,
-                                   device=device, work_dir=args.work_dir, resume=args.resume, progress=ranks.main)
+                                   device=device, work_dir=args.work_dir, resume=args.resume, progress=ranks.main,
+                                   select_ids=select)
     if ranks.main:
         plan.save(args.out)
         summary = plan.summary()

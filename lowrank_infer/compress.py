@@ -95,6 +95,7 @@ class _Job:
     work_dir: str | Path | None
     resume: bool
     ranks: Ranks
+    select_ids: torch.Tensor | None = None
 
 
 def _job(model, config, plan, calib_ids, batch_size, device, work_dir, resume, **rest) -> _Job:
@@ -130,6 +131,7 @@ def analyze(
     work_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    select_ids: torch.Tensor | None = None,
 ) -> tuple[RankPlan, dict[str, Spectrum], dict[str, float]]:
     """Calibrate, factorize and allocate without changing the model (arguments as :func:`compress`).
 
@@ -139,7 +141,7 @@ def analyze(
         time per stage.
     """
     job = _job(model, config, plan, calib_ids, batch_size, device, work_dir, resume, model_id=model_id,
-               progress=progress)
+               progress=progress, select_ids=select_ids)
     return _analyze(job)
 
 
@@ -193,7 +195,7 @@ def _allocate(job: _Job, spectra: dict[str, Spectrum], linears) -> RankPlan:
     if ranks.world > 1 and config.data_parallel:
         spectra = spectra_everywhere(spectra, linears, ranks)
     if ranks.main or config.data_parallel:
-        ids = job.calib_ids
+        ids = job.calib_ids if job.select_ids is None else job.select_ids
         score = None if ids is None else _plan_loss(job.model, spectra, ids[:SCORE_WINDOWS])
         inputs = AllocationInputs(spectra, model_id=job.model_id, model=job.model, calib_ids=ids, score=score,
                                   progress=job.progress and ranks.main, ranks=ranks)
@@ -214,6 +216,7 @@ def compress(
     work_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    select_ids: torch.Tensor | None = None,
 ) -> CompressResult:
     """Compress ``model`` in place: its target linears become ``LowRankLinear`` per a rank plan.
 
@@ -237,6 +240,10 @@ def compress(
             so that a killed run can resume (see :class:`~lowrank_infer.workdir.WorkDir`).
         resume: continue the run ``work_dir`` holds (its settings must match these).
         progress: show progress bars.
+        select_ids: ``[samples, seq_len]`` token ids for the allocator's choices made on the model's
+            output (ARA's mask training, D-Rank's ``beta="auto"``), best disjoint from ``calib_ids``
+            so that those choices are not made on the windows the whitening was fitted to
+            (default: ``calib_ids``).
 
     Returns:
         The applied plan (also attached to ``model.config``) and per-stage timings.
@@ -246,7 +253,7 @@ def compress(
             fit the model, an already compressed model, a work directory that holds another run.
     """
     job = _job(model, config, plan, calib_ids, batch_size, device, work_dir, resume, model_id=model_id,
-               progress=progress)
+               progress=progress, select_ids=select_ids)
     config, plan = job.config, job.plan
     seconds = {}
     if plan is None or not config.sequential:  # a given plan needs no spectra when refitted

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DATASETS", "HELD_OUT_FRACTION", "PYDOC_MODULES", "calibration_ids", "clean_calibration_text", "load_text",
+__all__ = ["DATASETS", "GENERATED", "HELD_OUT_FRACTION", "generated_ids", "PYDOC_MODULES", "calibration_ids", "clean_calibration_text", "load_text",
            "python_docstrings", "shared_data_file", "split_held_out", "tokenize_text"]
 
 # name -> (datasets.load_dataset positional args, keyword args, split for evaluation, split for
@@ -134,3 +134,36 @@ def split_held_out(tokens: torch.Tensor, fraction: float = HELD_OUT_FRACTION) ->
         raise ValueError(f"held-out fraction must be in (0, 1), got {fraction}")
     cut = tokens.numel() - int(tokens.numel() * fraction)
     return tokens[:cut], tokens[cut:]
+
+
+# The calibration source that needs no data: the model writes its own windows.
+GENERATED = "generated"
+
+
+@torch.no_grad()
+def generated_ids(model, tokenizer, samples: int, seq_len: int, *, seed: int = 0, batch_size: int = 8,
+                  top_p: float = 0.95) -> torch.Tensor:
+    """``[samples, seq_len]`` windows the model samples itself, from its BOS token (nucleus sampling).
+
+    A user without calibration text can still calibrate on what the model itself finds likely,
+    which is, by construction, in the model's own domain rather than one corpus's. The same
+    ``seed`` gives the same windows (each batch is sampled under ``seed + batch index``).
+    """
+    if samples < 1 or seq_len < 2:
+        raise ValueError(f"generated calibration needs samples >= 1 and seq_len >= 2, got {samples} and {seq_len}")
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise ValueError("generated calibration starts from the tokenizer's BOS (or EOS) token, and it has neither")
+    device = next(model.parameters()).device
+    windows = []
+    for index, first in enumerate(range(0, samples, batch_size)):
+        rows = min(batch_size, samples - first)
+        prompt = torch.full((rows, 1), start, dtype=torch.long, device=device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed + index)
+            # min_new_tokens: every window is whole (EOS is suppressed until then).
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_p=top_p,
+                                 top_k=0, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
+                                 pad_token_id=start)
+        windows.append(out[:, :seq_len].cpu())
+    return torch.cat(windows)

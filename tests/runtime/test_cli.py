@@ -273,3 +273,37 @@ def test_generate_refuses_an_empty_prompt(cli, tiny_model_dir):
 def test_bad_device_is_named(cli, tiny_text, tmp_path):
     _one_line_error(*cli(*_compress_args(tmp_path / "no-model", tiny_text, tmp_path / "ck", "--device", "foo")),
                     "--device 'foo' is not a device")
+
+
+def test_generated_calibration_needs_no_data(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "ck"
+    code = main(list(map(str, _compress_args(tiny_model_dir, "generated", out, "--keep", 0.5))))
+    assert code == 0 and (out / "rank_plan.json").is_file()
+
+
+def test_generated_calibration_cannot_heal(cli, tiny_model_dir, tmp_path):
+    _one_line_error(*cli(*_compress_args(tiny_model_dir, "generated", tmp_path / "ck", "--heal-steps", 2)),
+                    "--heal-steps trains on and stops on calibration text")
+
+
+def test_allocator_choices_are_made_on_held_out_windows(tiny_model_dir, tiny_text, tmp_path, monkeypatch):
+    """``plan --method drank`` (beta auto): the scoring windows lie in the held-out last 10 % of
+    the calibration text, the whitening windows before it."""
+    import lowrank_infer.cli as cli_module
+    from transformers import AutoTokenizer
+
+    from lowrank_infer.data import split_held_out, tokenize_text
+
+    seen = {}
+    real = cli_module.analyze
+    monkeypatch.setattr(cli_module, "analyze", lambda *a, **kw: seen.update(kw) or real(*a, **kw))
+    assert main(["plan", "--model", str(tiny_model_dir), "--method", "drank", "--keep", "0.5", "--calib-file",
+                 str(tiny_text), "--calib-samples", "4", "--seq-len", "32", "--out", str(tmp_path / "p.json")]) == 0
+    tokens = tokenize_text(AutoTokenizer.from_pretrained(tiny_model_dir), tiny_text.read_text())
+    fit, held = split_held_out(tokens)
+
+    def inside(window, stream):
+        return any(torch.equal(window, stream[i:i + len(window)]) for i in range(len(stream) - len(window) + 1))
+
+    assert seen["select_ids"].shape == (4, 32) and all(inside(w, held) for w in seen["select_ids"])
+    assert all(inside(w, fit) for w in seen["calib_ids"])

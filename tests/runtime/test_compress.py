@@ -127,3 +127,22 @@ def test_config_for_names_the_method_and_its_parameters():
         config_for("svd")
     with pytest.raises(ValueError, match=r"method 'ara' takes no parameter 'beta2' \(its parameters: steps, lr"):
         config_for("ara", beta2=1.0)
+
+
+def test_allocators_choose_on_the_select_windows(monkeypatch):
+    """D-Rank's beta="auto" scores plans, and ARA trains, on ``select_ids`` when given, while the
+    whitening statistics still come from ``calib_ids``."""
+    import sys
+
+    pipeline = sys.modules["lowrank_infer.compress"]  # the package's `compress` attribute is the function
+    model = tiny_model("llama")
+    calib, select = IDS[:2], torch.randint(3, 128, (3, IDS.shape[1]), generator=torch.Generator().manual_seed(9))
+    seen = []
+    monkeypatch.setattr(pipeline, "mean_nll", lambda model, ids: seen.append(ids) or 1.0)
+    analyze(model, DRankConfig(keep=0.5, candidates=CANDIDATES), calib_ids=calib, select_ids=select, progress=False)
+    assert seen and all(torch.equal(ids, select[: len(ids)]) for ids in seen)
+    plan_calib, spectra_calib, _ = analyze(model, DRankConfig(keep=0.5, beta=0.1), calib_ids=calib, progress=False)
+    _, spectra_select, _ = analyze(model, DRankConfig(keep=0.5, beta=0.1), calib_ids=calib, select_ids=select,
+                                   progress=False)
+    name = next(iter(spectra_calib))
+    assert torch.equal(spectra_calib[name].sigma, spectra_select[name].sigma)
