@@ -32,9 +32,16 @@ Where this implementation deviates from the paper and its official code, and why
   (:func:`~lowrank_infer.allocation.budget.fit_budget`, marginal value = captured whitened
   energy per parameter), which also applies ``multiple_of``.
 - **keep = 1** returns the all-dense plan without training (nothing can be saved).
-- **Training tokens.** The calibration ids given (the ones used for whitening) are reused: the
-  first ``samples`` rows, cut to ``seq_len`` tokens. The official code draws separate training
-  samples (C4 by default).
+- **Training tokens.** The ids given are used: the first ``samples`` rows, cut to ``seq_len``
+  tokens. ``compress`` passes windows held out from the whitening ones (``select_ids``; the CLI
+  takes them from the last 10 % of the calibration text), so the masks are not trained on the
+  windows the whitening was fitted to. The official code draws separate training samples (C4 by
+  default).
+- **Optional KL loss.** ``loss="kl"`` trains against the dense model's whole next-token
+  distribution (computed each step with the masks off) instead of the text's one-hot next token.
+- **The outcome is recorded.** The plan's params carry the size-weighted ratio training ended at
+  (``final_ratio``), the factor the remaining fractions were rescaled by (``rescale``) and how
+  many layers the threshold sent dense (``dense_at_threshold``).
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ __all__ = ["ARAConfig", "ARATrainingError", "ara_plan"]
 
 # Candidate kept fractions 1.00, 0.99, …, 0.00 of k_max: 101 of them, as in the paper.
 RESOLUTION = 100
+LOSSES = ("ce", "kl")
 # Factors are kept up to the rank at keep 1.2, past break-even, so that dense stays reachable.
 RANK_HEADROOM = 1.2
 
@@ -111,6 +119,7 @@ class _MaskedLinear(nn.Module):
         self.register_buffer("candidates", _candidates().to(weight.device, torch.float32), persistent=False)
         self.register_buffer("stair", _staircase(RESOLUTION, spectrum.max_rank).to(weight.device), persistent=False)
         self.logits = nn.Parameter(_init_logits(init_fraction).to(weight.device))
+        self.teacher = False  # True: the dense layer, for the KL loss's targets
 
     @property
     def k_max(self) -> int:
@@ -129,6 +138,8 @@ class _MaskedLinear(nn.Module):
         return hard + soft - soft.detach(), rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.teacher:
+            return self.linear(x)
         mask, rank = self.mask()
         if use_dense(self.linear.out_features, self.linear.in_features, rank):
             return self.linear(x)
@@ -149,6 +160,9 @@ class ARAConfig(MethodConfig):
         batch_size: rows per step.
         dense_threshold: a layer whose learned parameter ratio reaches this stays dense.
         seed: order of the training rows.
+        loss: ``"ce"``: cross-entropy on the next tokens of the text (the paper's); ``"kl"``: KL
+            divergence from the dense model's next-token distribution (one more forward a step; the
+            dense model's whole distribution, not one token, is what the plan should preserve).
     """
 
     steps: int = 100
@@ -160,6 +174,7 @@ class ARAConfig(MethodConfig):
     batch_size: int = 1
     dense_threshold: float = 0.99
     seed: int = 0
+    loss: str = "ce"
 
     name: ClassVar[str] = "ara"
     data_parallel: ClassVar[bool] = True
@@ -171,6 +186,8 @@ class ARAConfig(MethodConfig):
                 raise ValueError(f"ARA needs {label} >= 1, got {getattr(self, label)}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"ARA needs a positive, finite lr, got {self.lr}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"ARA's loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
 
     @property
     def needs_calibration(self) -> bool:
@@ -235,8 +252,9 @@ def ara_plan(
               "multiple_of": config.multiple_of}
 
     def finalize(fractions: Mapping[str, float]) -> RankPlan:
-        ranks = _final_ranks(spectra, fractions, config)
-        return plan_from_ranks(shapes, ranks, keep=config.keep, method="ara", model=model_id, params=record)
+        ranks, outcome = _final_ranks(spectra, fractions, config)
+        return plan_from_ranks(shapes, ranks, keep=config.keep, method="ara", model=model_id,
+                               params={**record, **outcome})
 
     if config.keep == 1.0:
         return finalize({name: 1.0 for name in spectra})
@@ -320,16 +338,16 @@ def _train(lm, masked, regularizer, ids, config: ARAConfig, finalize, progress, 
     with torch.enable_grad():
         for step in bar:
             batch = ids[order[step * size : (step + 1) * size]]
-            ce = _data_parallel_ce(lm, batch, group, device)
+            fit = _data_parallel_loss(lm, layers, batch, group, device, config.loss)
             ratio, compression, guidance = regularizer()
             penalty = config.alpha * compression + config.beta * guidance
-            loss = ce.detach() + penalty.detach()
+            loss = fit.detach() + penalty.detach()
             if not torch.isfinite(loss):
-                raise failure(f"loss became {loss.item()} (cross-entropy {ce.item()})", step)
+                raise failure(f"loss became {loss.item()} ({config.loss} {fit.item()})", step)
             optimizer.zero_grad(set_to_none=True)
-            # Every rank adds its share of the cross-entropy and 1/world of the (identical)
+            # Every rank adds its share of the data loss and 1/world of the (identical)
             # penalty; the summed gradients are the single-process batch's.
-            (ce + penalty / group.world).backward()
+            (fit + penalty / group.world).backward()
             for layer in layers:
                 group.all_reduce_sum(layer.logits.grad)
             optimizer.step()
@@ -337,19 +355,37 @@ def _train(lm, masked, regularizer, ids, config: ARAConfig, finalize, progress, 
             if not all(torch.isfinite(logits).all() for logits in current):
                 raise failure("update made the logits non-finite", step)
             last_good = current
-            bar.set_postfix(loss=f"{loss.item():.3f}", ce=f"{ce.item():.3f}", R=f"{ratio.item():.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", **{config.loss: f"{fit.item():.3f}"}, R=f"{ratio.item():.3f}")
     return {name: _fraction_of(logits) for name, logits in zip(masked, last_good)}
 
 
-def _data_parallel_ce(lm, batch: torch.Tensor, group: Ranks, device) -> torch.Tensor:
-    """This rank's rows' share of the batch's mean next-token cross-entropy; its value (not its
-    gradient) is summed over ranks, so every rank sees the whole batch's loss."""
+def _data_parallel_loss(lm, layers, batch: torch.Tensor, group: Ranks, device, loss: str) -> torch.Tensor:
+    """This rank's rows' share of the batch's mean next-token loss (cross-entropy, or KL from the
+    dense model); its value (not its gradient) is summed over ranks, so every rank sees the whole
+    batch's loss."""
     rows = group.shard(batch).to(device)
     logits = lm(input_ids=rows, use_cache=False).logits[:, :-1].float()
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1), reduction="sum")
+    if loss == "kl":
+        with torch.no_grad(), _as_teacher(layers):
+            dense = lm(input_ids=rows, use_cache=False).logits[:, :-1].float().log_softmax(-1)
+        student = logits.log_softmax(-1)
+        total = (dense.exp() * (dense - student)).sum()
+    else:
+        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1), reduction="sum")
     share = total / (batch.shape[0] * (batch.shape[1] - 1))
     others = group.all_reduce_sum(share.detach().clone()) - share.detach()
     return share + others
+
+
+@contextmanager
+def _as_teacher(layers):
+    for layer in layers:
+        layer.teacher = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.teacher = False
 
 
 def _row_order(rows: int, needed: int, seed: int) -> torch.Tensor:
@@ -397,8 +433,10 @@ class _Regularizer:
 
 def _final_ranks(
     spectra: Mapping[str, Spectrum], fractions: Mapping[str, float], config: ARAConfig
-) -> dict[str, int | None]:
-    """Dense where the learned ratio reaches ``dense_threshold``; rescale the rest to the budget."""
+) -> tuple[dict[str, int | None], dict[str, float]]:
+    """Dense where the learned ratio reaches ``dense_threshold``; rescale the rest to the budget.
+    Also what the plan records of it: the size-weighted ratio ``R`` training ended at, the factor
+    the other layers' fractions were rescaled by, and how many layers the threshold sent dense."""
     shapes = {name: (s.out_features, s.in_features) for name, s in spectra.items()}
     ratio = {name: fractions[name] * _headroom(s) for name, s in spectra.items()}
     dense = {name for name, r in ratio.items() if r >= config.dense_threshold}
@@ -416,4 +454,6 @@ def _final_ranks(
         return 1.0 if rank is None else energy[name][min(rank, len(energy[name]) - 1)]
 
     caps = {name: s.max_rank for name, s in spectra.items()}
-    return fit_budget(shapes, ranks, config.keep, value, caps=caps, multiple_of=config.multiple_of)
+    trained = sum(min(r, 1.0) * m * n for r, (m, n) in zip(ratio.values(), shapes.values())) / total
+    outcome = {"final_ratio": round(trained, 6), "rescale": round(scale, 6), "dense_at_threshold": len(dense)}
+    return fit_budget(shapes, ranks, config.keep, value, caps=caps, multiple_of=config.multiple_of), outcome

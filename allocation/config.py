@@ -75,6 +75,11 @@ class MethodConfig:
             of each layer's own whitened SVD.
         ridge: with ``sequential``, the pull toward the dense weight (relative to the median
             input energy).
+        refine_steps: most Adam steps of each block's factors toward the dense block's outputs on
+            the compressed stream, block by block, stopped on held-out windows; the factors start
+            from the closed form with ``sequential``, else from each layer's whitened SVD
+            (0 = no refinement).
+        refine_lr: Adam's learning rate of ``refine_steps``.
     """
 
     keep: float = 0.8
@@ -84,6 +89,8 @@ class MethodConfig:
     exclude: tuple[str, ...] = ()
     sequential: bool = False
     ridge: float = 1e-2
+    refine_steps: int = 0
+    refine_lr: float = 1e-4
 
     name: ClassVar[str] = "plan"
     # Methods that train on the model run on every rank of a process group, each on its share of
@@ -99,6 +106,10 @@ class MethodConfig:
                 raise ValueError(f"{key} must be True or False, got {getattr(self, key)!r}")
         if not (_is_number(self.ridge) and self.ridge > 0):
             raise ValueError(f"ridge must be a positive number, got {self.ridge!r}")
+        if not _is_int(self.refine_steps) or self.refine_steps < 0:
+            raise ValueError(f"refine_steps must be an integer >= 0, got {self.refine_steps!r}")
+        if not (_is_number(self.refine_lr) and self.refine_lr > 0):
+            raise ValueError(f"refine_lr must be a positive number, got {self.refine_lr!r}")
         for key in ("include", "exclude"):
             object.__setattr__(self, key, tuple(getattr(self, key) or ()))
         for field in self._hyperparameter_fields():
@@ -136,7 +147,7 @@ class MethodConfig:
     @property
     def needs_calibration(self) -> bool:
         """Whether the pipeline must have calibration token ids for this config."""
-        return self.whiten or self.sequential
+        return self.whiten or self.sequential or self.refine_steps > 0
 
     @property
     def needs_model_forward(self) -> bool:

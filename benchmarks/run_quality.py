@@ -35,8 +35,10 @@ HERE = Path(__file__).resolve().parent
 CLI = ["lowrank-infer"]
 
 
-# Method-name suffixes: a pipeline variant of the allocator before the dash.
-VARIANTS = {"plain": ["--no-whiten"], "seq": ["--sequential"], "heal": ["--heal-steps", "100"]}
+# Method-name suffixes after the allocator, each a pipeline stage added ("ara-refine-heal"):
+# refinement runs on top of sequential compensation, so "refine" brings it.
+VARIANTS = {"plain": ["--no-whiten"], "seq": ["--sequential"], "refine": ["--sequential", "--refine-steps", "32"],
+            "heal": ["--heal-steps", "100"]}
 
 
 def plan_file(args, method: str, keep: float) -> Path | None:
@@ -49,13 +51,15 @@ def plan_file(args, method: str, keep: float) -> Path | None:
 
 
 def compress_command(args, method: str, keep: float, out: Path) -> list[str]:
-    allocator, _, variant = method.partition("-")
-    if variant and variant not in VARIANTS:
-        raise SystemExit(f"unknown variant {variant!r} in {method!r}; known: {', '.join(VARIANTS)}")
+    allocator, *variants = method.split("-")
+    for variant in variants:
+        if variant not in VARIANTS:
+            raise SystemExit(f"unknown variant {variant!r} in {method!r}; known: {', '.join(VARIANTS)}")
     command = [*CLI, "compress", "--model", args.model, "--keep", str(keep), "--out", str(out)]
     plan = plan_file(args, method, keep)
     command += ["--plan", str(plan)] if plan else ["--method", allocator]
-    command += VARIANTS.get(variant, [])
+    for variant in variants:
+        command += [flag for flag in VARIANTS[variant] if flag != "--sequential" or flag not in command]
     return command + (["--calib-file", args.calib_file] if args.calib_file else [])
 
 
@@ -76,6 +80,7 @@ def compress_seconds(stdout: str) -> dict:
     healing's shares (absent with ``--plan``, or without healing)."""
     found = {"compress_seconds": re.search(r"compressed .* in ([0-9.]+) s", stdout),
              "allocation_seconds": re.search(r"allocation ([0-9.]+) s", stdout),
+             "compensation_seconds": re.search(r"compensation ([0-9.]+) s", stdout),
              "healing_seconds": re.search(r"healing ([0-9.]+) s", stdout)}
     return {key: float(match.group(1)) if match else None for key, match in found.items()}
 
@@ -138,6 +143,7 @@ def combine(paths: list[Path]) -> tuple[list[dict], list[str]]:
 _COLUMNS = [("method", "method", str), ("keep", "keep", str), ("perplexity", "perplexity", lambda v: f"{v:.3f}"),
             ("keep achieved", "keep_achieved", lambda v: f"{v:.4f}"), ("dense layers", "dense_layers", str),
             ("allocation s", "allocation_seconds", lambda v: f"{v:.1f}"),
+            ("compensation s", "compensation_seconds", lambda v: f"{v:.1f}"),
             ("healing s", "healing_seconds", lambda v: f"{v:.1f}"), ("compress s", "compress_seconds", lambda v: f"{v:.1f}"),
             ("mean rank by type", "mean_rank_by_type", lambda v: ", ".join(f"{k} {r:g}" for k, r in v.items())),
             ("windows", "windows", str), ("seq len", "seq_len", str)]
@@ -177,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     table = f"## Perplexity of {args.model} ({args.seq_len}-token windows)\n\n" + markdown_table(rows, _COLUMNS)
     table += (
         "\nMean rank by type counts low-rank layers only (a type whose layers are all dense is absent); "
-        "allocation, healing and compress s (wall times on this machine) are '-' where a finished checkpoint was reused "
+        "allocation, compensation (with refinement), healing and compress s (wall times on this machine) are '-' where a finished checkpoint was reused "
         "or the stage did not run. Every row's compress and eval "
         f"commands are in {args.out.name}; made by: `{document['command']}`\n"
     )

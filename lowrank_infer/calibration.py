@@ -142,17 +142,19 @@ class BlockStream:
 
 
 @contextmanager
-def block_stream(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int, device) -> Iterator[BlockStream]:
+def block_stream(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int, device,
+                 held_ids: torch.Tensor | None = None) -> Iterator[BlockStream]:
     """Everything but the decoder blocks on ``device`` for the ``with`` block (blocks move one at
     a time, see :func:`block_on`), and the recorded calls of every block; the model returns home
-    afterwards."""
+    afterwards. ``held_ids`` windows, when given, follow in batches of their own."""
     if input_ids.ndim != 2 or input_ids.numel() == 0:
         raise ValueError(f"calibration input_ids must be a non-empty [samples, seq_len] tensor, got {tuple(input_ids.shape)}")
     prefix, blocks = decoder_blocks(model)
     home = next(model.parameters()).device
     _move_all_but_blocks(model, blocks, device)
     try:
-        calls = _record_block_calls(model, blocks, input_ids.split(batch_size), device)
+        batches = list(input_ids.split(batch_size)) + ([] if held_ids is None else list(held_ids.split(batch_size)))
+        calls = _record_block_calls(model, blocks, batches, device)
         yield BlockStream(prefix, blocks, calls, [_hidden_of(args, kwargs) for args, kwargs in calls[0]])
     finally:
         _move_all_but_blocks(model, blocks, home)

@@ -23,7 +23,7 @@ from lowrank_infer.distributed import Ranks, process_group
 from lowrank_infer.evaluate import check_seq_len, perplexity
 from lowrank_infer.healing import HealConfig, heal, teacher_targets
 from lowrank_infer.harness import lm_eval_results, results_table, write_results
-from lowrank_infer.io import PLAN_FILE, is_compressed_checkpoint, save_compressed
+from lowrank_infer.io import PLAN_FILE, attach_plan, is_compressed_checkpoint, save_compressed
 from lowrank_infer.models import ALIASES, load_model
 from lowrank_infer.report import checkpoint_info, model_size
 
@@ -83,6 +83,13 @@ def _add_allocation_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--ridge", type=float, default=1e-2,
                    help="with --sequential: pull toward the dense weight, relative to the median input energy (default 0.01)")
+    p.add_argument(
+        "--refine-steps", type=int, default=0,
+        help="block refinement: block by block on the compressed model's own inputs, train each block's factors "
+        "up to this many Adam steps (2 calibration windows each) toward the dense block's outputs, stopping "
+        "on held-out calibration windows; starts from --sequential's refit when given, else from the "
+        "whitened SVD. 0 (default) = none")
+    p.add_argument("--refine-lr", type=float, default=1e-4, help="Adam learning rate of --refine-steps (default 1e-4)")
     p.add_argument(
         "--multiple-of", type=int, default=1,
         help="make every rank a multiple of this; 16 keeps GPU GEMMs on their aligned fast paths "
@@ -257,10 +264,10 @@ def _calibration_ids(args, tokenizer, config, plan=None, model=None, device="cpu
 
 
 def _select_ids(args, tokenizer, config, plan, model, device):
-    """Windows for the allocator's choices made on the model's output (ARA's training, D-Rank's
-    beta="auto"): from the held-out part of the text, never the whitening windows (generated: other
-    samples)."""
-    if plan is not None or not config.needs_model_forward:
+    """Windows for the choices made on the model's output (ARA's training, D-Rank's beta="auto",
+    where block refinement stops): from the held-out part of the text, never the whitening windows
+    (generated: other samples)."""
+    if not config.refine_steps and (plan is not None or not config.needs_model_forward):
         return None
     if args.calib_file == GENERATED:
         with _on_device(model, device):
@@ -295,7 +302,7 @@ def _method_config(args, plan=None):
     method = args.method or (plan.method if plan is not None else DEFAULT_METHOD)
     keep = args.keep if args.keep is not None else (plan.keep_target if plan is not None else DEFAULT_KEEP)
     settings = dict(keep=keep, multiple_of=args.multiple_of, whiten=not args.no_whiten, sequential=args.sequential,
-                    ridge=args.ridge, include=args.include or (), exclude=args.exclude or (),
+                    ridge=args.ridge, refine_steps=args.refine_steps, refine_lr=args.refine_lr, include=args.include or (), exclude=args.exclude or (),
                     **_parse_params(args.param))
     if plan is not None and method not in METHODS:
         return MethodConfig().replace(**settings)  # a plan from elsewhere: only applied
@@ -389,6 +396,10 @@ def _compress(args, plan, device: str, config, ranks: Ranks) -> int:
     healed = _heal(args, model, targets, device) if targets is not None else None
     if healed is not None:
         result.seconds["healing"] = healed.seconds
+        result.plan.params["heal"] = {"steps": args.heal_steps, "lr": args.heal_lr, "steps_run": healed.steps_run,
+                                      "best_step": healed.best_step, "held_kl_before": round(healed.held_before, 6),
+                                      "held_kl_after": round(healed.held_after, 6)}
+        attach_plan(model, result.plan)
     ppl_after = _perplexity_on(device, model, eval_tokens, args) if eval_tokens is not None else None
     metrics = {} if ppl_before is None else {
         f"perplexity, {ppl_after['windows']} x {args.seq_len} tokens of {Path(args.eval_file).name}": ppl_after["perplexity"],
@@ -405,6 +416,11 @@ def _compress(args, plan, device: str, config, ranks: Ranks) -> int:
     _say(f"  target-linear params {summary['params_before']:,} -> {summary['params_after']:,}")
     _say(f"  whole-model params   {before['params']:,} -> {after['params']:,}; "
          f"bytes {before['bytes'] / 2**20:.1f} MiB -> {after['bytes'] / 2**20:.1f} MiB")
+    refined = result.plan.params.get("refine")
+    if refined:
+        before, after = refined["held_error_before"], refined["held_error_after"]
+        _say(f"  refinement: {refined['blocks_improved']} of {len(before)} blocks improved on held-out windows; "
+             f"last block's relative error {before[-1]:.4f} -> {after[-1]:.4f}")
     if healed is not None:
         _say(f"  healing: {healed.steps_run} steps, held-out KL {healed.held_before:.4f} -> {healed.held_after:.4f} "
              + (f"(kept step {healed.best_step})" if healed.best_step else "(no step improved it: factors unchanged)"))

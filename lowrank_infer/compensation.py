@@ -19,7 +19,8 @@ massive-activation features from setting the ridge's scale.
 
 from __future__ import annotations
 
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -28,9 +29,11 @@ from tqdm.auto import tqdm
 from lowrank_infer.allocation.plan import RankPlan
 from lowrank_infer.calibration import block_linears, block_on, block_stream, run_block
 from lowrank_infer.factorize import whitened_svd
+from lowrank_infer.refinement import BlockBatches, Factored, RefineConfig, refine_block
 from lowrank_infer.structure import replace_module, target_linears
+from lowrank_infer.training import EarlyStopped
 
-__all__ = ["compensated_factors", "refit"]
+__all__ = ["Compensated", "compensated_factors", "refit"]
 
 
 def refit(
@@ -120,22 +123,19 @@ def _dense_inputs(block: nn.Module, calls: list, hidden: list, linears: Mapping[
     return outputs, inputs
 
 
-def _lowrank_linear(linear: nn.Linear, U: torch.Tensor, V: torch.Tensor) -> nn.Linear:
-    """A plain linear holding ``U Vᵀ``: what the compressed layer computes, for the compressed stream."""
-    new = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                    device=linear.weight.device, dtype=linear.weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(U.to(new.weight) @ V.to(new.weight).T)
-        if linear.bias is not None:
-            new.bias.copy_(linear.bias)
-    return new
-
-
-def _refit_block(block, calls, dense_hidden, comp_hidden, planned, plan, ridge, prefix_of):
-    """Refit every planned layer of one block, group by group; returns factors and both streams' outputs."""
+def _refit_block(block, calls, dense_hidden, comp_hidden, planned, plan, ridge, prefix_of, fit_batches, refine,
+                 initial):
+    """Refit every planned layer of one block, group by group, on the first ``fit_batches``
+    batches (or start from ``initial``'s factors), then refine the block (when ``refine``)
+    stopping on the rest; returns the factors, the refinement's report and both streams' outputs."""
     dense_out, dense_in = _dense_inputs(block, calls, dense_hidden, planned)
-    pending, factors, swapped = dict(planned), {}, {}
+    pending, factored, swapped, report = dict(planned), {}, {}, None
     try:
+        if initial is not None:
+            for name in list(pending):
+                linear = swapped[name] = pending.pop(name)
+                factored[name] = Factored(linear, *initial(prefix_of(name)))
+                replace_module(block, name, factored[name])
         while pending:
             stats = {}
 
@@ -145,21 +145,34 @@ def _refit_block(block, calls, dense_hidden, comp_hidden, planned, plan, ridge, 
                 stats["gram"] = stats.get("gram", 0) + xc.T @ xc
                 stats["cross"] = stats.get("cross", 0) + xd.T @ xc
 
-            group = _GroupCapture(pending, collect).run(block, calls, comp_hidden)
+            group = _GroupCapture(pending, collect).run(block, calls[:fit_batches], comp_hidden[:fit_batches])
             if not group:
                 raise ValueError(f"layers {sorted(pending)[:3]} never ran in the forward pass")
             for name in group:
-                linear = pending.pop(name)
+                linear = swapped[name] = pending.pop(name)
                 U, V = refit(linear.weight, stats["gram"], stats["cross"], plan[prefix_of(name)].rank,
                              ridge=ridge, name=prefix_of(name))
-                factors[prefix_of(name)] = (U.float().cpu(), V.float().cpu())
-                swapped[name] = linear
-                replace_module(block, name, _lowrank_linear(linear, U, V))
+                factored[name] = Factored(linear, U, V)
+                replace_module(block, name, factored[name])
+        if refine is not None and factored:
+            fit = BlockBatches(calls[:fit_batches], comp_hidden[:fit_batches], dense_out[:fit_batches])
+            held = BlockBatches(calls[fit_batches:], comp_hidden[fit_batches:], dense_out[fit_batches:])
+            report = refine_block(block, factored, fit, held, refine)
         comp_out = run_block(block, calls, comp_hidden)
     finally:
         for name, linear in swapped.items():
             replace_module(block, name, linear)
-    return factors, dense_out, comp_out
+    factors = {prefix_of(name): layer.factors() for name, layer in factored.items()}
+    return factors, report, dense_out, comp_out
+
+
+@dataclass
+class Compensated:
+    """What :func:`compensated_factors` found: ``factors[name] = (U, V)`` (float32, CPU) for every
+    low-rank layer of the plan, and per block (in order) its refinement's report (None: not refined)."""
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    refined: list[EarlyStopped | None]
 
 
 @torch.no_grad()
@@ -172,31 +185,54 @@ def compensated_factors(
     batch_size: int = 8,
     device: torch.device | str | None = None,
     progress: bool = True,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Factors ``(U, V)`` (float32, CPU) of every low-rank layer of ``plan``, refitted block by
-    block on the compressed stream (see the module docstring). The model is left unchanged.
+    refine: RefineConfig | None = None,
+    held_ids: torch.Tensor | None = None,
+    initial: Callable[[str], tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> Compensated:
+    """Factors of every low-rank layer of ``plan``, refitted block by block on the compressed
+    stream (see the module docstring), each block then refined when ``refine`` is given (see
+    :mod:`lowrank_infer.refinement`). The model is left unchanged.
 
     Args:
         model: the dense model the plan was made for.
         plan: ranks per layer (dense layers keep their weights and are not refitted).
-        input_ids: ``[samples, seq_len]`` calibration token ids.
+        input_ids: ``[samples, seq_len]`` calibration token ids (the fits, and refinement's steps).
         ridge: strength of the pull toward the dense weight, relative to the median input energy.
-        batch_size: samples per forward pass.
+        batch_size: samples per forward pass (with ``refine``, its ``batch_size`` instead).
         device: where each block runs (default: where the model's parameters are).
         progress: show a progress bar over blocks.
+        refine: block refinement's settings (default: none).
+        held_ids: ``[samples, seq_len]`` held-out token ids on which refinement stops; needed
+            with ``refine``, never fitted or trained on.
+        initial: ``name -> (U, V)``: skip the closed form and start each layer (refinement, when
+            given) from these factors, e.g. the plan's own whitened SVD.
     """
+    if refine is not None and held_ids is None:
+        raise ValueError("block refinement stops on held-out windows: pass held_ids")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     linears = target_linears(model)
     plan.validate({name: (m.out_features, m.in_features) for name, m in linears.items()})
     lowrank = {layer.name: linears[layer.name] for layer in plan.layers if layer.rank is not None}
-    factors = {}
-    with block_stream(model, input_ids, batch_size=batch_size, device=device) as stream:
+    if refine is not None:
+        batch_size = refine.batch_size
+        if held_ids.ndim != 2 or held_ids.shape[1] != input_ids.shape[1] or not len(held_ids):
+            raise ValueError(f"held_ids must be [samples, {input_ids.shape[1]}] like the calibration ids, "
+                             f"got {tuple(held_ids.shape)}")
+    fit_batches = len(input_ids.split(batch_size))
+    found = Compensated({}, [])
+    with block_stream(model, input_ids, batch_size=batch_size, device=device,
+                      held_ids=None if refine is None else held_ids.to(input_ids)) as stream:
         dense_hidden = comp_hidden = stream.hidden
-        for i, block in enumerate(tqdm(stream.blocks, desc="compensation", unit="block", disable=not progress)):
+        bar = tqdm(stream.blocks, desc="compensation", unit="block", disable=not progress)
+        for i, block in enumerate(bar):
             prefix = f"{stream.prefix}.{i}."
             planned = {name.removeprefix(prefix): m for name, m in block_linears(lowrank, stream.prefix, i).items()}
             with block_on(block, device):
-                found, dense_hidden, comp_hidden = _refit_block(
-                    block, stream.calls[i], dense_hidden, comp_hidden, planned, plan, ridge, lambda n: prefix + n)
-            factors.update(found)
-    return factors
+                factors, report, dense_hidden, comp_hidden = _refit_block(
+                    block, stream.calls[i], dense_hidden, comp_hidden, planned, plan, ridge, lambda n: prefix + n,
+                    fit_batches, refine, initial)
+            found.factors.update(factors)
+            found.refined.append(report)
+            if report is not None:
+                bar.set_postfix(held=f"{report.held_before:.3g}->{report.held_after:.3g}")
+    return found

@@ -14,11 +14,12 @@ from torch import nn
 
 import lowrank_infer.offload as offload
 from lowrank_infer.allocation import METHODS, AllocationInputs, MethodConfig, RankPlan, UniformConfig
-from lowrank_infer.compensation import compensated_factors
+from lowrank_infer.compensation import Compensated, compensated_factors
 from lowrank_infer.distributed import Ranks
 from lowrank_infer.evaluate import mean_nll
 from lowrank_infer.factorize import Spectrum
 from lowrank_infer.io import attach_plan
+from lowrank_infer.refinement import RefineConfig
 from lowrank_infer.spectra import spectra_everywhere, stream_spectra
 from lowrank_infer.structure import target_linears
 from lowrank_infer.surgery import apply_plan, check_uncompressed, plan_applied
@@ -26,8 +27,10 @@ from lowrank_infer.workdir import WorkDir
 
 __all__ = ["CompressResult", "analyze", "compress", "config_for", "needs_calibration"]
 
-# Calibration windows on which candidate plans are scored (D-Rank's beta="auto").
+# Calibration windows on which candidate plans are scored (D-Rank's beta="auto"), and held-out
+# windows on which each block's refinement is scored.
 SCORE_WINDOWS = 8
+REFINE_HELD_WINDOWS = 8
 
 
 @dataclass
@@ -51,8 +54,9 @@ def config_for(method: str, **settings) -> MethodConfig:
 
 def needs_calibration(config: MethodConfig, plan: RankPlan | None = None) -> bool:
     """Whether compressing with ``config`` (applying ``plan``, when given) needs calibration ids:
-    a plan needs them only for whitening or sequential refitting; otherwise the method says."""
-    return config.whiten or config.sequential if plan is not None else config.needs_calibration
+    a plan needs them only for whitening, sequential refitting or refinement; otherwise the method says."""
+    refitted = config.sequential or config.refine_steps > 0
+    return config.whiten or refitted if plan is not None else config.needs_calibration
 
 
 def _plan_loss(model: nn.Module, spectra: Mapping[str, Spectrum], ids: torch.Tensor) -> Callable[[RankPlan], float]:
@@ -111,9 +115,12 @@ def _job(model, config, plan, calib_ids, batch_size, device, work_dir, resume, *
     if offload.holds(model) and plan is None and config.needs_model_forward:
         raise ValueError(f"{config.name} with these settings runs the whole model, which weights kept on disk "
                          "never are: use uniform, D-Rank with a fixed beta, or a plan from 'lowrank-infer plan'")
+    if config.refine_steps and rest.get("select_ids") is None:
+        raise ValueError("refine_steps stops each block on held-out windows: pass select_ids (windows disjoint "
+                         "from calib_ids)")
     ranks = Ranks.current()
-    if ranks.world > 1 and config.sequential:
-        raise ValueError("sequential refitting runs in one process; start it without torchrun")
+    if ranks.world > 1 and (config.sequential or config.refine_steps):
+        raise ValueError("sequential refitting and block refinement run in one process; start them without torchrun")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     return _Job(model, config, calib_ids, plan, batch_size=batch_size, device=device, work_dir=work_dir,
                 resume=resume, ranks=ranks, **rest)
@@ -204,6 +211,29 @@ def _allocate(job: _Job, spectra: dict[str, Spectrum], linears) -> RankPlan:
     return ranks.broadcast_object(plan)
 
 
+def _refinement(job: _Job) -> dict:
+    """compensated_factors' refinement arguments: none, or the config's on held-out windows."""
+    if not job.config.refine_steps:
+        return {}
+    refine = RefineConfig(steps=job.config.refine_steps, lr=job.config.refine_lr)
+    return {"refine": refine, "held_ids": job.select_ids[:REFINE_HELD_WINDOWS]}
+
+
+def _compensation_record(config: MethodConfig, found: Compensated) -> dict:
+    """What the plan records of sequential compression (its settings) and of refinement (what it gained)."""
+    record = {"sequential": True, "ridge": config.ridge} if config.sequential else {}
+    reports = [r for r in found.refined if r is not None]
+    if reports:
+        record["refine"] = {
+            "steps": config.refine_steps, "lr": config.refine_lr, "held_windows": REFINE_HELD_WINDOWS,
+            "steps_run": sum(r.steps_run for r in reports),
+            "blocks_improved": sum(r.best_step > 0 for r in reports),
+            "held_error_before": [round(r.held_before, 6) for r in reports],
+            "held_error_after": [round(r.held_after, 6) for r in reports],
+        }
+    return record
+
+
 def compress(
     model: nn.Module,
     config: MethodConfig | None = None,
@@ -240,10 +270,11 @@ def compress(
             so that a killed run can resume (see :class:`~lowrank_infer.workdir.WorkDir`).
         resume: continue the run ``work_dir`` holds (its settings must match these).
         progress: show progress bars.
-        select_ids: ``[samples, seq_len]`` token ids for the allocator's choices made on the model's
-            output (ARA's mask training, D-Rank's ``beta="auto"``), best disjoint from ``calib_ids``
-            so that those choices are not made on the windows the whitening was fitted to
-            (default: ``calib_ids``).
+        select_ids: ``[samples, seq_len]`` held-out token ids for the choices made on the model's
+            output (ARA's mask training, D-Rank's ``beta="auto"``, block refinement's stopping on its
+            first ``REFINE_HELD_WINDOWS``), best disjoint from ``calib_ids`` so that those choices are
+            not made on the windows the whitening was fitted to (default: ``calib_ids``; refinement
+            requires them).
 
     Returns:
         The applied plan (also attached to ``model.config``) and per-stage timings.
@@ -258,14 +289,15 @@ def compress(
     seconds = {}
     if plan is None or not config.sequential:  # a given plan needs no spectra when refitted
         plan, spectra, seconds = _analyze(job)
-    if config.sequential:
+    if config.sequential or config.refine_steps:
         start = time.perf_counter()
-        refitted = compensated_factors(model, plan, calib_ids, ridge=config.ridge, batch_size=batch_size,
-                                       device=job.device, progress=progress)
+        initial = None if config.sequential else (lambda name: spectra[name].factors(plan[name].rank))
+        found = compensated_factors(model, plan, calib_ids, ridge=config.ridge, batch_size=batch_size,
+                                    device=job.device, progress=progress, initial=initial, **_refinement(job))
         seconds["compensation"] = time.perf_counter() - start
         # A new plan object: a plan the caller passed in stays as it was.
-        plan = dataclasses.replace(plan, params={**plan.params, "sequential": True, "ridge": config.ridge})
-        apply_plan(model, plan, lambda name, rank: refitted[name])
+        plan = dataclasses.replace(plan, params={**plan.params, **_compensation_record(config, found)})
+        apply_plan(model, plan, lambda name, rank: found.factors[name])
     elif job.ranks.main:
         apply_plan(model, plan, lambda name, rank: spectra[name].factors(rank))
     if job.ranks.main:

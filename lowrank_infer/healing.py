@@ -12,6 +12,7 @@ factors are left exactly as they were.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowrank_infer.module import LowRankLinear
+from lowrank_infer.training import train_early_stopped
 
 __all__ = ["HealConfig", "HealReport", "TeacherTargets", "heal", "teacher_targets"]
 
@@ -151,61 +153,22 @@ def heal(model: nn.Module, train: TeacherTargets, held: TeacherTargets, config: 
     start = time.perf_counter()
     frozen = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
-    original = [p.detach().clone() for p in factors]
     try:
-        report = _train(model, factors, original, train, held, config, device, progress)
-    except ValueError:
-        _restore(factors, original)
-        raise
+        trained = {id(p) for p in factors}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in trained)
+        model.eval()  # no dropout: the dense targets were made without it
+        windows = len(train.ids)
+
+        def train_loss(step: int) -> torch.Tensor:
+            first = ((step - 1) * config.batch_size) % windows
+            return _kl(model, train.batch(slice(first, first + config.batch_size)), device)
+
+        result = train_early_stopped(
+            factors, train_loss, lambda: _held_loss(model, held, device, config.batch_size), steps=config.steps,
+            lr=config.lr, eval_every=config.eval_every, patience=config.patience, what="heal", progress=progress)
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
         model.train(was_training)
-    return HealReport(**report, seconds=time.perf_counter() - start)
-
-
-def _restore(factors, values) -> None:
-    with torch.no_grad():
-        for p, value in zip(factors, values):
-            p.copy_(value)
-
-
-def _train(model, factors, original, train, held, config, device, progress) -> dict:
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in factors:
-        p.requires_grad_(True)
-    model.eval()  # no dropout: the dense targets were made without it
-    optimizer = torch.optim.Adam(factors, lr=config.lr)
-    best = before = _checked(_held_loss(model, held, device, config.batch_size), "held-out loss before healing")
-    best_step, best_values, waited, step = 0, original, 0, 0
-    bar = tqdm(total=config.steps, desc="heal", disable=not progress)
-    windows = len(train.ids)
-    for step in range(1, config.steps + 1):
-        first = ((step - 1) * config.batch_size) % windows
-        loss = _kl(model, train.batch(slice(first, first + config.batch_size)), device)
-        _checked(loss.item(), f"training loss at step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        bar.update()
-        if step % config.eval_every and step != config.steps:
-            continue
-        current = _checked(_held_loss(model, held, device, config.batch_size), f"held-out loss at step {step}")
-        bar.set_postfix(held=f"{current:.4f}", best=f"{best:.4f}")
-        if current < best:
-            best, best_step, waited = current, step, 0
-            best_values = [p.detach().clone() for p in factors]
-        else:
-            waited += 1
-            if waited >= config.patience:
-                break
-    bar.close()
-    _restore(factors, best_values)
-    return {"steps_run": step, "best_step": best_step, "held_before": before, "held_after": best}
-
-
-def _checked(value: float, what: str) -> float:
-    if not math.isfinite(value):
-        raise ValueError(f"heal: {what} is {value}; the factors were restored (try a smaller lr)")
-    return value
+    return HealReport(**dataclasses.asdict(result), seconds=time.perf_counter() - start)

@@ -13,9 +13,9 @@ PACKAGES = {"lowrank_infer": "lowrank_infer", "kernels": "lowrank_infer.kernels"
 
 # Leaves may be imported by anything and import only leaves: the kernels (the op every stage
 # runs), the parameter-cost rule, the plan format, model structure, atomic files, the
-# process group and weights kept on disk.
+# process group, weights kept on disk and early-stopped training.
 LEAVES = ("lowrank_infer.kernels", "lowrank_infer.cost", "lowrank_infer.allocation.plan", "lowrank_infer.structure",
-          "lowrank_infer.atomic", "lowrank_infer.distributed", "lowrank_infer.offload")
+          "lowrank_infer.atomic", "lowrank_infer.distributed", "lowrank_infer.offload", "lowrank_infer.training")
 # The pipeline in data-flow order; a stage may import leaves, itself and earlier stages.
 # Everything else (compress, evaluate, data, models, the CLI, bench, the package root)
 # orchestrates and may import anything.
@@ -23,6 +23,7 @@ STAGES = (
     ("lowrank_infer.calibration",),
     ("lowrank_infer.factorize", "lowrank_infer.spectra", "lowrank_infer.workdir"),
     ("lowrank_infer.allocation",),
+    ("lowrank_infer.compensation", "lowrank_infer.refinement"),
     ("lowrank_infer.module", "lowrank_infer.surgery", "lowrank_infer.healing"),
     ("lowrank_infer.io", "lowrank_infer.hf_quantizer", "lowrank_infer.report", "lowrank_infer.packing"),
 )

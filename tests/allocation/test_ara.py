@@ -173,3 +173,55 @@ def test_bad_spectra(tiny_model_and_spectra):
         _ara(model, {**spectra, name: spectra["model.layers.0.self_attn.k_proj"]}, ids, 0.5)
     with pytest.raises(ValueError, match="steps"):
         _ara(model, spectra, ids, 0.5, steps=0)
+
+
+def test_the_plan_records_the_trained_ratio_the_rescale_and_the_layers_sent_dense(tiny_model_and_spectra):
+    from lowrank_infer.allocation.ara import _final_ranks
+
+    _, _, spectra = tiny_model_and_spectra
+    names = sorted(spectra)
+    headroom = {n: spectra[n].max_rank * (spectra[n].out_features + spectra[n].in_features)
+                / (spectra[n].out_features * spectra[n].in_features) for n in names}
+    dense = names[:2]  # fraction 1: ratio = headroom > 0.99, sent dense by the threshold
+    fractions = {n: 1.0 if n in dense else 0.3 / headroom[n] for n in names}
+    size = {n: spectra[n].out_features * spectra[n].in_features for n in names}
+    keep, total = 0.5, sum(size.values())
+    _, outcome = _final_ranks(spectra, fractions, ARAConfig(keep=keep))
+    rest = [n for n in names if n not in dense]
+    assert outcome["dense_at_threshold"] == 2
+    assert outcome["final_ratio"] == pytest.approx((sum(size[n] for n in dense) + 0.3 * sum(size[n] for n in rest))
+                                                   / total, abs=1e-6)
+    assert outcome["rescale"] == pytest.approx((keep * total - sum(size[n] for n in dense))
+                                               / (0.3 * sum(size[n] for n in rest)), abs=1e-6)
+
+
+def test_a_trained_plan_carries_its_outcome(tiny_model_and_spectra):
+    model, ids, spectra = tiny_model_and_spectra
+    params = _ara(model, spectra, ids, 0.6).params
+    assert 0 < params["final_ratio"] <= 1 and params["rescale"] > 0
+    assert 0 <= params["dense_at_threshold"] <= len(spectra)
+
+
+def test_the_kl_loss_is_zero_when_every_layer_is_dense_and_matches_a_direct_computation(tiny_model_and_spectra):
+    from lowrank_infer.allocation.ara import _data_parallel_loss, _swapped
+    from lowrank_infer.distributed import Ranks
+
+    model, ids, spectra = tiny_model_and_spectra
+    batch = ids[:2]
+    dense = _logits(model, batch)[:, :-1].double().log_softmax(-1)
+    for fraction in (1.0, 0.3):
+        masked = {name: _MaskedLinear(model.get_submodule(name), s, fraction) for name, s in spectra.items()}
+        with _swapped(model, masked), torch.no_grad():
+            loss = _data_parallel_loss(model, list(masked.values()), batch, Ranks(), "cpu", "kl")
+            student = _logits(model, batch)[:, :-1].double().log_softmax(-1)
+        want = (dense.exp() * (dense - student)).sum(-1).mean()
+        assert float(loss) == pytest.approx(float(want), rel=1e-3, abs=1e-6)
+        assert (float(loss) < 1e-5) == (fraction == 1.0)
+
+
+def test_ara_trains_on_the_kl_loss_and_refuses_an_unknown_one(tiny_model_and_spectra):
+    model, ids, spectra = tiny_model_and_spectra
+    plan = _ara(model, spectra, ids, 0.6, loss="kl")
+    assert plan.params["loss"] == "kl" and plan.keep_achieved == pytest.approx(0.6, abs=0.005)
+    with pytest.raises(ValueError, match="ARA's loss must be one of ce, kl, got 'mse'"):
+        ARAConfig(keep=0.6, loss="mse")

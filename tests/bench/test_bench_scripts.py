@@ -68,6 +68,17 @@ def test_quality_suite_applies_plans_and_plain_svd(tmp_path, capsys):
     assert commands[2].endswith("--method uniform --no-whiten")
 
 
+def test_quality_suite_stacks_variants_and_refuses_unknown_ones(tmp_path, capsys):
+    quality = _script("run_quality")
+    quality.main(["--methods", "drank-seq-refine-heal", "--keeps", "0.8", "--text-file", "t.txt", "--no-dense",
+                  "--work-dir", str(tmp_path), "--dry-run"])
+    command = [line for line in capsys.readouterr().out.splitlines() if line.startswith("+ ")][0]
+    assert command.endswith("--method drank --sequential --refine-steps 32 --heal-steps 100")
+    with pytest.raises(SystemExit, match="unknown variant 'fast' in 'ara-fast'; known: plain, seq, refine, heal"):
+        quality.main(["--methods", "ara-fast", "--keeps", "0.8", "--text-file", "t.txt", "--no-dense",
+                      "--work-dir", str(tmp_path), "--dry-run"])
+
+
 def test_gpu_session_parses_and_refuses_unknown_stages():
     script = BENCHMARKS / "gpu_session.sh"
     assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0

@@ -66,7 +66,7 @@ def test_compensation_brings_the_compressed_stream_closer_to_the_dense_one():
     model = tiny_model("llama").eval()
     ids = torch.randint(3, 128, (16, 24), generator=GEN)
     plan, spectra, _ = analyze(model, UniformConfig(keep=0.3), calib_ids=ids, progress=False)
-    refitted = compensated_factors(model, plan, ids, batch_size=4, progress=False)
+    refitted = compensated_factors(model, plan, ids, batch_size=4, progress=False).factors
     dense = _final_hidden(model, ids)
     plain = apply_plan(copy.deepcopy(model), plan, lambda name, rank: spectra[name].factors(rank))
     compensated = apply_plan(copy.deepcopy(model), plan, lambda name, rank: refitted[name])
@@ -81,7 +81,7 @@ def test_the_first_group_of_block_zero_is_plain_whitened_svd():
     model = tiny_model("llama").eval()
     ids = torch.randint(3, 128, (8, 24), generator=GEN)
     plan, spectra, _ = analyze(model, UniformConfig(keep=0.5), calib_ids=ids, progress=False)
-    refitted = compensated_factors(model, plan, ids, ridge=1e-9, progress=False)
+    refitted = compensated_factors(model, plan, ids, ridge=1e-9, progress=False).factors
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"):
         U, V = refitted[name]
         Us, Vs = spectra[name].factors(plan[name].rank)
@@ -109,7 +109,7 @@ def test_a_plan_refitted_sequentially_needs_no_whitened_svd():
     model = tiny_model("llama").eval()
     ids = torch.randint(3, 128, (8, 24), generator=GEN)
     plan = uniform_plan(target_shapes(model), 0.5)
-    reference = compensated_factors(model, plan, ids, progress=False)
+    reference = compensated_factors(model, plan, ids, progress=False).factors
     result = compress(model, UniformConfig(keep=0.5, sequential=True), plan=plan, calib_ids=ids, progress=False)
     assert set(result.seconds) == {"compensation"}
     for name, module in model.named_modules():

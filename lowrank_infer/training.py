@@ -1,0 +1,95 @@
+"""Adam on a few tensors, stopped early on a held-out loss, the best values kept.
+
+Shared by healing (the whole model's factors against the dense distributions) and block
+refinement (one block's factors against the dense block's outputs): both must never leave the
+model worse than they found it, so the starting values are scored first and win ties.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+__all__ = ["EarlyStopped", "train_early_stopped"]
+
+
+@dataclass(frozen=True)
+class EarlyStopped:
+    """``held_before``/``held_after``: the held-out loss of the starting values and of those kept;
+    ``best_step`` 0 = the starting values were kept (unchanged)."""
+
+    steps_run: int
+    best_step: int
+    held_before: float
+    held_after: float
+
+
+def train_early_stopped(
+    params: Sequence[torch.nn.Parameter],
+    train_loss: Callable[[int], torch.Tensor],
+    held_loss: Callable[[], float],
+    *,
+    steps: int,
+    lr: float,
+    eval_every: int,
+    patience: int,
+    what: str,
+    progress: bool = False,
+) -> EarlyStopped:
+    """Minimize ``train_loss(step)`` (step counts from 1) over ``params`` with Adam, scoring
+    ``held_loss()`` before training and every ``eval_every`` steps; stops after ``patience``
+    scores without improvement and leaves ``params`` at the best-scoring values.
+
+    Raises:
+        ValueError: a loss is not finite; ``params`` are then back at their starting values.
+    """
+    original = [p.detach().clone() for p in params]
+    try:
+        return _train(params, original, train_loss, held_loss, steps, lr, eval_every, patience, what, progress)
+    except ValueError:
+        _restore(params, original)
+        raise
+
+
+def _train(params, original, train_loss, held_loss, steps, lr, eval_every, patience, what, progress) -> EarlyStopped:
+    optimizer = torch.optim.Adam(params, lr=lr)
+    best = before = _checked(held_loss(), "held-out loss before training", what)
+    best_step, best_values, waited, step = 0, original, 0, 0
+    bar = tqdm(total=steps, desc=what, disable=not progress, leave=False)
+    for step in range(1, steps + 1):
+        loss = train_loss(step)
+        _checked(loss.item(), f"training loss at step {step}", what)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.update()
+        if step % eval_every and step != steps:
+            continue
+        current = _checked(held_loss(), f"held-out loss at step {step}", what)
+        bar.set_postfix(held=f"{current:.4g}", best=f"{best:.4g}")
+        if current < best:
+            best, best_step, waited = current, step, 0
+            best_values = [p.detach().clone() for p in params]
+        else:
+            waited += 1
+            if waited >= patience:
+                break
+    bar.close()
+    _restore(params, best_values)
+    return EarlyStopped(steps_run=step, best_step=best_step, held_before=before, held_after=best)
+
+
+def _restore(params, values) -> None:
+    with torch.no_grad():
+        for p, value in zip(params, values):
+            p.copy_(value)
+
+
+def _checked(value: float, where: str, what: str) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"{what}: {where} is {value}; the factors were restored (try a smaller lr)")
+    return value
