@@ -35,9 +35,8 @@ HERE = Path(__file__).resolve().parent
 CLI = ["lowrank-infer"]
 
 
-# Method-name suffixes after the allocator, each a pipeline stage added ("ara-refine-heal"):
-# refinement runs on top of sequential compensation, so "refine" brings it.
-VARIANTS = {"plain": ["--no-whiten"], "seq": ["--sequential"], "refine": ["--sequential", "--refine-steps", "32"],
+# Method-name suffixes after the allocator, each a pipeline stage added ("ara-refine-heal").
+VARIANTS = {"plain": ["--no-whiten"], "seq": ["--sequential"], "refine": ["--refine-steps", "32"],
             "heal": ["--heal-steps", "100"]}
 
 
@@ -59,7 +58,7 @@ def compress_command(args, method: str, keep: float, out: Path) -> list[str]:
     plan = plan_file(args, method, keep)
     command += ["--plan", str(plan)] if plan else ["--method", allocator]
     for variant in variants:
-        command += [flag for flag in VARIANTS[variant] if flag != "--sequential" or flag not in command]
+        command += VARIANTS[variant]
     return command + (["--calib-file", args.calib_file] if args.calib_file else [])
 
 
