@@ -254,7 +254,7 @@ def _calibration_ids(args, tokenizer, config, plan=None, model=None, device="cpu
             raise ValueError("--calib-file generated samples text from the whole model, which --weights-on-disk never holds")
         with _on_device(model, device):
             return generated_ids(model, tokenizer, args.calib_samples, args.seq_len, seed=args.seed,
-                                 batch_size=args.batch_size)
+                                 batch_size=args.batch_size, progress=True)
     fit, _ = _calibration_tokens(args, tokenizer)
     if fit.numel() < args.calib_samples * args.seq_len:
         raise ValueError(f"--calib-file leaves {fit.numel():,} tokens once <unk> markers and the held-out "
@@ -272,7 +272,7 @@ def _select_ids(args, tokenizer, config, plan, model, device):
     if args.calib_file == GENERATED:
         with _on_device(model, device):
             return generated_ids(model, tokenizer, args.calib_samples, args.seq_len, seed=args.seed + 1,
-                                 batch_size=args.batch_size)
+                                 batch_size=args.batch_size, progress=True)
     _, held = _calibration_tokens(args, tokenizer)
     if held.numel() < args.seq_len:
         raise ValueError(f"{config.name} chooses on the held-out {HELD_OUT_FRACTION:.0%} of --calib-file "

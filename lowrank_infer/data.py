@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 __all__ = ["DATASETS", "GENERATED", "HELD_OUT_FRACTION", "generated_ids", "PYDOC_MODULES", "calibration_ids", "clean_calibration_text", "load_text",
            "python_docstrings", "shared_data_file", "split_held_out", "tokenize_text"]
@@ -142,7 +143,7 @@ GENERATED = "generated"
 
 @torch.no_grad()
 def generated_ids(model, tokenizer, samples: int, seq_len: int, *, seed: int = 0, batch_size: int = 8,
-                  top_p: float = 0.95) -> torch.Tensor:
+                  top_p: float = 0.95, progress: bool = False) -> torch.Tensor:
     """``[samples, seq_len]`` windows the model samples itself, from its BOS token (nucleus sampling).
 
     A user without calibration text can still calibrate on what the model itself finds likely,
@@ -156,7 +157,8 @@ def generated_ids(model, tokenizer, samples: int, seq_len: int, *, seed: int = 0
         raise ValueError("generated calibration starts from the tokenizer's BOS (or EOS) token, and it has neither")
     device = next(model.parameters()).device
     windows = []
-    for index, first in enumerate(range(0, samples, batch_size)):
+    batches = range(0, samples, batch_size)
+    for index, first in enumerate(tqdm(batches, desc="generating calibration", unit="batch", disable=not progress)):
         rows = min(batch_size, samples - first)
         prompt = torch.full((rows, 1), start, dtype=torch.long, device=device)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

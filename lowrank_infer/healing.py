@@ -13,17 +13,16 @@ factors are left exactly as they were.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from lowrank_infer.module import LowRankLinear
-from lowrank_infer.training import train_early_stopped
+from lowrank_infer.training import Schedule, train_early_stopped
 
 __all__ = ["HealConfig", "HealReport", "TeacherTargets", "heal", "teacher_targets"]
 
@@ -47,30 +46,11 @@ class TeacherTargets:
 
 
 @dataclass(frozen=True)
-class HealConfig:
-    """Settings of :func:`heal`.
+class HealConfig(Schedule):
+    """Settings of :func:`heal` (see :class:`~lowrank_infer.training.Schedule`): 10 steps between
+    held-out scores, 3 scores of patience."""
 
-    Attributes:
-        steps: most optimizer steps (each on ``batch_size`` windows, cycling through them).
-        lr: Adam's learning rate on the factors.
-        batch_size: windows per step.
-        eval_every: steps between held-out evaluations.
-        patience: held-out evaluations without improvement before stopping.
-    """
-
-    steps: int
-    lr: float = 1e-4
-    batch_size: int = 2
-    eval_every: int = 10
-    patience: int = 3
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_every", "patience"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"heal {name} must be an integer >= 1, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"heal lr must be a positive number, got {self.lr!r}")
+    what: ClassVar[str] = "heal"
 
 
 @dataclass(frozen=True)

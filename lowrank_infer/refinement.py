@@ -12,45 +12,29 @@ closed-form ones included, so a block never leaves refinement worse on them.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import ClassVar, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lowrank_infer.calibration import run_block
-from lowrank_infer.training import EarlyStopped, train_early_stopped
+from lowrank_infer.training import EarlyStopped, Schedule, train_early_stopped
 
 __all__ = ["BlockBatches", "Factored", "RefineConfig", "refine_block"]
 
 
 @dataclass(frozen=True)
-class RefineConfig:
-    """Settings of :func:`refine_block` (per block).
+class RefineConfig(Schedule):
+    """Settings of :func:`refine_block`, per block (see :class:`~lowrank_infer.training.Schedule`):
+    each step takes one calibration batch of ``batch_size`` windows (the batch of the whole
+    block-by-block run); 4 steps between held-out scores, 2 scores of patience."""
 
-    Attributes:
-        steps: most Adam steps, one calibration batch each (cycling through them).
-        lr: Adam's learning rate on the factors.
-        batch_size: windows per batch (per step, and per forward pass of the whole block-by-block run).
-        eval_every: steps between held-out scores.
-        patience: held-out scores without improvement before the block stops.
-    """
-
-    steps: int
-    lr: float = 1e-4
-    batch_size: int = 2
     eval_every: int = 4
     patience: int = 2
 
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_every", "patience"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"refine {name} must be an integer >= 1, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"refine lr must be a positive number, got {self.lr!r}")
+    what: ClassVar[str] = "refine"
 
 
 class Factored(nn.Module):

@@ -9,12 +9,41 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["EarlyStopped", "train_early_stopped"]
+__all__ = ["EarlyStopped", "Schedule", "train_early_stopped"]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long and how fast to train, and when to stop.
+
+    Attributes:
+        steps: most optimizer steps (each on ``batch_size`` windows, cycling through them).
+        lr: Adam's learning rate.
+        batch_size: windows per step.
+        eval_every: steps between held-out scores.
+        patience: held-out scores without improvement before stopping.
+    """
+
+    steps: int
+    lr: float = 1e-4
+    batch_size: int = 2
+    eval_every: int = 10
+    patience: int = 3
+
+    what: ClassVar[str] = "training"  # names the settings in error messages
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_every", "patience"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{self.what} {name} must be an integer >= 1, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"{self.what} lr must be a positive number, got {self.lr!r}")
 
 
 @dataclass(frozen=True)
