@@ -128,7 +128,8 @@ def _refit_block(block, calls, dense_hidden, comp_hidden, planned, plan, ridge, 
     """Refit every planned layer of one block, group by group, on the first ``fit_batches``
     batches (or start from ``initial``'s factors), then refine the block (when ``refine``)
     stopping on the rest; returns the factors, the refinement's report and both streams' outputs."""
-    dense_out, dense_in = _dense_inputs(block, calls, dense_hidden, planned)
+    # Starting from given factors, no closed form needs the dense layers' inputs.
+    dense_out, dense_in = _dense_inputs(block, calls, dense_hidden, {} if initial is not None else planned)
     pending, factored, swapped, report = dict(planned), {}, {}, None
     try:
         if initial is not None:
