@@ -487,6 +487,9 @@ def _quiet_unless(main: bool) -> None:
 
 
 def cmd_plan(args) -> int:
+    if args.sequential or args.refine_steps:
+        raise ValueError("--sequential and --refine-steps change the factors, not the ranks: pass them to "
+                         "'compress --plan' with the plan this writes")
     _check_out_file(args.out, args.overwrite)
     _check_seq_len(args)
     _check_resume(args)

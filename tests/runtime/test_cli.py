@@ -115,7 +115,25 @@ def test_heal_steps_train_the_factors_and_report(tiny_model_dir, tiny_text, tmp_
     assert "healing: " in printed and "held-out KL" in printed
 
 
+def test_refine_and_heal_steps_are_recorded_in_the_checkpoint(tiny_model_dir, tiny_text, tmp_path, capsys):
+    out = tmp_path / "ck"
+    code = main(list(map(str, _compress_args(tiny_model_dir, tiny_text, out, "--keep", 0.5, "--refine-steps", 2,
+                                             "--heal-steps", 2, "--heal-seq-len", 32))))
+    assert code == 0
+    assert "refinement: " in capsys.readouterr().out
+    params = RankPlan.load(out / "rank_plan.json").params
+    assert params["refine"]["steps"] == 2 and len(params["refine"]["held_error_after"]) == 2
+    assert params["heal"]["steps"] == 2 and params["heal"]["held_kl_after"] <= params["heal"]["held_kl_before"]
+
+
+def test_plan_refuses_the_stages_that_change_factors_only(cli, tiny_model_dir, tiny_text, tmp_path):
+    for flag in (("--sequential",), ("--refine-steps", 4)):
+        _one_line_error(*cli("plan", "--model", tiny_model_dir, "--calib-file", tiny_text, "--out",
+                             tmp_path / "p.json", *flag), "change the factors, not the ranks")
+
+
 @pytest.mark.parametrize("extra, words", [
+    (("--refine-steps", -1), "refine_steps must be an integer >= 0"),
     (("--heal-steps", -1), "--heal-steps must be >= 0"),
     (("--heal-steps", 2, "--weights-on-disk"), "--heal-steps trains the whole model"),
     (("--heal-steps", 2, "--heal-seq-len", 4000), "fewer than 8 windows of --heal-seq-len 4000"),
