@@ -144,9 +144,8 @@ def heal(model: nn.Module, train: TeacherTargets, held: TeacherTargets, config: 
             first = ((step - 1) * config.batch_size) % windows
             return _kl(model, train.batch(slice(first, first + config.batch_size)), device)
 
-        result = train_early_stopped(
-            factors, train_loss, lambda: _held_loss(model, held, device, config.batch_size), steps=config.steps,
-            lr=config.lr, eval_every=config.eval_every, patience=config.patience, what="heal", progress=progress)
+        result = train_early_stopped(factors, train_loss, lambda: _held_loss(model, held, device, config.batch_size),
+                                     config, progress=progress)
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)

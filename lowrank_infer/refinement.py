@@ -106,9 +106,7 @@ def refine_block(
         for p in block.parameters():
             p.requires_grad_(id(p) in trained)
         with torch.enable_grad():
-            return train_early_stopped(params, train_loss, lambda: _held_error(block, held), steps=config.steps,
-                                       lr=config.lr, eval_every=config.eval_every, patience=config.patience,
-                                       what="refine")
+            return train_early_stopped(params, train_loss, lambda: _held_error(block, held), config)
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)

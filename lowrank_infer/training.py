@@ -61,31 +61,28 @@ def train_early_stopped(
     params: Sequence[torch.nn.Parameter],
     train_loss: Callable[[int], torch.Tensor],
     held_loss: Callable[[], float],
+    schedule: Schedule,
     *,
-    steps: int,
-    lr: float,
-    eval_every: int,
-    patience: int,
-    what: str,
     progress: bool = False,
 ) -> EarlyStopped:
     """Minimize ``train_loss(step)`` (step counts from 1) over ``params`` with Adam, scoring
-    ``held_loss()`` before training and every ``eval_every`` steps; stops after ``patience``
-    scores without improvement and leaves ``params`` at the best-scoring values.
+    ``held_loss()`` before training and every ``schedule.eval_every`` steps; stops after
+    ``schedule.patience`` scores without improvement and leaves ``params`` at the best-scoring values.
 
     Raises:
         ValueError: a loss is not finite; ``params`` are then back at their starting values.
     """
     original = [p.detach().clone() for p in params]
     try:
-        return _train(params, original, train_loss, held_loss, steps, lr, eval_every, patience, what, progress)
+        return _train(params, original, train_loss, held_loss, schedule, progress)
     except ValueError:
         _restore(params, original)
         raise
 
 
-def _train(params, original, train_loss, held_loss, steps, lr, eval_every, patience, what, progress) -> EarlyStopped:
-    optimizer = torch.optim.Adam(params, lr=lr)
+def _train(params, original, train_loss, held_loss, schedule: Schedule, progress) -> EarlyStopped:
+    steps, what = schedule.steps, schedule.what
+    optimizer = torch.optim.Adam(params, lr=schedule.lr)
     best = before = _checked(held_loss(), "held-out loss before training", what)
     best_step, best_values, waited, step = 0, original, 0, 0
     bar = tqdm(total=steps, desc=what, disable=not progress, leave=False)
@@ -96,7 +93,7 @@ def _train(params, original, train_loss, held_loss, steps, lr, eval_every, patie
         loss.backward()
         optimizer.step()
         bar.update()
-        if step % eval_every and step != steps:
+        if step % schedule.eval_every and step != steps:
             continue
         current = _checked(held_loss(), f"held-out loss at step {step}", what)
         bar.set_postfix(held=f"{current:.4g}", best=f"{best:.4g}")
@@ -105,7 +102,7 @@ def _train(params, original, train_loss, held_loss, steps, lr, eval_every, patie
             best_values = [p.detach().clone() for p in params]
         else:
             waited += 1
-            if waited >= patience:
+            if waited >= schedule.patience:
                 break
     bar.close()
     _restore(params, best_values)
