@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh machine:
-#   make demo   compress the packaged SmolLM2-135M at keep 0.8 and report perplexity before/after
+#   make demo   compress the packaged SmolLM2-135M at keep 0.8 (ARA ranks, block refinement) and
+#               report perplexity before/after
 #   make test   run the test suite
 # Both create ./.venv on first use (CPU torch unless TORCH_SPEC says otherwise).
 #   make test-vllm  the vLLM plugin's tests, in ./.venv-vllm (vLLM pins its own torch and
@@ -10,7 +11,8 @@ VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 DATA       ?= $(abspath ../shared/data)
 KEEP       ?= 0.8
-METHOD     ?= uniform
+METHOD     ?= ara
+REFINE     ?= 32
 WINDOWS    ?= 10
 
 BIN := $(VENV)/bin
@@ -34,7 +36,7 @@ install: $(BIN)/lowrank-infer
 demo: install
 	$(BIN)/lowrank-infer compress --model smollm2-135m --keep $(KEEP) --method $(METHOD) \
 	    --calib-file $(DATA)/wikitext2/valid.tokens.txt --calib-samples 32 --seq-len 512 \
-	    --eval-file $(DATA)/wikitext2/test.raw.txt --eval-windows $(WINDOWS) \
+	    --refine-steps $(REFINE) --eval-file $(DATA)/wikitext2/test.raw.txt --eval-windows $(WINDOWS) \
 	    --out runs/smollm2-135m-$(METHOD)-keep$(KEEP) --overwrite
 
 test: install

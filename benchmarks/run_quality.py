@@ -36,8 +36,10 @@ CLI = ["lowrank-infer"]
 
 
 # Method-name suffixes after the allocator, each a pipeline stage added ("ara-refine-heal").
-VARIANTS = {"plain": ["--no-whiten"], "seq": ["--sequential"], "refine": ["--refine-steps", "32"],
-            "heal": ["--heal-steps", "100"]}
+VARIANTS = {"plain": ["--no-whiten"], "shrink": ["--shrinkage", "0.1"], "seq": ["--sequential"],
+            "refine": ["--refine-steps", "32"], "heal": ["--heal-steps", "100"],
+            # After refinement the default learning rate overshoots from the first step.
+            "healslow": ["--heal-steps", "100", "--heal-lr", "3e-5"]}
 
 
 def plan_file(args, method: str, keep: float) -> Path | None:

@@ -110,6 +110,9 @@ def _job(model, config, plan, calib_ids, batch_size, device, work_dir, resume, *
     if needs_calibration(config, plan) and calib_ids is None:
         raise ValueError(f"{config.name} with whiten={config.whiten}, sequential={config.sequential} "
                          "needs calibration data (calib_ids)")
+    if plan is not None and config.sequential and config.shrinkage:
+        raise ValueError("shrinkage shapes the whitened SVD, which a plan refitted sequentially never uses "
+                         "(the refit's own pull toward the dense weight is ridge)")
     if resume and work_dir is None:
         raise ValueError("resume needs the work directory of the run to continue (work_dir)")
     if offload.holds(model) and plan is None and config.needs_model_forward:
@@ -185,12 +188,14 @@ def _analyze(job: _Job) -> tuple[RankPlan, dict[str, Spectrum], dict[str, float]
                                                      ranks=ranks)
     seconds: dict[str, float] = {}
     spectra = stream_spectra(job.model, linears, caps, calib_ids=job.calib_ids, whiten=config.whiten,
-                              batch_size=job.batch_size, device=job.device, work=work, ranks=ranks,
+                              shrinkage=config.shrinkage, batch_size=job.batch_size, device=job.device, work=work, ranks=ranks,
                               seconds=seconds, progress=job.progress)
     if plan is None:
         start = time.perf_counter()
         plan = _allocate(job, spectra, linears)
         seconds["allocation"] = time.perf_counter() - start
+    if config.shrinkage:  # a new plan object: a plan the caller passed in stays as it was
+        plan = dataclasses.replace(plan, params={**plan.params, "shrinkage": config.shrinkage})
     return plan, spectra, seconds
 
 

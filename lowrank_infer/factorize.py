@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Spectrum", "cholesky_damped", "plain_svd", "whitened_svd"]
+__all__ = ["Spectrum", "cholesky_damped", "plain_svd", "shrink_gram", "whitened_svd"]
 
 
 @dataclass
@@ -91,6 +91,22 @@ def cholesky_damped(gram: torch.Tensor, damping: float = 0.0, max_tries: int = 1
     raise ValueError(f"XᵀX is not positive definite even with relative damping {lam / 10:g}")
 
 
+def shrink_gram(gram: torch.Tensor, strength: float) -> torch.Tensor:
+    """``(1 − s)·XᵀX + s·median(diag)·I``: the Gram pulled toward a scaled identity.
+
+    A whitening fitted on a few calibration windows trusts their small eigenvalues fully, and
+    so protects only the directions that text excites; text of another kind pays for it.
+    Shrinkage bounds that trust. The median sets the identity's scale because the mean is
+    dominated by the few massive-activation features some models have (SmolLM2 among them).
+    """
+    if not (0.0 <= strength < 1.0):
+        raise ValueError(f"shrinkage must be in [0, 1), got {strength!r}")
+    if strength == 0.0:
+        return gram
+    target = float(gram.diagonal().median()) * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return (1.0 - strength) * gram + strength * target
+
+
 def _check_weight(weight: torch.Tensor, name: str) -> torch.Tensor:
     if weight.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D weight, got shape {tuple(weight.shape)}")
@@ -109,6 +125,7 @@ def whitened_svd(
     *,
     max_rank: int | None = None,
     damping: float = 0.0,
+    shrinkage: float = 0.0,
     name: str = "weight",
 ) -> Spectrum:
     """SVD-LLM's truncation-aware whitening: ``S = chol(XᵀX)``, ``W·S = UΣVᵀ``.
@@ -121,13 +138,14 @@ def whitened_svd(
         gram: ``[n, n]`` sum of ``x xᵀ`` over calibration inputs (any float dtype; used in float64).
         max_rank: keep factors up to this rank (default: all).
         damping: initial relative damping of ``gram`` (raised automatically when needed).
+        shrinkage: pull ``gram`` toward a scaled identity first (:func:`shrink_gram`; 0 = none).
         name: layer name for error messages.
     """
     W = _check_weight(weight, name)
     if gram.shape != (W.shape[1], W.shape[1]):
         raise ValueError(f"{name}: XᵀX is {tuple(gram.shape)}, expected {(W.shape[1], W.shape[1])}")
     try:
-        L, _ = cholesky_damped(gram.to(W.device), damping)
+        L, _ = cholesky_damped(shrink_gram(gram.to(W.device, torch.float64), shrinkage), damping)
     except ValueError as err:
         raise ValueError(f"{name}: {err}") from None
     U, sigma, Vh = torch.linalg.svd(W @ L, full_matrices=False)

@@ -23,22 +23,22 @@ from lowrank_infer.structure import decoder_blocks
 __all__ = ["spectra_everywhere", "stream_spectra"]
 
 
-def _factorize(linear: nn.Linear, gram: torch.Tensor | None, cap: int, device, name: str) -> Spectrum:
-    """Whitened (``gram`` given) or plain SVD of one linear, factors kept up to ``cap``."""
+def _factorize(linear: nn.Linear, gram: torch.Tensor | None, cap: int, device, name: str, shrinkage: float) -> Spectrum:
+    """Whitened (``gram`` given, shrunk by ``shrinkage``) or plain SVD of one linear, factors kept up to ``cap``."""
     weight = linear.weight.to(device) if device is not None else linear.weight
     if gram is None:
         return plain_svd(weight, max_rank=cap, name=name)
-    return whitened_svd(weight, gram.to(weight.device), max_rank=cap, name=name)
+    return whitened_svd(weight, gram.to(weight.device), max_rank=cap, shrinkage=shrinkage, name=name)
 
 
-def _block_spectra(linears: Mapping[str, nn.Linear], grams, caps, device, ranks: Ranks) -> dict[str, Spectrum]:
+def _block_spectra(linears: Mapping[str, nn.Linear], grams, caps, device, ranks: Ranks, shrinkage: float) -> dict[str, Spectrum]:
     """Spectra of one block's linears: each factorized by its owner rank, then sent to all."""
     found = {}
     for j, (name, linear) in enumerate(linears.items()):
         owner = ranks.owner(j)
         gram = None if grams is None else grams[name]
         if ranks.rank == owner:
-            spectrum = _factorize(linear, gram, caps[name], device, name)
+            spectrum = _factorize(linear, gram, caps[name], device, name, shrinkage)
         else:
             spectrum = Spectrum.empty(linear.out_features, linear.in_features, caps[name], whitened=gram is not None)
         found[name] = _broadcast_spectrum(spectrum, owner, ranks)
@@ -53,11 +53,13 @@ def _broadcast_spectrum(spectrum: Spectrum, src: int, ranks: Ranks) -> Spectrum:
 
 
 @torch.no_grad()
-def stream_spectra(model, linears, caps, *, calib_ids, whiten, batch_size, device, work, ranks, seconds, progress):
+def stream_spectra(model, linears, caps, *, calib_ids, whiten, batch_size, device, work, ranks, seconds, progress,
+                   shrinkage=0.0):
     """Every linear's spectrum, one decoder block at a time: calibrate the block (each rank on
     its share of the windows, statistics summed), factorize its linears, drop its statistics.
     With a work directory each finished block goes to disk (and finished blocks are skipped);
-    else rank 0 keeps the spectra in memory."""
+    else rank 0 keeps the spectra in memory. ``shrinkage`` pulls each Gram toward a scaled
+    identity before whitening (:func:`~lowrank_infer.factorize.shrink_gram`)."""
     prefix, blocks = decoder_blocks(model)
     start = work.blocks_done if work is not None else 0
     # Blocks after the last one that holds a target linear need not run.
@@ -68,7 +70,7 @@ def stream_spectra(model, linears, caps, *, calib_ids, whiten, batch_size, devic
 
     def finish(i, grams, hidden=None):
         began = time.perf_counter()
-        found = _block_spectra(block_linears(linears, prefix, i), grams, caps, device, ranks)
+        found = _block_spectra(block_linears(linears, prefix, i), grams, caps, device, ranks, shrinkage)
         seconds["factorization"] = seconds.get("factorization", 0.0) + time.perf_counter() - began
         if work is not None:
             if hidden is not None and i < last:

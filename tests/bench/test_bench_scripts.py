@@ -70,11 +70,11 @@ def test_quality_suite_applies_plans_and_plain_svd(tmp_path, capsys):
 
 def test_quality_suite_stacks_variants_and_refuses_unknown_ones(tmp_path, capsys):
     quality = _script("run_quality")
-    quality.main(["--methods", "drank-seq-refine-heal", "--keeps", "0.8", "--text-file", "t.txt", "--no-dense",
+    quality.main(["--methods", "drank-shrink-seq-refine-heal", "--keeps", "0.8", "--text-file", "t.txt", "--no-dense",
                   "--work-dir", str(tmp_path), "--dry-run"])
     command = [line for line in capsys.readouterr().out.splitlines() if line.startswith("+ ")][0]
-    assert command.endswith("--method drank --sequential --refine-steps 32 --heal-steps 100")
-    with pytest.raises(SystemExit, match="unknown variant 'fast' in 'ara-fast'; known: plain, seq, refine, heal"):
+    assert command.endswith("--method drank --shrinkage 0.1 --sequential --refine-steps 32 --heal-steps 100")
+    with pytest.raises(SystemExit, match="unknown variant 'fast' in 'ara-fast'; known: plain, shrink, seq, refine, heal, healslow"):
         quality.main(["--methods", "ara-fast", "--keeps", "0.8", "--text-file", "t.txt", "--no-dense",
                       "--work-dir", str(tmp_path), "--dry-run"])
 

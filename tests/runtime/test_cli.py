@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lowrank_infer.allocation import RankPlan, uniform_plan
 from lowrank_infer.cli import main
@@ -124,6 +125,26 @@ def test_refine_and_heal_steps_are_recorded_in_the_checkpoint(tiny_model_dir, ti
     params = RankPlan.load(out / "rank_plan.json").params
     assert params["refine"]["steps"] == 2 and len(params["refine"]["held_error_after"]) == 2
     assert params["heal"]["steps"] == 2 and params["heal"]["held_kl_after"] <= params["heal"]["held_kl_before"]
+
+
+def test_shrinkage_changes_the_factors_and_is_recorded(tiny_model_dir, tiny_text, tmp_path):
+    plain, shrunk = tmp_path / "plain", tmp_path / "shrunk"
+    assert main(list(map(str, _compress_args(tiny_model_dir, tiny_text, plain, "--keep", 0.5)))) == 0
+    assert main(list(map(str, _compress_args(tiny_model_dir, tiny_text, shrunk, "--keep", 0.5,
+                                             "--shrinkage", 0.2)))) == 0
+    assert RankPlan.load(shrunk / "rank_plan.json").params["shrinkage"] == 0.2
+    assert "shrinkage" not in RankPlan.load(plain / "rank_plan.json").params
+    a, b = (load_file(str(d / "model.safetensors")) for d in (plain, shrunk))
+    factors = [k for k in a if k.endswith(".V")]
+    assert factors and any(not torch.allclose(a[k], b[k]) for k in factors if a[k].shape == b[k].shape)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (("--shrinkage", 1.0), "shrinkage must be a number in [0, 1)"),
+    (("--shrinkage", 0.1, "--no-whiten"), "shrinkage applies to whitening"),
+])
+def test_bad_shrinkage(cli, tiny_model_dir, tiny_text, tmp_path, extra, words):
+    _one_line_error(*cli(*_compress_args(tiny_model_dir, tiny_text, tmp_path / "ck", *extra)), words)
 
 
 def test_plan_refuses_the_stages_that_change_factors_only(cli, tiny_model_dir, tiny_text, tmp_path):

@@ -129,3 +129,20 @@ def test_a_plan_passed_in_is_not_changed_by_sequential_refitting():
     result = compress(model, UniformConfig(keep=0.5, sequential=True), plan=plan, calib_ids=ids, progress=False)
     assert plan.to_dict() == before and result.plan.params["sequential"] is True
     assert result.plan.ranks == plan.ranks
+
+
+def test_shrinkage_with_a_plan_refitted_sequentially_is_refused():
+    """The refit never reads the whitened SVD that shrinkage shapes: refused, not silently ignored."""
+    from lowrank_infer.allocation import uniform_plan
+    from lowrank_infer.structure import target_shapes
+
+    model = tiny_model("llama").eval()
+    plan = uniform_plan(target_shapes(model), 0.5)
+    ids = torch.randint(3, 128, (4, 16), generator=GEN)
+    with pytest.raises(ValueError, match="shrinkage shapes the whitened SVD"):
+        compress(model, UniformConfig(keep=0.5, sequential=True, shrinkage=0.1), plan=plan, calib_ids=ids,
+                 progress=False)
+    # Without a plan the allocator reads the shrunk spectra; analyze records the strength.
+    analyzed = analyze(tiny_model("llama").eval(), UniformConfig(keep=0.5, shrinkage=0.1), calib_ids=ids,
+                       progress=False)
+    assert analyzed[0].params["shrinkage"] == 0.1

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lowrank_infer.factorize import cholesky_damped, plain_svd, whitened_svd
+from lowrank_infer.factorize import cholesky_damped, plain_svd, shrink_gram, whitened_svd
 
 
 def _correlated_inputs(tokens=2000, n=48, seed=0):
@@ -63,3 +63,32 @@ def test_bad_inputs_are_named():
         whitened_svd(torch.randn(3, 4), torch.zeros(4, 4), name="x")
     with pytest.raises(ValueError, match="expected"):
         whitened_svd(torch.randn(3, 4), torch.eye(5), name="x")
+
+
+def test_shrinkage_whitens_with_the_shrunk_gram():
+    """Against a float64 reference built here: SVD of W·chol((1 − s)G + s·median(diag G)·I)."""
+    X = _correlated_inputs()
+    W = torch.randn(24, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    gram, s = X.T @ X, 0.3
+    shrunk = (1 - s) * gram + s * torch.median(torch.diagonal(gram)) * torch.eye(48, dtype=torch.float64)
+    want = torch.linalg.svdvals(W @ torch.linalg.cholesky(shrunk))
+    got = whitened_svd(W, gram, shrinkage=s)
+    torch.testing.assert_close(got.sigma, want, rtol=1e-9, atol=0)
+    # The factors are the optimal rank-k fit in the shrunk metric: their error there is the tail.
+    U, V = got.factors(8)
+    D = W - U.double() @ V.double().T
+    torch.testing.assert_close(torch.trace(D @ shrunk @ D.T).sqrt(), want[8:].square().sum().sqrt(), rtol=1e-4, atol=0)
+    assert torch.equal(whitened_svd(W, gram, shrinkage=0.0).sigma, whitened_svd(W, gram).sigma)
+
+
+def test_shrinkage_uses_the_median_not_a_massive_feature():
+    gram = torch.diag(torch.tensor([1.0, 2.0, 3.0, 1e6], dtype=torch.float64))
+    torch.testing.assert_close(shrink_gram(gram, 0.5).diagonal(),
+                               torch.tensor([1.5, 2.0, 2.5, 5e5 + 1.0], dtype=torch.float64))  # lower median 2
+    assert shrink_gram(gram, 0.0) is gram
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 2.0])
+def test_shrinkage_outside_its_range_is_named(bad):
+    with pytest.raises(ValueError, match=r"down: shrinkage must be in \[0, 1\)"):
+        whitened_svd(torch.randn(4, 4), torch.eye(4), shrinkage=bad, name="down")
