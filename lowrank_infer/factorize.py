@@ -103,8 +103,9 @@ def shrink_gram(gram: torch.Tensor, strength: float) -> torch.Tensor:
         raise ValueError(f"shrinkage must be in [0, 1), got {strength!r}")
     if strength == 0.0:
         return gram
-    target = float(gram.diagonal().median()) * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    return (1.0 - strength) * gram + strength * target
+    shrunk = gram * (1.0 - strength)  # one n×n copy: no identity matrix is formed
+    shrunk.diagonal().add_(strength * float(gram.diagonal().median()))
+    return shrunk
 
 
 def _check_weight(weight: torch.Tensor, name: str) -> torch.Tensor:
