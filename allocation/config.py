@@ -72,6 +72,8 @@ class MethodConfig:
             this fraction, in [0, 1) (0 = the calibration statistics as they are): less trust
             in the directions the calibration text leaves quiet. Whether other text gains depends
             on the ranks (on SmolLM2 it helped ARA's factors and hurt uniform ranks'; README).
+            ``"auto"``: each layer's strength chosen by two-fold cross-validation over the
+            calibration windows, at the rank a uniform plan (or the applied plan) gives it.
         include: regexes; when given, only target linears matching one of them are compressed.
         exclude: regexes; target linears matching any of them stay as they are.
         sequential: once the plan is made, refit each layer's factors block by block on the
@@ -89,7 +91,7 @@ class MethodConfig:
     keep: float = 0.8
     multiple_of: int = 1
     whiten: bool = True
-    shrinkage: float = 0.0
+    shrinkage: float | str = 0.0
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     sequential: bool = False
@@ -109,11 +111,12 @@ class MethodConfig:
         for key in ("whiten", "sequential"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{key} must be True or False, got {getattr(self, key)!r}")
-        if not (_is_number(self.shrinkage) and 0 <= self.shrinkage < 1):
-            raise ValueError(f"shrinkage must be a number in [0, 1), got {self.shrinkage!r}")
+        if self.shrinkage != "auto" and not (_is_number(self.shrinkage) and 0 <= self.shrinkage < 1):
+            raise ValueError(f"shrinkage must be a number in [0, 1) or 'auto', got {self.shrinkage!r}")
         if self.shrinkage and not self.whiten:
             raise ValueError("shrinkage applies to whitening; it means nothing with whiten=False")
-        object.__setattr__(self, "shrinkage", float(self.shrinkage))
+        if self.shrinkage != "auto":
+            object.__setattr__(self, "shrinkage", float(self.shrinkage))
         if not (_is_number(self.ridge) and self.ridge > 0):
             raise ValueError(f"ridge must be a positive number, got {self.ridge!r}")
         if not _is_int(self.refine_steps) or self.refine_steps < 0:

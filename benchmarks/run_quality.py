@@ -36,16 +36,22 @@ CLI = ["lowrank-infer"]
 
 
 # Method-name suffixes after the allocator, each a pipeline stage added ("ara-refine-heal").
-VARIANTS = {"plain": ["--no-whiten"], "shrink": ["--shrinkage", "0.1"], "seq": ["--sequential"],
+VARIANTS = {"plain": ["--no-whiten"], "shrink": ["--shrinkage", "0.1"], "shrinkauto": ["--shrinkage", "auto"],
+            "seq": ["--sequential"],
             "refine": ["--refine-steps", "32"], "heal": ["--heal-steps", "100"],
             # After refinement the default learning rate overshoots from the first step.
-            "healslow": ["--heal-steps", "100", "--heal-lr", "3e-5"]}
+            "healslow": ["--heal-steps", "100", "--heal-lr", "3e-5"],
+            # Half of every set of windows sampled by the model (generation runs 16 windows at a time).
+            "mix": ["--calib-generated", "0.5", "--batch-size", "16"]}
+# Stages that change what the allocator sees: the committed plans (made on text alone) do not apply.
+RANK_VARIANTS = {"mix"}
 
 
 def plan_file(args, method: str, keep: float) -> Path | None:
     """The committed plan of the method's allocator at ``keep`` under ``--plans``, if there is one
-    (``ara-seq`` applies the ``ara`` plan: the variant changes the factors, not the ranks)."""
-    if not args.plans:
+    (``ara-seq`` applies the ``ara`` plan: the variant changes the factors, not the ranks; ``ara-mix``
+    runs ARA again, on the windows the variant gives it)."""
+    if not args.plans or RANK_VARIANTS & set(method.split("-")[1:]):
         return None
     path = args.plans / f"{Path(args.model).stem}_{method.partition('-')[0]}_keep{keep}.json"
     return path if path.is_file() else None

@@ -71,19 +71,34 @@ def _record_block_calls(model: nn.Module, blocks: nn.ModuleList, batches, device
 
 
 class _GramCollector:
-    """Forward pre-hooks that add ``xᵀx`` (float64) of each linear's input into shared buffers."""
+    """Forward pre-hooks that add ``xᵀx`` (float64) of each linear's input into shared buffers;
+    with ``folds``, one ``[2, n, n]`` buffer: windows of even and of odd index apart."""
 
-    def __init__(self, linears: Mapping[str, nn.Linear], stat_device: torch.device):
+    def __init__(self, linears: Mapping[str, nn.Linear], stat_device: torch.device, folds: bool = False):
         self.linears = linears
         self.stat_device = stat_device
+        self.folds = folds
         self.grams: dict[str, torch.Tensor] = {}
         self.alias: dict[str, str] = {}  # linear name -> owner of the statistic it shares
         self._seen: dict[tuple, tuple[str, torch.Tensor]] = {}
+        self._windows = self._batch_windows = 0  # windows before this batch, and in it
 
     def start_batch(self) -> None:
         # Keeping the input tensors alive until the batch ends guarantees that an equal
         # (pointer, shape, stride) key means the same tensor, not a reused address.
         self._seen = {}
+        self._windows += self._batch_windows
+        self._batch_windows = 0
+
+    def _gram(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.folds:
+            flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+            return flat.T @ flat
+        windows = x.detach().reshape(-1, *x.shape[-2:]) if x.dim() > 2 else x.detach()[None]
+        self._batch_windows = windows.shape[0]
+        odd = (self._windows + torch.arange(windows.shape[0], device=x.device)) % 2 == 1
+        flats = [windows[odd == fold].reshape(-1, x.shape[-1]).to(torch.float64) for fold in (False, True)]
+        return torch.stack([flat.T @ flat for flat in flats])
 
     def hook_for(self, name: str):
         def hook(_module, args):
@@ -94,8 +109,7 @@ class _GramCollector:
                 self.alias[name] = owner[0]
                 return
             self._seen[key] = (name, x)
-            flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-            gram = (flat.T @ flat).to(self.stat_device)
+            gram = self._gram(x).to(self.stat_device)
             if name in self.grams:
                 self.grams[name] += gram
             else:
@@ -242,6 +256,7 @@ def block_grams(
     device,
     blocks=None,
     hidden: list[torch.Tensor] | None = None,
+    folds: bool = False,
 ) -> Iterator[tuple[int, dict[str, torch.Tensor], list[torch.Tensor]]]:
     """Block by block: ``(i, grams, outputs)``, block ``i``'s linears' ``XᵀX`` (float64, CPU;
     linears that read one tensor share one object) and its outputs, the next block's inputs.
@@ -254,6 +269,8 @@ def block_grams(
         blocks: the block indices to run, in order (default: all); each block's inputs are the
             previous one's outputs.
         hidden: the inputs of the first of ``blocks`` (default: block 0's, from the stream).
+        folds: each statistic ``[2, n, n]``: the windows of even and of odd index apart (their
+            sum is ``XᵀX``), for choices cross-validated between the halves.
 
     Raises:
         ValueError: a linear of a block that its forward pass never reached.
@@ -262,7 +279,7 @@ def block_grams(
     for i in range(len(stream.blocks)) if blocks is None else blocks:
         block = stream.blocks[i]
         wanted = block_linears(linears, stream.prefix, i)
-        collector = _GramCollector(wanted, torch.device("cpu"))
+        collector = _GramCollector(wanted, torch.device("cpu"), folds=folds)
         with block_on(block, device):
             with collector.hooked():
                 hidden = run_block(block, stream.calls[i], [h.to(device) for h in hidden],

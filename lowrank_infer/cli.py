@@ -16,8 +16,9 @@ import torch
 from lowrank_infer import offload
 from lowrank_infer.allocation import METHODS, MethodConfig, RankPlan
 from lowrank_infer.compress import analyze, compress, config_for, needs_calibration
+from lowrank_infer.calib_source import CalibSource
 from lowrank_infer.data import (
-    GENERATED, HELD_OUT_FRACTION, calibration_ids, generated_ids, clean_calibration_text, load_text, shared_data_file, split_held_out, tokenize_text,
+    GENERATED, HELD_OUT_FRACTION, generated_ids, clean_calibration_text, load_text, shared_data_file, split_held_out, tokenize_text,
 )
 from lowrank_infer.distributed import Ranks, process_group
 from lowrank_infer.evaluate import check_seq_len, perplexity
@@ -61,6 +62,12 @@ def _add_calibration_options(p: argparse.ArgumentParser) -> None:
         "'generated' (the model samples its own windows: no data needed); <unk> markers are dropped and "
         "the last 10%% held out; default: $LOWRANK_INFER_DATA/wikitext2/valid.tokens.txt when that exists",
     )
+    p.add_argument(
+        "--calib-generated", type=_fraction, default=0.0, metavar="F",
+        help="fraction of the calibration windows (and of the held-out ones) the model samples itself, the "
+        "rest cut from --calib-file; mixing pulls the statistics toward the model's own domain rather than "
+        "one corpus's (on SmolLM2 at keep 0.8, 0.5 cut perplexity on other text 3-7x and left WikiText-2 "
+        "no worse: README). Costs generation time. Default 0; --calib-file generated = 1")
     p.add_argument("--calib-samples", type=_positive_int, default=32, help="calibration windows (default 32)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="calibration windows per forward pass (default 8)")
@@ -77,10 +84,12 @@ def _add_allocation_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-whiten", action="store_true", help="plain SVD instead of data-whitened SVD")
     p.add_argument(
-        "--shrinkage", type=float, default=0.0,
+        "--shrinkage", type=_shrinkage, default=0.0,
         help="pull each layer's input statistics XᵀX toward a scaled identity (median diagonal) by this "
         "fraction in [0, 1) before whitening, trusting less the directions the calibration text leaves "
-        "quiet; on SmolLM2, 0.1 helped ARA's factors on other text and hurt uniform ranks' (README). Default 0")
+        "quiet; on SmolLM2, 0.1 helped ARA's factors on other text and hurt uniform ranks' (README). 'auto': "
+        "each layer's strength among 0, 0.03, 0.1, 0.3 by two-fold cross-validation over the calibration "
+        "windows (about 9 SVDs per layer instead of 1). Default 0")
     p.add_argument(
         "--sequential", action="store_true",
         help="after allocation, refit each layer block by block on the inputs the compressed model feeds it "
@@ -211,6 +220,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _shrinkage(text: str) -> float | str:
+    """argparse type: 'auto' or a number (the config checks its range)."""
+    return text if text == "auto" else float(text)
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(text)
+    return value
+
+
 def _device(args) -> str:
     if args.device:
         try:
@@ -244,62 +266,71 @@ def _parse_params(pairs: list[str]) -> dict:
     return params
 
 
-def _calibration_tokens(args, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(fit, held_out)`` tokens of the calibration text, ``<unk>`` markers removed."""
-    if not args.calib_file:
-        raise ValueError("calibration text needed: pass --calib-file FILE (or 'wikitext2'), or set LOWRANK_INFER_DATA")
-    text = clean_calibration_text(load_text(args.calib_file, split="calib"))
-    return split_held_out(tokenize_text(tokenizer, text))
+def _needs_select(config, plan) -> bool:
+    return bool(config.refine_steps) or (plan is None and config.needs_model_forward)
 
 
-def _calibration_ids(args, tokenizer, config, plan=None, model=None, device="cpu"):
+def _calib_source(args, tokenizer, config, plan, model, device) -> CalibSource | None:
+    """The run's calibration windows (``None`` when it needs none): ``--calib-generated`` of each
+    set sampled by the model (all of them with ``--calib-file generated``), the rest cut from the
+    cleaned ``--calib-file``."""
+    if not (needs_calibration(config, plan) or getattr(args, "heal_steps", 0) or _needs_select(config, plan)):
+        return None
+    if args.calib_file == GENERATED and args.calib_generated not in (0.0, 1.0):
+        raise ValueError(f"--calib-file generated samples every window, which contradicts --calib-generated "
+                         f"{args.calib_generated:g}: pass a text file to mix")
+    fraction = 1.0 if args.calib_file == GENERATED else args.calib_generated
+    if fraction < 1.0 and not args.calib_file:
+        raise ValueError("calibration text needed: pass --calib-file FILE (or 'wikitext2'), or set LOWRANK_INFER_DATA, "
+                         "or --calib-generated 1 to sample every window from the model")
+    if fraction > 0.0 and (model is None or offload.holds(model)):
+        raise ValueError("generated calibration samples text from the whole model, which --weights-on-disk never holds")
+
+    def sample(count, seq_len, seed):
+        with _on_device(model, device):
+            return generated_ids(model, tokenizer, count, seq_len, seed=seed, batch_size=args.batch_size, progress=True)
+
+    text = None
+    if fraction < 1.0:
+        text = split_held_out(tokenize_text(tokenizer, clean_calibration_text(load_text(args.calib_file, split="calib"))))
+    return CalibSource(text, fraction, sample if fraction > 0.0 else None,
+                       pool_size=round(fraction * args.calib_samples), pool_len=args.seq_len, seed=args.seed)
+
+
+def _calibration_ids(args, source: CalibSource | None, config, plan=None):
     if not needs_calibration(config, plan) and not getattr(args, "heal_steps", 0):
         return None
-    if args.calib_file == GENERATED:
-        if model is None or offload.holds(model):
-            raise ValueError("--calib-file generated samples text from the whole model, which --weights-on-disk never holds")
-        with _on_device(model, device):
-            return generated_ids(model, tokenizer, args.calib_samples, args.seq_len, seed=args.seed,
-                                 batch_size=args.batch_size, progress=True)
-    fit, _ = _calibration_tokens(args, tokenizer)
-    if fit.numel() < args.calib_samples * args.seq_len:
-        raise ValueError(f"--calib-file leaves {fit.numel():,} tokens once <unk> markers and the held-out "
-                         f"{HELD_OUT_FRACTION:.0%} are set aside, fewer than the {args.calib_samples} x {args.seq_len} "
-                         "requested: pass a longer text, or fewer --calib-samples")
-    return calibration_ids(fit, args.calib_samples, args.seq_len, seed=args.seed)
+    real, _ = source.split(args.calib_samples)
+    if real and source.text[0].numel() < real * args.seq_len:
+        raise ValueError(f"--calib-file leaves {source.text[0].numel():,} tokens once <unk> markers and the held-out "
+                         f"{HELD_OUT_FRACTION:.0%} are set aside, fewer than the {real} x {args.seq_len} "
+                         "requested: pass a longer text, fewer --calib-samples or a larger --calib-generated")
+    return source.windows(args.calib_samples, args.seq_len, "fit")
 
 
-def _select_ids(args, tokenizer, config, plan, model, device):
+def _select_ids(args, source: CalibSource | None, config, plan):
     """Windows for the choices made on the model's output (ARA's training, D-Rank's beta="auto",
-    where block refinement stops): from the held-out part of the text, never the whitening windows
-    (generated: other samples)."""
-    if not config.refine_steps and (plan is not None or not config.needs_model_forward):
+    where block refinement stops): held-out windows, never the whitening windows."""
+    if not _needs_select(config, plan):
         return None
-    if args.calib_file == GENERATED:
-        with _on_device(model, device):
-            return generated_ids(model, tokenizer, args.calib_samples, args.seq_len, seed=args.seed + 1,
-                                 batch_size=args.batch_size, progress=True)
-    _, held = _calibration_tokens(args, tokenizer)
-    if held.numel() < args.seq_len:
-        raise ValueError(f"{config.name} chooses on the held-out {HELD_OUT_FRACTION:.0%} of --calib-file "
-                         f"({held.numel():,} tokens), less than one window of {args.seq_len}: pass a longer text")
-    return calibration_ids(held, args.calib_samples, args.seq_len, seed=args.seed + 3)
+    return source.windows(args.calib_samples, args.seq_len, "held", seed_offset=3, what=config.name)
 
 
-# Healing trains on windows of the fitting part of the calibration text and stops on windows of
-# its held-out part; a step takes batch_size windows, and HEAL_HELD_WINDOWS are scored each time.
+# Healing trains on windows of the fitting part of the calibration windows and stops on windows
+# of their held-out part; a step takes batch_size windows, and HEAL_HELD_WINDOWS are scored each time.
 HEAL_BATCH, HEAL_HELD_WINDOWS = 2, 8
 
 
-def _heal_windows(args, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    if args.calib_file == GENERATED:
-        raise ValueError("--heal-steps trains on and stops on calibration text: pass a --calib-file")
-    fit, held = _calibration_tokens(args, tokenizer)
-    if held.numel() < HEAL_HELD_WINDOWS * args.heal_seq_len:
-        raise ValueError(f"healing holds out the last {HELD_OUT_FRACTION:.0%} of --calib-file ({held.numel():,} tokens), "
-                         f"fewer than {HEAL_HELD_WINDOWS} windows of --heal-seq-len {args.heal_seq_len}: pass a longer text")
-    train = calibration_ids(fit, min(args.heal_steps * HEAL_BATCH, 512), args.heal_seq_len, seed=args.seed + 1)
-    return train, calibration_ids(held, HEAL_HELD_WINDOWS, args.heal_seq_len, seed=args.seed + 2)
+def _heal_windows(args, source: CalibSource) -> tuple[torch.Tensor, torch.Tensor]:
+    real, generated = source.split(HEAL_HELD_WINDOWS)
+    if generated and args.heal_seq_len > args.seq_len:
+        raise ValueError(f"--heal-seq-len {args.heal_seq_len} is longer than the generated calibration windows "
+                         f"(--seq-len {args.seq_len}), from which healing windows are cut: lower it")
+    if real and source.text[1].numel() < real * args.heal_seq_len:
+        raise ValueError(f"healing holds out the last {HELD_OUT_FRACTION:.0%} of --calib-file ({source.text[1].numel():,} "
+                         f"tokens), fewer than {real} windows of --heal-seq-len {args.heal_seq_len}: pass a longer text")
+    train = source.windows(min(args.heal_steps * HEAL_BATCH, 512), args.heal_seq_len, "fit", seed_offset=1, what="healing")
+    return train, source.windows(HEAL_HELD_WINDOWS, args.heal_seq_len, "held", seed_offset=2, what="healing")
 
 
 def _method_config(args, plan=None):
@@ -389,17 +420,19 @@ def _compress(args, plan, device: str, config, ranks: Ranks) -> int:
     # The model stays in host memory (or on disk); calibration moves one block at a time to --device.
     model, tokenizer, model_id = _load_for_analysis(args)
     _check_seq_len(args, model)
-    calib = _calibration_ids(args, tokenizer, config, plan, model, device)
+    source = _calib_source(args, tokenizer, config, plan, model, device)
+    calib = _calibration_ids(args, source, config, plan)
     eval_tokens = _eval_tokens(args.eval_file, tokenizer) if args.eval_file and ranks.main else None
     before = model_size(model)
     ppl_before = _perplexity_on(device, model, eval_tokens, args) if eval_tokens is not None else None
-    targets = _dense_targets(args, model, tokenizer, device) if args.heal_steps else None
-    select = _select_ids(args, tokenizer, config, plan, model, device)
+    targets = _dense_targets(args, model, source, device) if args.heal_steps else None
+    select = _select_ids(args, source, config, plan)
     result = compress(model, config, calib_ids=calib, plan=plan, model_id=model_id, batch_size=args.batch_size,
                       device=device, work_dir=args.work_dir, resume=args.resume, progress=ranks.main,
                       select_ids=select)
     if not ranks.main:
         return 0
+    _record_calibration(model, result.plan, source)
     healed = _heal(args, model, targets, device) if targets is not None else None
     if healed is not None:
         result.seconds["healing"] = healed.seconds
@@ -440,9 +473,18 @@ def _compress(args, plan, device: str, config, ranks: Ranks) -> int:
     return 0
 
 
-def _dense_targets(args, model, tokenizer, device):
+def _record_calibration(model, plan: RankPlan, source: CalibSource | None) -> None:
+    """A plan made or applied on partly generated windows says so (the rest of the calibration
+    settings are the command's); with ``model``, its checkpoint will too."""
+    if source is not None and source.generated:
+        plan.params["calib_generated"] = source.generated
+        if model is not None:
+            attach_plan(model, plan)
+
+
+def _dense_targets(args, model, source: CalibSource, device):
     """The dense model's targets on the healing windows, recorded before compression changes it."""
-    train, held = _heal_windows(args, tokenizer)
+    train, held = _heal_windows(args, source)
     with _on_device(model, device):
         return [teacher_targets(model, ids, progress=True) for ids in (train, held)]
 
@@ -506,12 +548,14 @@ def cmd_plan(args) -> int:
         _quiet_unless(ranks.main)
         model, tokenizer, model_id = _load_for_analysis(args)
         _check_seq_len(args, model)
-        calib = _calibration_ids(args, tokenizer, config, model=model, device=device)
-        select = _select_ids(args, tokenizer, config, None, model, device)
+        source = _calib_source(args, tokenizer, config, None, model, device)
+        calib = _calibration_ids(args, source, config)
+        select = _select_ids(args, source, config, None)
         plan, _, seconds = analyze(model, config, calib_ids=calib, model_id=model_id, batch_size=args.batch_size,
                                    device=device, work_dir=args.work_dir, resume=args.resume, progress=ranks.main,
                                    select_ids=select)
     if ranks.main:
+        _record_calibration(None, plan, source)
         plan.save(args.out)
         summary = plan.summary()
         _say(f"{plan.method} plan for {model_id}: keep {plan.keep_target} -> achieved {summary['keep_achieved']:.4f}, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -17,7 +18,8 @@ from lowrank_infer.allocation import METHODS, AllocationInputs, MethodConfig, Ra
 from lowrank_infer.compensation import Compensated, compensated_factors
 from lowrank_infer.distributed import Ranks
 from lowrank_infer.evaluate import mean_nll
-from lowrank_infer.factorize import Spectrum
+from lowrank_infer.allocation.uniform import uniform_rank
+from lowrank_infer.factorize import AUTO, Spectrum
 from lowrank_infer.io import attach_plan
 from lowrank_infer.refinement import RefineConfig
 from lowrank_infer.spectra import spectra_everywhere, stream_spectra
@@ -187,16 +189,37 @@ def _analyze(job: _Job) -> tuple[RankPlan, dict[str, Spectrum], dict[str, float]
     work = None if job.work_dir is None else WorkDir(job.work_dir, _run_settings(job, linears), resume=job.resume,
                                                      ranks=ranks)
     seconds: dict[str, float] = {}
+    judge_ranks = _judge_ranks(config, plan, linears)
     spectra = stream_spectra(job.model, linears, caps, calib_ids=job.calib_ids, whiten=config.whiten,
-                              shrinkage=config.shrinkage, batch_size=job.batch_size, device=job.device, work=work, ranks=ranks,
+                              shrinkage=config.shrinkage, judge_ranks=judge_ranks,
+                              batch_size=job.batch_size, device=job.device, work=work, ranks=ranks,
                               seconds=seconds, progress=job.progress)
     if plan is None:
         start = time.perf_counter()
         plan = _allocate(job, spectra, linears)
         seconds["allocation"] = time.perf_counter() - start
     if config.shrinkage:  # a new plan object: a plan the caller passed in stays as it was
-        plan = dataclasses.replace(plan, params={**plan.params, "shrinkage": config.shrinkage})
+        plan = dataclasses.replace(plan, params={**plan.params, **_shrinkage_record(config, spectra, judge_ranks)})
     return plan, spectra, seconds
+
+
+def _judge_ranks(config: MethodConfig, plan: RankPlan | None, linears) -> dict[str, int | None]:
+    """The rank at which ``shrinkage="auto"`` judges each layer: the plan's (none for a dense
+    layer), else the uniform rank at the config's keep (allocators move ranks around it)."""
+    if config.shrinkage != AUTO:
+        return {}
+    if plan is not None:
+        return {name: plan[name].rank for name in linears}
+    return {name: uniform_rank(m.out_features, m.in_features, config.keep) for name, m in linears.items()}
+
+
+def _shrinkage_record(config: MethodConfig, spectra: Mapping[str, Spectrum], judge_ranks) -> dict:
+    """What the plan records of shrinkage: the strength, and with "auto" how many layers got each
+    (of those judged: a layer the applied plan keeps dense has no rank to judge at)."""
+    if config.shrinkage != AUTO:
+        return {"shrinkage": config.shrinkage}
+    chosen = Counter(float(s.shrinkage) for name, s in spectra.items() if judge_ranks.get(name))
+    return {"shrinkage": AUTO, "shrinkage_chosen": {f"{k:g}": chosen[k] for k in sorted(chosen)}}
 
 
 def _allocate(job: _Job, spectra: dict[str, Spectrum], linears) -> RankPlan:

@@ -38,8 +38,9 @@ class StoredSpectrum(Spectrum):
     """A :class:`Spectrum` whose singular values are in memory and whose factors stay on disk
     until asked for; ``factors(rank)`` reads only the first ``rank`` columns."""
 
-    def __init__(self, path: Path, name: str, sigma: torch.Tensor, shape: tuple[int, int, int], whitened: bool):
-        self.path, self.name, self.sigma, self.whitened = path, name, sigma, whitened
+    def __init__(self, path: Path, name: str, sigma: torch.Tensor, shape: tuple[int, int, int], whitened: bool,
+                 shrinkage: float = 0.0):
+        self.path, self.name, self.sigma, self.whitened, self.shrinkage = path, name, sigma, whitened, shrinkage
         self._shape = shape  # (out_features, in_features, max_rank)
 
     def __repr__(self) -> str:
@@ -160,7 +161,7 @@ class WorkDir:
             tensors, meta = {}, {}
             for name, s in spectra.items():
                 tensors.update({f"{name}/sigma": s.sigma, f"{name}/left": s.left, f"{name}/right": s.right})
-                meta[name] = {"whitened": s.whitened}
+                meta[name] = {"whitened": s.whitened, "shrinkage": s.shrinkage}
             atomic_save_tensors(self._block_file(index), tensors, {"layers": json.dumps(meta)})
         self.ranks.barrier()  # every rank's hidden states for the next block are in place too
         self.blocks_done = index + 1
@@ -177,7 +178,8 @@ class WorkDir:
                 for name, meta in layers.items():
                     m, k = f.get_slice(f"{name}/left").get_shape()
                     n = f.get_slice(f"{name}/right").get_shape()[0]
-                    out[name] = StoredSpectrum(path, name, f.get_tensor(f"{name}/sigma"), (m, n, k), meta["whitened"])
+                    out[name] = StoredSpectrum(path, name, f.get_tensor(f"{name}/sigma"), (m, n, k), meta["whitened"],
+                                               meta.get("shrinkage", 0.0))
         return out
 
     def save_hidden(self, block: int, hidden: list[torch.Tensor]) -> None:

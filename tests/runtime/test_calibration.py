@@ -68,3 +68,21 @@ def test_streamed_blocks_keep_no_autograd_graph():
         for _, grams, hidden in block_grams(stream, target_linears(model), device="cpu"):
             assert all(h.grad_fn is None and not h.requires_grad for h in hidden)
             assert all(not g.requires_grad for g in grams.values())
+
+
+def test_folded_statistics_are_the_even_and_odd_windows_apart():
+    """``folds=True``: fold 0 holds windows 0, 2, 4 …, fold 1 the others, across batches of odd size."""
+    from lowrank_infer.calibration import block_grams, block_stream
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 128, (7, 16), generator=torch.Generator().manual_seed(1))
+    linears = target_linears(model)
+    folded = {}
+    with block_stream(model, ids, batch_size=3, device="cpu") as stream:
+        for _, grams, _ in block_grams(stream, linears, device="cpu", folds=True):
+            folded.update(grams)
+    even, odd = _direct_grams(model, ids[0::2]), _direct_grams(model, ids[1::2])
+    for name in linears:
+        assert folded[name].shape[0] == 2
+        torch.testing.assert_close(folded[name][0], even[name], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(folded[name][1], odd[name], rtol=1e-6, atol=1e-6)

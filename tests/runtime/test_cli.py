@@ -139,8 +139,27 @@ def test_shrinkage_changes_the_factors_and_is_recorded(tiny_model_dir, tiny_text
     assert factors and any(not torch.allclose(a[k], b[k]) for k in factors if a[k].shape == b[k].shape)
 
 
+@pytest.mark.parametrize("plan_first", [False, True])
+def test_automatic_shrinkage_records_its_choices(tiny_model_dir, tiny_text, tmp_path, plan_first):
+    """``--shrinkage auto``, with an allocator or a plan: every layer's strength comes from the
+    grid and the plan counts them; the factors are those of a whitened SVD at that strength."""
+    from lowrank_infer.factorize import SHRINKAGE_GRID
+
+    out, extra = tmp_path / "auto", ["--keep", 0.5]
+    if plan_first:
+        assert main(["plan", "--model", str(tiny_model_dir), "--keep", "0.5", "--calib-file", str(tiny_text),
+                     "--calib-samples", "4", "--seq-len", "32", "--out", str(tmp_path / "p.json")]) == 0
+        extra = ["--plan", tmp_path / "p.json"]
+    assert main(list(map(str, _compress_args(tiny_model_dir, tiny_text, out, *extra, "--shrinkage", "auto")))) == 0
+    plan = RankPlan.load(out / "rank_plan.json")
+    chosen = plan.params["shrinkage_chosen"]
+    assert plan.params["shrinkage"] == "auto" and set(map(float, chosen)) <= set(SHRINKAGE_GRID)
+    assert sum(chosen.values()) == sum(rank is not None for rank in plan.ranks.values())
+
+
 @pytest.mark.parametrize("extra, words", [
-    (("--shrinkage", 1.0), "shrinkage must be a number in [0, 1)"),
+    (("--shrinkage", 1.0), "shrinkage must be a number in [0, 1) or 'auto'"),
+    (("--shrinkage", "auto", "--calib-samples", 1), "needs calibration windows in both halves"),
     (("--shrinkage", 0.1, "--no-whiten"), "shrinkage applies to whitening"),
 ])
 def test_bad_shrinkage(cli, tiny_model_dir, tiny_text, tmp_path, extra, words):
@@ -320,9 +339,60 @@ def test_generated_calibration_needs_no_data(tiny_model_dir, tmp_path, capsys):
     assert code == 0 and (out / "rank_plan.json").is_file()
 
 
-def test_generated_calibration_cannot_heal(cli, tiny_model_dir, tmp_path):
+def test_generated_calibration_heals_on_its_own_windows(tiny_model_dir, tmp_path):
+    out = tmp_path / "ck"
+    code = main(list(map(str, _compress_args(tiny_model_dir, "generated", out, "--keep", 0.5, "--heal-steps", 2,
+                                             "--heal-seq-len", 16))))
+    assert code == 0
+    params = json.loads((out / "rank_plan.json").read_text())["params"]
+    assert params["heal"]["steps"] == 2 and params["calib_generated"] == 1.0
+
+
+def test_healing_windows_cannot_outgrow_the_generated_ones(cli, tiny_model_dir, tmp_path):
     _one_line_error(*cli(*_compress_args(tiny_model_dir, "generated", tmp_path / "ck", "--heal-steps", 2)),
-                    "--heal-steps trains on and stops on calibration text")
+                    "--heal-seq-len 256 is longer than the generated calibration windows (--seq-len 32)")
+
+
+def test_mixed_calibration_interleaves_text_and_the_models_own_windows(tiny_model_dir, tiny_text, tmp_path, monkeypatch):
+    """``--calib-generated 0.5``: half of the whitening windows come from the fitting part of the
+    text and half are the model's samples under --seed; the held-out windows likewise, from the
+    held-out tail and from samples under --seed + 1."""
+    import lowrank_infer.cli as cli_module
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowrank_infer.data import generated_ids, split_held_out, tokenize_text
+
+    seen = {}
+    real = cli_module.analyze
+    monkeypatch.setattr(cli_module, "analyze", lambda *a, **kw: seen.update(kw) or real(*a, **kw))
+    assert main(["plan", "--model", str(tiny_model_dir), "--method", "drank", "--keep", "0.5", "--calib-file",
+                 str(tiny_text), "--calib-generated", "0.5", "--calib-samples", "4", "--seq-len", "32", "--seed", "5",
+                 "--out", str(tmp_path / "p.json")]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    fit, held = split_held_out(tokenize_text(tokenizer, tiny_text.read_text()))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    sampled = {seed: generated_ids(model, tokenizer, 2, 32, seed=seed) for seed in (5, 6)}
+
+    def inside(window, stream):
+        return any(torch.equal(window, stream[i:i + len(window)]) for i in range(len(stream) - len(window) + 1))
+
+    for ids, stream, seed in ((seen["calib_ids"], fit, 5), (seen["select_ids"], held, 6)):
+        assert ids.shape == (4, 32)
+        # Interleaved (text, generated, text, generated): any prefix holds both kinds.
+        assert inside(ids[0], stream) and inside(ids[2], stream)
+        assert torch.equal(ids[1::2], sampled[seed])
+    assert not torch.equal(sampled[5], sampled[6])
+    assert json.loads((tmp_path / "p.json").read_text())["params"]["calib_generated"] == 0.5
+
+
+def test_generated_calibration_file_contradicts_a_mix(cli, tiny_model_dir, tmp_path):
+    _one_line_error(*cli(*_compress_args(tiny_model_dir, "generated", tmp_path / "ck", "--calib-generated", 0.5)),
+                    "--calib-file generated samples every window, which contradicts --calib-generated 0.5")
+
+
+def test_calib_generated_must_be_a_fraction(capsys, tiny_model_dir, tiny_text, tmp_path):
+    _usage_error(capsys, _compress_args(tiny_model_dir, tiny_text, tmp_path / "ck", "--calib-generated", "1.5"),
+                 "argument --calib-generated: invalid _fraction value: '1.5'")
 
 
 def test_allocator_choices_are_made_on_held_out_windows(tiny_model_dir, tiny_text, tmp_path, monkeypatch):

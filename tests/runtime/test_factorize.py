@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lowrank_infer.factorize import cholesky_damped, plain_svd, shrink_gram, whitened_svd
+from lowrank_infer.factorize import SHRINKAGE_GRID, cholesky_damped, held_out_shrinkage, plain_svd, shrink_gram, whitened_svd
 
 
 def _correlated_inputs(tokens=2000, n=48, seed=0):
@@ -92,3 +92,48 @@ def test_shrinkage_uses_the_median_not_a_massive_feature():
 def test_shrinkage_outside_its_range_is_named(bad):
     with pytest.raises(ValueError, match=r"down: shrinkage must be in \[0, 1\)"):
         whitened_svd(torch.randn(4, 4), torch.eye(4), shrinkage=bad, name="down")
+
+
+def _cv_error_reference(W, fit, held, rank, strength):
+    """Held-out output error of the best rank-``rank`` fit in the shrunk-``fit`` metric, through
+    a symmetric square root (eigh) instead of a Cholesky factor: an independent route to the
+    same optimum ``[W·R]_k·R⁻¹``."""
+    n = fit.shape[0]
+    shrunk = (1 - strength) * fit + strength * fit.diagonal().median() * torch.eye(n, dtype=torch.float64)
+    lam, Q = torch.linalg.eigh(shrunk)
+    R = Q @ torch.diag(lam.sqrt()) @ Q.T
+    U, S, Vh = torch.linalg.svd(W @ R)
+    approx = (U[:, :rank] * S[:rank]) @ Vh[:rank] @ torch.linalg.inv(R)
+    delta = W - approx
+    return float(torch.trace(delta @ held @ delta.T))
+
+
+def _fold_grams(tokens_per_fold, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(n, n, generator=g, dtype=torch.float64) * torch.logspace(0, -2, n, dtype=torch.float64)
+    folds = [torch.randn(tokens_per_fold, n, generator=g, dtype=torch.float64) @ mix for _ in range(2)]
+    return [x.T @ x for x in folds]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_held_out_shrinkage_is_the_cross_validated_minimum(seed):
+    """Few tokens per fold (noisy statistics): the choice is the argmin of the float64 reference's
+    two-way held-out error over the grid."""
+    n, m, rank = 24, 16, 6
+    W = torch.randn(m, n, generator=torch.Generator().manual_seed(10 + seed), dtype=torch.float64)
+    a, b = _fold_grams(30, n, seed)
+    errors = [_cv_error_reference(W, a, b, rank, s) + _cv_error_reference(W, b, a, rank, s) for s in SHRINKAGE_GRID]
+    assert held_out_shrinkage(W.float(), (a, b), rank) == SHRINKAGE_GRID[min(range(len(errors)), key=errors.__getitem__)]
+
+
+def test_held_out_shrinkage_is_none_when_the_halves_agree():
+    """Identical halves: the unshrunk fit is exactly optimal on the other one, so 0 must win."""
+    W = torch.randn(12, 20, generator=torch.Generator().manual_seed(3))
+    a, _ = _fold_grams(200, 20, 4)
+    assert held_out_shrinkage(W, (a, a.clone()), 5) == 0.0
+
+
+def test_held_out_shrinkage_needs_both_halves():
+    a, _ = _fold_grams(30, 8, 0)
+    with pytest.raises(ValueError, match="down: shrinkage='auto' needs calibration windows in both halves"):
+        held_out_shrinkage(torch.randn(4, 8), (a, torch.zeros(8, 8, dtype=torch.float64)), 2, name="down")
