@@ -14,11 +14,10 @@ import torch
 from torch import nn
 
 import lowrank_infer.offload as offload
-from lowrank_infer.allocation import METHODS, AllocationInputs, MethodConfig, RankPlan, UniformConfig
+from lowrank_infer.allocation import METHODS, AllocationInputs, MethodConfig, RankPlan, UniformConfig, uniform_rank
 from lowrank_infer.compensation import Compensated, compensated_factors
 from lowrank_infer.distributed import Ranks
 from lowrank_infer.evaluate import mean_nll
-from lowrank_infer.allocation.uniform import uniform_rank
 from lowrank_infer.factorize import AUTO, Spectrum
 from lowrank_infer.io import attach_plan
 from lowrank_infer.refinement import RefineConfig
