@@ -67,7 +67,7 @@ def _add_calibration_options(p: argparse.ArgumentParser) -> None:
         help="fraction of the calibration windows (and of the held-out ones) the model samples itself, the "
         "rest cut from --calib-file; mixing pulls the statistics toward the model's own domain rather than "
         "one corpus's (on SmolLM2 at keep 0.8, 0.5 cut perplexity on other text 3-7x and left WikiText-2 "
-        "no worse: README). Costs generation time. Default 0; --calib-file generated = 1")
+        "about the same: README). Costs generation time. Default 0; --calib-file generated = 1")
     p.add_argument("--calib-samples", type=_positive_int, default=32, help="calibration windows (default 32)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="calibration windows per forward pass (default 8)")
