@@ -150,12 +150,17 @@ def whitened_svd(
     W = _check_weight(weight, name)
     if gram.shape != (W.shape[1], W.shape[1]):
         raise ValueError(f"{name}: XᵀX is {tuple(gram.shape)}, expected {(W.shape[1], W.shape[1])}")
-    try:
-        L, _ = cholesky_damped(shrink_gram(gram.to(W.device, torch.float64), shrinkage), damping)
-    except ValueError as err:
-        raise ValueError(f"{name}: {err}") from None
+    L = _whitening(gram.to(W.device, torch.float64), shrinkage, damping, name)
     sigma, left, right = _whitened_factors(W, L, _cap(max_rank, min(W.shape)))
     return Spectrum(sigma.cpu(), left.float().cpu(), right.float().cpu(), whitened=True, shrinkage=float(shrinkage))
+
+
+def _whitening(gram: torch.Tensor, shrinkage: float, damping: float, name: str) -> torch.Tensor:
+    """``chol`` of the shrunk Gram, its errors naming the layer."""
+    try:
+        return cholesky_damped(shrink_gram(gram, shrinkage), damping)[0]
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
 
 
 def _whitened_factors(W: torch.Tensor, L: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -188,11 +193,7 @@ def held_out_shrinkage(weight: torch.Tensor, folds: tuple[torch.Tensor, torch.Te
     for strength in grid:
         error = 0.0
         for fit, held in ((grams[0], grams[1]), (grams[1], grams[0])):
-            try:
-                L, _ = cholesky_damped(shrink_gram(fit, strength))
-            except ValueError as err:
-                raise ValueError(f"{name}: {err}") from None
-            _, left, right = _whitened_factors(W, L, _cap(rank, min(W.shape)))
+            _, left, right = _whitened_factors(W, _whitening(fit, strength, 0.0, name), _cap(rank, min(W.shape)))
             delta = W - left @ right.T
             error += float(((delta @ held) * delta).sum())
         errors.append(error)
