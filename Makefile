@@ -37,7 +37,7 @@ install: $(BIN)/lowrank-infer
 demo: install
 	$(BIN)/lowrank-infer compress --model smollm2-135m --keep $(KEEP) --method $(METHOD) \
 	    --calib-file $(DATA)/wikitext2/valid.tokens.txt --calib-generated $(GENERATED) --calib-samples 32 \
-	    --seq-len 512 --batch-size 16 --refine-steps $(REFINE) --eval-file $(DATA)/wikitext2/test.raw.txt --eval-windows $(WINDOWS) \
+	    --seq-len 512 --batch-size 32 --refine-steps $(REFINE) --eval-file $(DATA)/wikitext2/test.raw.txt --eval-windows $(WINDOWS) \
 	    --out runs/smollm2-135m-$(METHOD)-keep$(KEEP) --overwrite
 
 test: install

@@ -41,10 +41,13 @@ VARIANTS = {"plain": ["--no-whiten"], "shrink": ["--shrinkage", "0.1"], "shrinka
             "refine": ["--refine-steps", "32"], "heal": ["--heal-steps", "100"],
             # After refinement the default learning rate overshoots from the first step.
             "healslow": ["--heal-steps", "100", "--heal-lr", "3e-5"],
-            # Half of every set of windows sampled by the model (generation runs 16 windows at a time).
-            "mix": ["--calib-generated", "0.5", "--batch-size", "16"]}
-# Stages that change what the allocator sees: the committed plans (made on text alone) do not apply.
-RANK_VARIANTS = {"mix"}
+            # Half of every set of windows sampled by the model: 2 x 16, one batch of generation.
+            "mix": ["--calib-generated", "0.5", "--batch-size", "32"],
+            # ARA trained against the dense model's next-token distributions instead of the text's tokens.
+            "kl": ["--param", "loss=kl"]}
+# Stages that change what the allocator sees or trains on: the committed plans (made on text alone,
+# ARA on cross-entropy) do not apply.
+RANK_VARIANTS = {"mix", "kl"}
 
 
 def plan_file(args, method: str, keep: float) -> Path | None:

@@ -4,7 +4,9 @@ A run asks for windows of two parts. The *fit* part feeds the whitening statisti
 training; the *held* part feeds every choice made on the model's output (ARA's training, D-Rank's
 ``beta="auto"``, where refinement and healing stop), so no choice is scored on the windows that
 were fitted. Of a text the fit part is its first 90 % and the held part its last 10 %; of the
-model's own samples each part is its own seeded batch.
+model's own samples each part has its own rows of one seeded sampling call (one call: decoding
+reads every weight once per token step for the whole batch, so one batch that holds both parts
+costs less than a batch for each).
 
 Mixing both pulls the statistics toward what the model writes on its own, which is its
 training distribution rather than one corpus's: whitening fitted on WikiText alone protects the
@@ -44,9 +46,10 @@ class CalibSource:
         sample: ``(count, seq_len, seed) -> [count, seq_len]`` the model's own windows (needed
             when ``generated > 0``).
         pool_size: generated windows per part (``round(generated · calibration windows)``), each
-            ``pool_len`` tokens long; shorter windows are cut from them, and a set that asks
-            for more reuses them in turn.
-        seed: the base seed; a part's generated pool and each set's text windows derive theirs from it.
+            ``pool_len`` tokens long, sampled for both parts at once (fit rows first) under
+            ``seed``; shorter windows are cut from them, and a set that asks for more reuses them
+            in turn.
+        seed: the base seed: the generated pools' and, with offsets, each set's text windows'.
     """
 
     text: tuple[torch.Tensor, torch.Tensor] | None
@@ -100,8 +103,10 @@ class CalibSource:
         if seq_len > self.pool_len:
             raise ValueError(f"{what} asks for windows of {seq_len} tokens, longer than the {self.pool_len} the model "
                              "generated (--seq-len)")
-        pool = self._pools.get(part)
-        if pool is None:  # each part its own seeded samples: held never shares a window with fit
-            pool = self._pools[part] = self.sample(max(self.pool_size, 1), self.pool_len, self.seed + PARTS.index(part))
+        if not self._pools:  # each part its own rows: held never shares a window with fit
+            size = max(self.pool_size, 1)
+            rows = self.sample(size * len(PARTS), self.pool_len, self.seed)
+            self._pools.update({name: rows[i * size:(i + 1) * size] for i, name in enumerate(PARTS)})
+        pool = self._pools[part]
         pieces = pool[:, : pool.shape[1] // seq_len * seq_len].reshape(-1, seq_len)
         return pieces[torch.arange(count) % pieces.shape[0]]

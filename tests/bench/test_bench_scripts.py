@@ -75,7 +75,7 @@ def test_quality_suite_reruns_the_allocator_on_mixed_calibration(tmp_path, capsy
     quality.main(["--methods", "ara-mix", "ara-shrinkauto", "--keeps", "0.8", "--text-file", "t.txt", "--no-dense",
                   "--plans", str(tmp_path), "--work-dir", str(tmp_path), "--dry-run"])
     compress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("+ ") and " compress " in line]
-    assert compress[0].endswith("--method ara --calib-generated 0.5 --batch-size 16") and "--plan" not in compress[0]
+    assert compress[0].endswith("--method ara --calib-generated 0.5 --batch-size 32") and "--plan" not in compress[0]
     assert compress[1].endswith(f"--plan {tmp_path / 'smollm2-135m_ara_keep0.8.json'} --shrinkage auto")
 
 
@@ -85,7 +85,7 @@ def test_quality_suite_stacks_variants_and_refuses_unknown_ones(tmp_path, capsys
                   "--work-dir", str(tmp_path), "--dry-run"])
     command = [line for line in capsys.readouterr().out.splitlines() if line.startswith("+ ")][0]
     assert command.endswith("--method drank --shrinkage 0.1 --sequential --refine-steps 32 --heal-steps 100")
-    with pytest.raises(SystemExit, match="unknown variant 'fast' in 'ara-fast'; known: plain, shrink, shrinkauto, seq, refine, heal, healslow, mix"):
+    with pytest.raises(SystemExit, match="unknown variant 'fast' in 'ara-fast'; known: plain, shrink, shrinkauto, seq, refine, heal, healslow, mix, kl"):
         quality.main(["--methods", "ara-fast", "--keeps", "0.8", "--text-file", "t.txt", "--no-dense",
                       "--work-dir", str(tmp_path), "--dry-run"])
 

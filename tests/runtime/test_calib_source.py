@@ -1,4 +1,4 @@
-"""CalibSource: text and generated windows in the asked ratio, each part from its own source."""
+"""CalibSource: text and generated windows in the asked ratio, each part from its own rows."""
 
 import pytest
 import torch
@@ -30,23 +30,24 @@ def test_interleave_keeps_the_ratio_in_every_prefix():
     assert sorted(order) == sorted(torch.cat([real, generated])[:, 0].tolist())
 
 
-def test_text_windows_match_calibration_ids_and_generated_come_from_the_parts_own_seed():
+def test_text_windows_match_calibration_ids_and_generated_come_from_one_call_split_by_part():
     source = _source(0.5, seed=7)
     ids = source.windows(4, 8, "fit", seed_offset=3)
+    both = Sampler()(8, 8, 7)  # both parts' pools of 4, fit rows first
     assert torch.equal(ids[0::2], calibration_ids(source.text[0], 2, 8, seed=10))
-    assert torch.equal(ids[1::2], Sampler()(4, 8, 7)[:2])
+    assert torch.equal(ids[1::2], both[:2])
     held = source.windows(4, 8, "held")
     assert torch.equal(held[0::2], calibration_ids(source.text[1], 2, 8, seed=7))
-    assert torch.equal(held[1::2], Sampler()(4, 8, 8)[:2])
-    assert source.sample.calls == [(4, 8, 7), (4, 8, 8)]  # one pool per part, sampled once
+    assert torch.equal(held[1::2], both[4:6])
+    assert source.sample.calls == [(8, 8, 7)]  # sampled once, for both parts
     source.windows(2, 8, "fit")
-    assert len(source.sample.calls) == 2
+    assert len(source.sample.calls) == 1
 
 
 def test_shorter_windows_are_cut_from_the_pool_and_reused_in_turn():
     source = _source(1.0, pool_size=2, pool_len=8)
     ids = source.windows(6, 4, "fit")
-    pool = Sampler()(2, 8, 0)
+    pool = Sampler()(4, 8, 0)[:2]
     pieces = [pool[0, :4], pool[0, 4:], pool[1, :4], pool[1, 4:]]
     assert torch.equal(ids, torch.stack(pieces + pieces[:2]))
 

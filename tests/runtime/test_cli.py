@@ -356,7 +356,7 @@ def test_healing_windows_cannot_outgrow_the_generated_ones(cli, tiny_model_dir, 
 def test_mixed_calibration_interleaves_text_and_the_models_own_windows(tiny_model_dir, tiny_text, tmp_path, monkeypatch):
     """``--calib-generated 0.5``: half of the whitening windows come from the fitting part of the
     text and half are the model's samples under --seed; the held-out windows likewise, from the
-    held-out tail and from samples under --seed + 1."""
+    held-out tail and from the samples after them (both parts are sampled in one call)."""
     import lowrank_infer.cli as cli_module
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -371,17 +371,18 @@ def test_mixed_calibration_interleaves_text_and_the_models_own_windows(tiny_mode
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     fit, held = split_held_out(tokenize_text(tokenizer, tiny_text.read_text()))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    sampled = {seed: generated_ids(model, tokenizer, 2, 32, seed=seed) for seed in (5, 6)}
+    both = generated_ids(model, tokenizer, 4, 32, seed=5, batch_size=8)
+    sampled = {"fit": both[:2], "held": both[2:]}
 
     def inside(window, stream):
         return any(torch.equal(window, stream[i:i + len(window)]) for i in range(len(stream) - len(window) + 1))
 
-    for ids, stream, seed in ((seen["calib_ids"], fit, 5), (seen["select_ids"], held, 6)):
+    for ids, stream, part in ((seen["calib_ids"], fit, "fit"), (seen["select_ids"], held, "held")):
         assert ids.shape == (4, 32)
         # Interleaved (text, generated, text, generated): any prefix holds both kinds.
         assert inside(ids[0], stream) and inside(ids[2], stream)
-        assert torch.equal(ids[1::2], sampled[seed])
-    assert not torch.equal(sampled[5], sampled[6])
+        assert torch.equal(ids[1::2], sampled[part])
+    assert not torch.equal(sampled["fit"], sampled["held"])
     assert json.loads((tmp_path / "p.json").read_text())["params"]["calib_generated"] == 0.5
 
 
