@@ -58,7 +58,7 @@ class CalibSource:
     pool_size: int
     pool_len: int
     seed: int = 0
-    _pools: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _samples: torch.Tensor | None = field(default=None, repr=False)  # both parts' pools, fit rows first
 
     def __post_init__(self):
         if not 0.0 <= self.generated <= 1.0:
@@ -103,10 +103,10 @@ class CalibSource:
         if seq_len > self.pool_len:
             raise ValueError(f"{what} asks for windows of {seq_len} tokens, longer than the {self.pool_len} the model "
                              "generated (--seq-len)")
-        if not self._pools:  # each part its own rows: held never shares a window with fit
-            size = max(self.pool_size, 1)
-            rows = self.sample(size * len(PARTS), self.pool_len, self.seed)
-            self._pools.update({name: rows[i * size:(i + 1) * size] for i, name in enumerate(PARTS)})
-        pool = self._pools[part]
+        size = max(self.pool_size, 1)
+        if self._samples is None:
+            self._samples = self.sample(size * len(PARTS), self.pool_len, self.seed)
+        # Each part its own rows: held never shares a window with fit.
+        pool = self._samples[PARTS.index(part) * size:(PARTS.index(part) + 1) * size]
         pieces = pool[:, : pool.shape[1] // seq_len * seq_len].reshape(-1, seq_len)
         return pieces[torch.arange(count) % pieces.shape[0]]
