@@ -69,14 +69,16 @@ def test_quality_suite_applies_plans_and_plain_svd(tmp_path, capsys):
 
 
 def test_quality_suite_reruns_the_allocator_on_mixed_calibration(tmp_path, capsys):
-    """A committed plan was made on text alone: ``ara-mix`` runs ARA again; ``ara-shrinkauto`` keeps the plan."""
+    """A committed plan was made on text alone: ``ara-mix`` runs ARA again, and so does ``ara-seed1``
+    (other windows); ``ara-shrinkauto`` keeps the plan."""
     quality = _script("run_quality")
     (tmp_path / "smollm2-135m_ara_keep0.8.json").write_text("{}")
-    quality.main(["--methods", "ara-mix", "ara-shrinkauto", "--keeps", "0.8", "--text-file", "t.txt", "--no-dense",
-                  "--plans", str(tmp_path), "--work-dir", str(tmp_path), "--dry-run"])
+    quality.main(["--methods", "ara-mix", "ara-shrinkauto", "ara-seed1", "--keeps", "0.8", "--text-file", "t.txt",
+                  "--no-dense", "--plans", str(tmp_path), "--work-dir", str(tmp_path), "--dry-run"])
     compress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("+ ") and " compress " in line]
     assert compress[0].endswith("--method ara --calib-generated 0.5 --batch-size 32") and "--plan" not in compress[0]
     assert compress[1].endswith(f"--plan {tmp_path / 'smollm2-135m_ara_keep0.8.json'} --shrinkage auto")
+    assert compress[2].endswith("--method ara --seed 1") and "--plan" not in compress[2]
 
 
 def test_quality_suite_stacks_variants_and_refuses_unknown_ones(tmp_path, capsys):
@@ -85,7 +87,8 @@ def test_quality_suite_stacks_variants_and_refuses_unknown_ones(tmp_path, capsys
                   "--work-dir", str(tmp_path), "--dry-run"])
     command = [line for line in capsys.readouterr().out.splitlines() if line.startswith("+ ")][0]
     assert command.endswith("--method drank --shrinkage 0.1 --sequential --refine-steps 32 --heal-steps 100")
-    with pytest.raises(SystemExit, match="unknown variant 'fast' in 'ara-fast'; known: plain, shrink, shrinkauto, seq, refine, heal, healslow, mix, kl"):
+    known = "plain, shrink, shrinkauto, seq, refine, heal, healslow, mix, kl, seed1"
+    with pytest.raises(SystemExit, match=f"unknown variant 'fast' in 'ara-fast'; known: {known}"):
         quality.main(["--methods", "ara-fast", "--keeps", "0.8", "--text-file", "t.txt", "--no-dense",
                       "--work-dir", str(tmp_path), "--dry-run"])
 
