@@ -67,8 +67,9 @@ def _add_calibration_options(p: argparse.ArgumentParser) -> None:
         help="fraction of the calibration windows (and of the held-out ones) the model samples itself, the "
         "rest cut from --calib-file; mixing pulls the statistics toward the model's own domain rather than "
         "one corpus's (on SmolLM2 at keep 0.8, 0.5 cut perplexity on other text 3-6.5x, helped ARA on "
-        "WikiText-2 and cost uniform and D-Rank 6-7%% there: README). Costs generation time: the fitting and held-out samples, 2 x F x "
-        "--calib-samples windows, are sampled --batch-size at a time, fastest when one batch holds them all. "
+        "WikiText-2 and cost uniform and D-Rank 6-7%% there: README). Costs generation time: the fitting and "
+        "held-out samples, 2 x F x --calib-samples windows, are sampled --batch-size at a time, fastest when "
+        "one batch holds them all. "
         "Default 0; --calib-file generated = 1")
     p.add_argument("--calib-samples", type=_positive_int, default=32, help="calibration windows (default 32)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
