@@ -1,9 +1,8 @@
 """Run code in a fresh interpreter the way a user's program would: from a neutral folder.
 
-From the repository root ``import kernels`` finds this project's ``kernels/`` folder (which imports
-lowrank_infer), and transformers probes for a ``kernels`` package: a check run there could pass
-only because lowrank_infer was imported by accident. So the working directory is a temporary
-folder and PYTHONPATH is dropped.
+From the repository root the checkout itself is on ``sys.path``, where a user's program sees only
+the installed package: a check of what users see runs in a temporary folder. PYTHONPATH and
+LOWRANK_INFER_* are dropped (a caller passes what it means to set).
 """
 
 from __future__ import annotations
