@@ -1,7 +1,8 @@
-"""Run from a source checkout's root, ``import kernels`` must not find this project's kernels/ folder.
+"""Run from a source checkout's root, ``import kernels`` must give what it gives elsewhere.
 
-Python puts the working directory first on ``sys.path`` for ``python -m`` and ``python -c``, and
-transformers ≥ 5.25 imports Hugging Face's ``kernels`` package when it loads a model.
+Python puts the working directory first on ``sys.path`` for ``python -m`` and ``python -c``, where
+the checkout's kernels/ folder (``lowrank_infer.kernels`` once installed) would shadow Hugging Face's
+``kernels`` package, which transformers ≥ 5.25 imports when it loads a model.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ print(json.dumps({"file": getattr(kernels, "__file__", None), "public": sorted(n
 
 
 def test_transformers_loads_a_model_from_the_checkout_root():
+    # What `make test` and the benchmarks met with transformers 5.25: loading any model imported `kernels`.
     code = """
 import json, transformers
 from transformers import AutoModelForCausalLM, LlamaConfig
