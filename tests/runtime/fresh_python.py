@@ -21,9 +21,11 @@ def neutral_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_python(code: str, cwd: Path, *, python: str = sys.executable, timeout: float = 240, **env: str) -> dict:
-    """Run ``code`` in a new interpreter in ``cwd``; it prints one JSON object last, returned here."""
-    out = subprocess.run([python, "-c", code], cwd=cwd, env=neutral_env(**env), capture_output=True, text=True,
+def run_python(code: str, cwd: Path, *, python: str = sys.executable, flags: tuple[str, ...] = (),
+               timeout: float = 240, **env: str) -> dict:
+    """Run ``code`` in a new interpreter (with ``flags``) in ``cwd``; it prints one JSON object last,
+    returned here."""
+    out = subprocess.run([python, *flags, "-c", code], cwd=cwd, env=neutral_env(**env), capture_output=True, text=True,
                          timeout=timeout)
     assert out.returncode == 0, f"fresh interpreter failed ({out.returncode}):\n{out.stderr[-4000:]}"
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -7,12 +7,9 @@ the checkout's kernels/ folder (``lowrank_infer.kernels`` once installed) would 
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
-from fresh_python import neutral_env, run_python
+from fresh_python import run_python
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,11 +45,8 @@ except ModuleNotFoundError as error:
 print(json.dumps({"file": getattr(kernels, "__file__", None), "public": sorted(n for n in vars(kernels) if n[0] != "_"),
                   "submodule": submodule, "imported_lowrank_infer": "lowrank_infer" in sys.modules}))
 """
-    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=REPO, env=neutral_env(), capture_output=True,
-                         text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout) == {"file": None, "public": [], "submodule": "kernels.triton_lowrank",
-                                      "imported_lowrank_infer": False}
+    assert run_python(code, REPO, flags=("-S",)) == {"file": None, "public": [], "submodule": "kernels.triton_lowrank",
+                                                     "imported_lowrank_infer": False}
 
 
 def test_transformers_loads_a_model_from_the_checkout_root():
