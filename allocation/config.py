@@ -85,7 +85,8 @@ class MethodConfig:
             the compressed stream, block by block, stopped on held-out windows; the factors start
             from the closed form with ``sequential``, else from each layer's whitened SVD
             (0 = no refinement).
-        refine_lr: Adam's learning rate of ``refine_steps``.
+        refine_lr: Adam's learning rate of ``refine_steps``, relative to each factor's scale (a
+            tensor trains at ``refine_lr`` times its RMS).
     """
 
     keep: float = 0.8
@@ -97,7 +98,7 @@ class MethodConfig:
     sequential: bool = False
     ridge: float = 1e-2
     refine_steps: int = 0
-    refine_lr: float = 1e-4
+    refine_lr: float = 3e-3
 
     name: ClassVar[str] = "plan"
     # Methods that train on the model run on every rank of a process group, each on its share of

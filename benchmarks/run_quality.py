@@ -39,8 +39,6 @@ CLI = ["lowrank-infer"]
 VARIANTS = {"plain": ["--no-whiten"], "shrink": ["--shrinkage", "0.1"], "shrinkauto": ["--shrinkage", "auto"],
             "seq": ["--sequential"],
             "refine": ["--refine-steps", "32"], "heal": ["--heal-steps", "100"],
-            # After refinement the default learning rate overshoots from the first step.
-            "healslow": ["--heal-steps", "100", "--heal-lr", "3e-5"],
             # Half of every set of windows sampled by the model: 2 x 16, one batch of generation.
             "mix": ["--calib-generated", "0.5", "--batch-size", "32"],
             # ARA trained against the dense model's next-token distributions instead of the text's tokens.

@@ -106,7 +106,9 @@ def _add_allocation_options(p: argparse.ArgumentParser) -> None:
         "up to this many Adam steps (2 calibration windows each) toward the dense block's outputs, stopping "
         "on held-out calibration windows; starts from --sequential's refit when given, else from the "
         "whitened SVD. 0 (default) = none")
-    p.add_argument("--refine-lr", type=float, default=1e-4, help="Adam learning rate of --refine-steps (default 1e-4)")
+    p.add_argument("--refine-lr", type=float, default=MethodConfig.refine_lr,
+                   help="Adam learning rate of --refine-steps, relative to each factor's scale: a tensor trains at this "
+                   f"times its RMS (default {MethodConfig.refine_lr:g})")
     p.add_argument(
         "--multiple-of", type=int, default=1,
         help="make every rank a multiple of this; 16 keeps GPU GEMMs on their aligned fast paths "
@@ -153,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="after compressing, train the low-rank factors this many steps toward the dense model's "
         "next-token distributions (KL on calibration text), stopping early when held-out calibration "
         "windows stop improving; 0 (default) = no healing. About 3 s a step for SmolLM2-135M on 2 CPU cores")
-    p.add_argument("--heal-lr", type=float, default=1e-4, help="Adam learning rate of --heal-steps (default 1e-4; after --refine-steps "
-                   "use about 3e-5: the refined factors sit closer to an optimum and 1e-4 overshoots it)")
+    p.add_argument("--heal-lr", type=float, default=HealConfig.lr,
+                   help=f"Adam learning rate of --heal-steps, relative to each factor's scale: a tensor trains at this "
+                   f"times its RMS (default {HealConfig.lr:g})")
     p.add_argument("--heal-seq-len", type=_positive_int, default=256, help="tokens per healing window (default 256)")
     p.set_defaults(run=cmd_compress)
 
@@ -439,7 +442,7 @@ def _compress(args, plan, device: str, config, ranks: Ranks) -> int:
     healed = _heal(args, model, targets, device) if targets is not None else None
     if healed is not None:
         result.seconds["healing"] = healed.seconds
-        result.plan.params["heal"] = {"steps": args.heal_steps, "lr": args.heal_lr, "steps_run": healed.steps_run,
+        result.plan.params["heal"] = {"steps": args.heal_steps, "relative_lr": args.heal_lr, "steps_run": healed.steps_run,
                                       "best_step": healed.best_step, "held_kl_before": round(healed.held_before, 6),
                                       "held_kl_after": round(healed.held_after, 6)}
         attach_plan(model, result.plan)

@@ -252,7 +252,7 @@ def _compensation_record(config: MethodConfig, found: Compensated) -> dict:
     reports = [r for r in found.refined if r is not None]
     if reports:
         record["refine"] = {
-            "steps": config.refine_steps, "lr": config.refine_lr, "held_windows": REFINE_HELD_WINDOWS,
+            "steps": config.refine_steps, "relative_lr": config.refine_lr, "held_windows": REFINE_HELD_WINDOWS,
             "steps_run": sum(r.steps_run for r in reports),
             "blocks_improved": sum(r.best_step > 0 for r in reports),
             "held_error_before": [round(r.held_before, 6) for r in reports],

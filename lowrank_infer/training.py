@@ -3,6 +3,13 @@
 Shared by healing (the whole model's factors against the dense distributions) and block
 refinement (one block's factors against the dense block's outputs): both must never leave the
 model worse than they found it, so the starting values are scored first and win ties.
+
+The learning rate is relative to each tensor's scale. Adam moves every coordinate by about its
+learning rate whatever the gradient's size, and the two factors of a whitened SVD differ in scale
+by one to two orders of magnitude (``U`` carries the singular values; ``V`` also undoes the
+whitening, so it is small where the inputs are large): one absolute rate is then too small for
+``U`` while it already throws ``V`` off, and the right value would change with every model's
+weight scale. Each tensor therefore trains at ``lr`` times its root-mean-square value at the start.
 """
 
 from __future__ import annotations
@@ -23,14 +30,15 @@ class Schedule:
 
     Attributes:
         steps: most optimizer steps (each on ``batch_size`` windows, cycling through them).
-        lr: Adam's learning rate.
+        lr: Adam's learning rate relative to each tensor's scale: a tensor trains at ``lr`` times
+            its root-mean-square value at the start (``lr`` itself for an all-zero tensor).
         batch_size: windows per step.
         eval_every: steps between held-out scores.
         patience: held-out scores without improvement before stopping.
     """
 
     steps: int
-    lr: float = 1e-4
+    lr: float = 1e-3
     batch_size: int = 2
     eval_every: int = 10
     patience: int = 3
@@ -82,7 +90,7 @@ def train_early_stopped(
 
 def _train(params, original, train_loss, held_loss, schedule: Schedule, progress) -> EarlyStopped:
     steps, what = schedule.steps, schedule.what
-    optimizer = torch.optim.Adam(params, lr=schedule.lr)
+    optimizer = torch.optim.Adam(_relative_groups(params, schedule.lr))
     best = before = _checked(held_loss(), "held-out loss before training", what)
     best_step, best_values, waited, step = 0, original, 0, 0
     bar = tqdm(total=steps, desc=what, disable=not progress, leave=False)
@@ -107,6 +115,15 @@ def _train(params, original, train_loss, held_loss, schedule: Schedule, progress
     bar.close()
     _restore(params, best_values)
     return EarlyStopped(steps_run=step, best_step=best_step, held_before=before, held_after=best)
+
+
+def _relative_groups(params, lr: float) -> list[dict]:
+    """One Adam parameter group per tensor, at ``lr`` times the tensor's RMS (see the module docstring)."""
+    groups = []
+    for p in params:
+        rms = float(p.detach().float().square().mean().sqrt())
+        groups.append({"params": [p], "lr": lr * rms if rms > 0 else lr})
+    return groups
 
 
 def _restore(params, values) -> None:

@@ -1,0 +1,39 @@
+"""The shared early-stopped Adam loop: its learning rate is relative to each tensor's scale."""
+
+import torch
+from torch import nn
+
+from lowrank_infer.training import Schedule, train_early_stopped
+
+
+def _one_step(params, targets, lr):
+    """Run one step of the loop on ``Σ‖p − t‖²``, with a held-out score that always improves."""
+    scores = iter([1.0, 0.5])
+
+    def loss(step):
+        return sum((p - t).square().sum() for p, t in zip(params, targets))
+
+    return train_early_stopped(params, loss, lambda: next(scores), Schedule(steps=1, lr=lr, eval_every=1))
+
+
+def test_each_tensor_steps_by_lr_times_its_rms():
+    gen = torch.Generator().manual_seed(0)
+    # Scales 1000x apart, as U and V of a whitened SVD can be.
+    big = nn.Parameter(torch.randn(6, 4, generator=gen, dtype=torch.float64) * 10)
+    small = nn.Parameter(torch.randn(5, 3, generator=gen, dtype=torch.float64) * 0.01)
+    targets = [torch.randn(6, 4, generator=gen, dtype=torch.float64), torch.zeros(5, 3, dtype=torch.float64)]
+    start = [big.detach().clone(), small.detach().clone()]
+    report = _one_step([big, small], targets, lr=1e-2)
+    assert report.best_step == 1
+    for p, p0, t in zip((big, small), start, targets):
+        # Adam's first step is lr_t · sign(gradient) (up to its eps), here with lr_t = lr · RMS(tensor).
+        step = 1e-2 * float(p0.square().mean().sqrt())
+        expected = p0 - step * torch.sign(2 * (p0 - t))
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-3 * step)
+
+
+def test_an_all_zero_tensor_steps_by_lr_itself():
+    zero = nn.Parameter(torch.zeros(3, 2, dtype=torch.float64))
+    target = torch.tensor([[1.0, -1.0], [2.0, -2.0], [0.5, -0.5]], dtype=torch.float64)
+    _one_step([zero], [target], lr=1e-3)
+    torch.testing.assert_close(zero.detach(), 1e-3 * torch.sign(target), rtol=0, atol=1e-9)
