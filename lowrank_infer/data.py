@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from lowrank_infer.sampling import sample_windows
+
 __all__ = ["DATASETS", "GENERATED", "HELD_OUT_FRACTION", "generated_ids", "PYDOC_MODULES", "calibration_ids", "clean_calibration_text", "load_text",
            "python_docstrings", "shared_data_file", "split_held_out", "tokenize_text"]
 
@@ -156,16 +158,17 @@ def generated_ids(model, tokenizer, samples: int, seq_len: int, *, seed: int = 0
     if start is None:
         raise ValueError("generated calibration starts from the tokenizer's BOS (or EOS) token, and it has neither")
     device = next(model.parameters()).device
+    banned = sorted({t for t in (tokenizer.eos_token_id, *_ids(getattr(getattr(model, "generation_config", None), "eos_token_id", None))) if t is not None})
     windows = []
     batches = range(0, samples, batch_size)
     for index, first in enumerate(tqdm(batches, desc="generating calibration", unit="batch", disable=not progress)):
-        rows = min(batch_size, samples - first)
-        prompt = torch.full((rows, 1), start, dtype=torch.long, device=device)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed + index)
-            # min_new_tokens: every window is whole (EOS is suppressed until then).
-            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_p=top_p,
-                                 top_k=0, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
-                                 pad_token_id=start)
-        windows.append(out[:, :seq_len].cpu())
+            windows.append(sample_windows(model, start, min(batch_size, samples - first), seq_len, top_p=top_p,
+                                          banned=banned))
     return torch.cat(windows)
+
+
+def _ids(value) -> tuple:
+    """A generation config's token id setting (none, one, or a list) as a tuple."""
+    return () if value is None else tuple(value) if isinstance(value, (list, tuple)) else (value,)
