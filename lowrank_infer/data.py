@@ -158,7 +158,7 @@ def generated_ids(model, tokenizer, samples: int, seq_len: int, *, seed: int = 0
     if start is None:
         raise ValueError("generated calibration starts from the tokenizer's BOS (or EOS) token, and it has neither")
     device = next(model.parameters()).device
-    banned = sorted({t for t in (tokenizer.eos_token_id, *_ids(getattr(getattr(model, "generation_config", None), "eos_token_id", None))) if t is not None})
+    banned = _end_tokens(model, tokenizer)
     windows = []
     batches = range(0, samples, batch_size)
     for index, first in enumerate(tqdm(batches, desc="generating calibration", unit="batch", disable=not progress)):
@@ -169,6 +169,9 @@ def generated_ids(model, tokenizer, samples: int, seq_len: int, *, seed: int = 0
     return torch.cat(windows)
 
 
-def _ids(value) -> tuple:
-    """A generation config's token id setting (none, one, or a list) as a tuple."""
-    return () if value is None else tuple(value) if isinstance(value, (list, tuple)) else (value,)
+def _end_tokens(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS and the model's generation EOS ids (none, one, or a list): tokens that
+    would end a window early, so never sampled."""
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = config_eos if isinstance(config_eos, (list, tuple)) else [config_eos]
+    return sorted({t for t in (tokenizer.eos_token_id, *ids) if t is not None})

@@ -4,8 +4,8 @@
 vocabulary (about 60 ms for 32 rows of SmolLM2's 49k tokens on 2 cores) and draws from all of it,
 and its growing key/value cache is copied at every step. Here the cache is allocated once for the
 whole window, and the nucleus is found among the ``_CANDIDATES`` most likely tokens (a partial
-top-k, ten times cheaper than the sort), falling back to the full sort for a row whose nucleus is
-wider, so the distribution sampled is exactly nucleus sampling's.
+top-k, about seven times cheaper than the sort), falling back to the full sort for a row whose
+nucleus is wider, so the distribution sampled is exactly nucleus sampling's.
 """
 
 from __future__ import annotations
