@@ -46,6 +46,6 @@ def sample_windows(model, start: int, rows: int, seq_len: int, *, top_p: float, 
         logits = model(token, position_ids=torch.full_like(token, position), use_cache=True,
                        **{cache_arg: cache}).logits[:, -1]
         logits[:, banned] = float("-inf")
-        token = nucleus_sample(logits, top_p).to(device)
+        token = nucleus_sample(logits, top_p)
         tokens.append(token)
     return torch.cat(tokens, dim=1).cpu()

@@ -25,7 +25,8 @@ def _nucleus(probs: torch.Tensor, top_p: float) -> set[int]:
 @pytest.mark.parametrize("vocab, top_p", [(50, 0.9), (3000, 0.95)])
 def test_nucleus_draws_exactly_the_nucleus(vocab, top_p):
     """A peaked row (nucleus among the top candidates) and a flat 3000-token row whose nucleus
-    is wider than them (the full-sort path): every draw is in the nucleus, and the draws cover it."""
+    is wider than them (the full-sort path): every draw is in the nucleus, the peaked row's most
+    likely token is drawn, and the flat row's draws cover most of its nucleus."""
     torch.manual_seed(0)
     peaked = torch.randn(vocab) * 3
     flat = torch.randn(vocab) * 0.01
