@@ -14,7 +14,7 @@ import torch
 
 from lowrank_infer.atomic import atomic_write_text
 
-__all__ = ["Column", "add_speedups", "command_line", "environment", "markdown_table", "write_outputs"]
+__all__ = ["Column", "add_speedups", "command_line", "cpu_model", "environment", "markdown_table", "write_outputs"]
 
 # (header, row key, format of a present value); a missing value prints as "-".
 Column = tuple[str, str, Callable[[object], str]]
@@ -27,6 +27,20 @@ def _version(package: str) -> str | None:
         return None
 
 
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name (Linux's ``cpuinfo``), else what :mod:`platform` knows (often only
+    ``x86_64``): CPU wall times are only comparable on the same model."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device) -> dict:
     """Machine, GPU and library versions, so that a result file says where it came from.
 
@@ -34,7 +48,7 @@ def environment(device: torch.device) -> dict:
     """
     info = {
         "host": platform.node(), "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "processor": cpu_model(), "cpu_count": os.cpu_count(),
         "python": platform.python_version(), "torch": torch.__version__,
         "cuda": torch.version.cuda, "triton": _version("triton"), "transformers": _version("transformers"),
         "lowrank_infer": _version("lowrank-infer"),
