@@ -38,7 +38,7 @@ CLI = ["lowrank-infer"]
 # Method-name suffixes after the allocator, each a pipeline stage added ("ara-refine-heal").
 VARIANTS = {"plain": ["--no-whiten"], "shrink": ["--shrinkage", "0.1"], "shrinkauto": ["--shrinkage", "auto"],
             "seq": ["--sequential"],
-            "refine": ["--refine-steps", "32"], "heal": ["--heal-steps", "100"],
+            "refine": ["--refine-steps", "32"], "heal": ["--heal-steps", "100"], "heal200": ["--heal-steps", "200"],
             # Half of every set of windows sampled by the model: 2 x 16, one batch of generation.
             "mix": ["--calib-generated", "0.5", "--batch-size", "32"],
             # ARA trained against the dense model's next-token distributions instead of the text's tokens.
