@@ -353,11 +353,24 @@ def _compiled_error(eager: Callable[[], torch.Tensor], compiled: Callable[[], to
         ValueError: compiling changed the result beyond rounding (:data:`_COMPILED_TOLERANCE`).
     """
     ref = eager().double()
-    cache.crop(-1)  # back one slot: the compiled step rewrites the slot the eager one wrote
+    rewind_one_slot(cache)  # the compiled step rewrites the slot the eager one wrote
     err = relative_error(compiled(), ref)
     if not err < _COMPILED_TOLERANCE:  # also catches NaN
         raise ValueError(f"the compiled step's logits differ from the eager step's by {err:.3g} (relative)")
     return err
+
+
+def rewind_one_slot(cache) -> None:
+    """Move a static ``cache`` back by one position, so the next step rewrites the last slot.
+
+    transformers before about 5.2x has no ``StaticLayer.crop``; there a layer's position is the
+    ``cumulative_length`` tensor alone, decremented in place (its address is static under compile).
+    """
+    for layer in cache.layers:
+        if hasattr(layer, "crop"):
+            layer.crop(-1)
+        else:
+            layer.cumulative_length.sub_(1)
 
 
 def _prepare_step(step: Callable[[], object], device: torch.device) -> tuple[Callable[[], object], str]:

@@ -191,3 +191,28 @@ def test_packed_compiled_step_matches_the_unpacked_eager_step(tiny):
         "lowrank_gated_linear", "lowrank_grouped_linear", "lowrank_linear")]
     assert ops.count("lowrank_infer.lowrank_grouped_linear.default") == 2
     assert ops.count("lowrank_infer.lowrank_gated_linear.default") == 2
+
+
+@pytest.mark.parametrize("layer_crop", [True, False], ids=["crop", "no-crop"])
+def test_rewinding_one_slot_makes_the_next_step_rewrite_the_last_one(tiny, monkeypatch, layer_crop):
+    """The rewound cache gives the logits of the step before the rewind, with or without the
+    ``StaticLayer.crop`` that older transformers (the GPU image's 5.17) lack."""
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    if not layer_crop:
+        monkeypatch.delattr(StaticLayer, "crop", raising=False)
+    ids = torch.randint(0, tiny.config.vocab_size, (1, 6))
+    cache = StaticCache(config=tiny.config, max_cache_len=8)
+    with torch.no_grad():
+        tiny(input_ids=ids[:, :5], past_key_values=cache, use_cache=True)
+        step = e2e.decode_step(tiny, ids[:, 5:], cache)
+        first = step()
+        e2e.rewind_one_slot(cache)
+        assert int(cache.get_seq_length()) == 5
+        again = step()
+        assert int(cache.get_seq_length()) == 6
+        # A step without the rewind would sit one position later and differ.
+        later = step()
+    torch.testing.assert_close(again, first)
+    assert not torch.allclose(later, first)
