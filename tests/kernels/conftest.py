@@ -104,4 +104,5 @@ def counters():
     """``counters(device)``: the decode shrink's arrival counters in the launcher's workspace."""
     from lowrank_infer.kernels import triton_lowrank
 
-    return lambda device: triton_lowrank._WORKSPACE._buffers[torch.device(device)][2]
+    # The workspace is keyed by tensors' devices, which carry an index ("cuda:0", not "cuda").
+    return lambda device: triton_lowrank._WORKSPACE._buffers[torch.empty(0, device=device).device][2]
