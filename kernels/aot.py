@@ -33,12 +33,13 @@ from triton.runtime.jit import create_function_from_signature
 from lowrank_infer.kernels import triton_lowrank
 from lowrank_infer.kernels.launch_config import get_config
 
-__all__ = ["GATED_PATHS", "H100", "SM90", "SM90_MAX_SHARED_BYTES", "compile_case", "tools_missing"]
+__all__ = ["GATED_PATHS", "H100", "H200", "SM90", "SM90_MAX_SHARED_BYTES", "compile_case", "tools_missing"]
 
 SM90 = GPUTarget("cuda", 90, 32)
 # Largest shared memory one block may opt in to on sm_90 (228 KB per SM less 1 KB reserved).
 SM90_MAX_SHARED_BYTES = 227 * 1024
 H100 = {"device_name": "NVIDIA H100 80GB HBM3", "num_sms": 132}
+H200 = {"device_name": "NVIDIA H200", "num_sms": 132}
 
 _JIT_KERNELS = ("_matmul_kernel", "_prefill_kernel", "_reduce_kernel", "_decode_shrink_kernel",
                 "_decode_expand_kernel")

@@ -211,24 +211,29 @@ def _gemm_heuristic(rows, cols, inner, *, num_sms, elem_bytes):
 
 
 def _decode_shrink_heuristic(num_tokens, m, n, k, *, num_sms, elem_bytes):
-    """Decode shrink: 64 rank rows of Vᵀ per program (the smallest ``wgmma`` M), read in runs of
-    256 bytes (two cache lines), and n split so that about two programs per SM (two fit in shared
-    memory at four stages) each stream the same share of Vᵀ: 64 KB in flight per program."""
+    """Decode shrink: 64 rank rows of Vᵀ per program (the smallest ``wgmma`` M) and n split so
+    that about one program per SM streams an equal share of Vᵀ, read in runs of 512 bytes up to
+    16 tokens and of 256 bytes (with 8 warps) above. These are the choices the tuner made on an
+    H200 for LLaMA-2-7B's projections at keep 0.6 (``benchmarks/results/h200/tune-*.log``): there
+    they ran 1.2-1.7x faster than the previous rules (two programs per SM, 256-byte runs)."""
     block_k = _pow2_block(k, 64)
-    block_n = 256 // elem_bytes
+    wide = num_tokens <= 16
+    block_n = (512 if wide else 256) // elem_bytes
     k_tiles = -(-k // block_k)
-    splits = max(1, min(2 * num_sms // k_tiles, n // (2 * block_n)))
-    return {"BLOCK_K": block_k, "BLOCK_N": block_n, "SPLIT_N": splits, "num_warps": 4,
+    splits = max(1, min(num_sms // k_tiles, n // (2 * block_n)))
+    return {"BLOCK_K": block_k, "BLOCK_N": block_n, "SPLIT_N": splits, "num_warps": 4 if wide else 8,
             "num_stages": 4 if elem_bytes == 2 else 3}
 
 
 def _decode_expand_heuristic(num_tokens, m, n, k, *, num_sms, elem_bytes):
-    """Decode expand: each program owns whole rows of U (no split, no reduction), as many rows
-    as still leave at least one program per SM, read in 256-byte runs along k."""
-    block_m = next((b for b in (64, 32) if -(-m // b) >= num_sms), 16)
-    # 64 rows take 8 warps: at 4, the gated variant's two fp32 accumulators spill on sm_90.
-    return {"BLOCK_M": block_m, "BLOCK_K": _pow2_block(k, 256 // elem_bytes),
-            "num_warps": 8 if block_m == 64 else 4, "num_stages": 4 if elem_bytes == 2 else 3}
+    """Decode expand: each program owns whole rows of U (no split, no reduction): 32 rows where
+    that still leaves a program for every other SM, else 16; read along k in 256-byte runs up to
+    16 tokens and 128-byte runs above, 4 warps (as tuned on the H200, see the shrink). The short
+    runs at 32 tokens also keep the gated variant's two fp32 accumulators out of local memory."""
+    block_m = 32 if -(-m // 32) >= num_sms // 2 else 16
+    run_bytes = 256 if num_tokens <= 16 else 128
+    return {"BLOCK_M": block_m, "BLOCK_K": _pow2_block(k, run_bytes // elem_bytes),
+            "num_warps": 4, "num_stages": 4 if elem_bytes == 2 else 3}
 
 
 _HEURISTICS = {

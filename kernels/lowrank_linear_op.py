@@ -7,13 +7,14 @@ first use, so that importing this package needs neither Triton nor a GPU.
 On CUDA the op runs one of the backends in :data:`BACKENDS` (:func:`set_backend`):
 
 * ``"cublas"`` (default): two cuBLAS GEMMs, ``(x @ V) @ U.T``, the intermediate rounded to the
-  model dtype. The default because it was the fastest backend on the H100 we measured
-  (benchmarks/results/h100/).
+  model dtype. The default because it was the fastest backend overall on the H100 and H200 we
+  measured (benchmarks/results/h100/, benchmarks/results/h200/).
 * ``"triton"``: hybrid: the Triton decode kernels up to ``DECODE_MAX_TOKENS`` tokens, where
   the weights' bytes bound the time, and the two cuBLAS GEMMs of ``"cublas"`` above, where the
   GEMMs run at full tensor-core rate with a 16-bit intermediate and the Triton prefill kernels,
   which keep it in fp32, reach a fraction of that. So ``"triton"`` is never slower than cuBLAS
-  on prefill. The crossover is the heuristic ``DECODE_MAX_TOKENS``, not yet measured on a GPU.
+  on prefill. The crossover is ``DECODE_MAX_TOKENS`` (32); on the H200 the decode kernels won
+  only up to 16 tokens and only on the large projections.
 * ``"triton_fp32"``: the Triton kernels at every token count, the intermediate never rounded
   to 16 bits.
 * ``"torch"``: plain torch math with an fp32 intermediate, what CPU tensors always run; a
@@ -135,8 +136,9 @@ def set_pdl(enabled: bool) -> None:
 
     With PDL a kernel starts while the previous one in the stream finishes: it prefetches its
     weights into L2 and waits (``griddepcontrol.wait``) only before it reads the activations.
-    Off by default (``$LOWRANK_INFER_PDL=1`` turns it on at import) until a GPU run measures it
-    faster; ignored on GPUs older than sm_90 and in the interpreter.
+    Off by default (``$LOWRANK_INFER_PDL=1`` turns it on at import): on the H200 it made every
+    decode case slower (benchmarks/results/h200/). Ignored on GPUs older than sm_90 and in the
+    interpreter.
     """
     global _pdl
     _pdl = bool(enabled)

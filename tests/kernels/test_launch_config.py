@@ -30,23 +30,45 @@ def test_heuristics_give_compilable_blocks(kernel, shape):
 
 
 def test_decode_shrink_spreads_vt_evenly_over_the_sms():
-    """64-row tiles of Vᵀ (the smallest wgmma M) in 256-byte runs, n split so that about two
-    programs per SM each stream an equal share, no more than fits two BLOCK_N steps each."""
-    for k, n in ((1228, 4096), (1790, 11008), (491, 4096)):
-        cfg = get_config("decode_shrink", 1, 4096, n, k, device_name="x", num_sms=132, elem_bytes=2)
-        assert cfg["BLOCK_K"] == 64 and cfg["BLOCK_N"] * 2 == 256
-        per_split = -(-(-(-n // cfg["SPLIT_N"])) // cfg["BLOCK_N"]) * cfg["BLOCK_N"]
-        programs = -(-k // 64) * -(-n // per_split)
-        assert 128 <= programs <= 2 * 132, (k, n, cfg, programs)
+    """64-row tiles of Vᵀ (the smallest wgmma M), n split so that about one program per SM
+    streams an equal share, no more than fits two BLOCK_N steps each; 512-byte runs up to 16
+    tokens, 256-byte runs above."""
+    for T, run_bytes in ((1, 512), (16, 512), (32, 256)):
+        for k, n in ((1216, 4096), (1776, 11008), (491, 4096)):
+            cfg = get_config("decode_shrink", T, 4096, n, k, device_name="x", num_sms=132, elem_bytes=2)
+            assert cfg["BLOCK_K"] == 64 and cfg["BLOCK_N"] * 2 == run_bytes
+            per_split = -(-(-(-n // cfg["SPLIT_N"])) // cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+            programs = -(-k // 64) * -(-n // per_split)
+            capped = cfg["SPLIT_N"] == n // (2 * cfg["BLOCK_N"])  # each split streams two runs
+            assert programs <= 132 and (programs >= 100 or capped), (T, k, n, cfg, programs)
     few = get_config("decode_shrink", 1, 64, 100, 16, device_name="x", num_sms=132, elem_bytes=4)
-    assert few["SPLIT_N"] == 1 and few["BLOCK_K"] == 16 and few["BLOCK_N"] * 4 == 256
+    assert few["SPLIT_N"] == 1 and few["BLOCK_K"] == 16 and few["BLOCK_N"] * 4 == 512
 
 
-def test_decode_expand_gives_every_sm_whole_rows_of_u():
-    for m, rows in ((4096, 16), (11008, 64), (576, 16)):
-        cfg = get_config("decode_expand", 16, m, 4096, 1228, device_name="x", num_sms=132, elem_bytes=2)
-        assert cfg["BLOCK_M"] == rows and cfg["BLOCK_K"] * 2 == 256
-        assert -(-m // rows) >= 132 or rows == 16
+def test_decode_expand_gives_every_other_sm_whole_rows_of_u():
+    for m, rows in ((4096, 32), (11008, 32), (2048, 16), (576, 16)):
+        for T, run_bytes in ((1, 256), (32, 128)):
+            cfg = get_config("decode_expand", T, m, 4096, 1228, device_name="x", num_sms=132, elem_bytes=2)
+            assert cfg["BLOCK_M"] == rows and cfg["BLOCK_K"] * 2 == run_bytes and cfg["num_warps"] == 4
+            assert -(-m // rows) >= 132 // 2 or rows == 16
+
+
+def test_h200_tuned_decode_entries_agree_with_the_heuristics():
+    """The heuristics restate the H200 tuning: the shrink's split exactly, and every tuned block
+    size at all but two of each kernel's nine tuned shapes (the tuner preferred other run lengths
+    for two of them)."""
+    from lowrank_infer.kernels.launch_config import config_file
+
+    table = json.loads(config_file("NVIDIA H200").read_text())
+    for kernel in ("decode_shrink", "decode_expand"):
+        differ = []
+        for key, tuned in table[kernel].items():
+            T, m, n, k = (int(part.split("=")[1]) for part in key.split(","))
+            cfg = get_config(kernel, T, m, n, k, device_name="no-such-gpu", num_sms=132, elem_bytes=2)
+            if any(cfg[name] != value for name, value in tuned.items() if name.startswith("BLOCK_")):
+                differ.append((key, cfg, tuned))
+            assert cfg.get("SPLIT_N") == tuned.get("SPLIT_N"), (key, cfg, tuned)
+        assert len(table[kernel]) == 9 and len(differ) <= 2, differ
 
 
 def test_gemm_heuristic_does_not_split_large_outputs():

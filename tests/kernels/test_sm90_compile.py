@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("triton.backends.nvidia.compiler", reason="needs Triton with its NVIDIA backend")
 
-from lowrank_infer.kernels.aot import GATED_PATHS, H100, SM90_MAX_SHARED_BYTES, tools_missing  # noqa: E402
+from lowrank_infer.kernels.aot import GATED_PATHS, H100, H200, SM90_MAX_SHARED_BYTES, tools_missing  # noqa: E402
 
 # A name without a tuned table: the heuristics, with the H100's SM count.
 HEURISTICS = {"device_name": "sm_90 heuristics", "num_sms": H100["num_sms"]}
@@ -56,11 +56,18 @@ TUNED = [dict(path=path, T=T, m=m, n=n, k=k, dtype=dtype, **H100) for path, T, m
     ("decode", 16, 11008, 4096, 1790, "bfloat16"), ("decode", 1, 1024, 4096, 491, "float16"),
     ("shrink_expand", 2048, 4096, 4096, 1228, "float16"),
     ("shrink_expand", 2048, 4096, 11008, 1790, "bfloat16")]]
+# The H200 table's decode entries (LLaMA-2-7B at keep 0.6, ranks multiples of 16), plain, grouped
+# (q/k/v: one shrink over k = 3 x 1216, a shape the table lacks) and gated.
+TUNED += [dict(path=path, T=T, m=m, n=n, k=k, dtype="bfloat16", **H200) for path, T, m, n, k in [
+    ("decode", 1, 4096, 4096, 1216), ("decode", 32, 11008, 4096, 1776), ("decode", 16, 4096, 11008, 1776),
+    ("decode", 1, 4096, 4096, 3648), ("decode_gated_silu", 1, 11008, 4096, 1776),
+    ("decode_gated_silu", 32, 11008, 4096, 1776)]]
 CASES = _heuristic_cases() + TUNED
+_TABLES = {H100["device_name"]: "tuned", H200["device_name"]: "tuned-h200"}
 
 
 def _case_id(case):
-    table = "tuned" if case["device_name"] == H100["device_name"] else "heuristic"
+    table = _TABLES.get(case["device_name"], "heuristic")
     pdl = "-pdl" if case.get("pdl") else ""
     return f"{table}-{case['path']}-T{case['T']}-{case['m']}x{case['n']}-k{case['k']}-{case['dtype']}{pdl}"
 
