@@ -41,13 +41,15 @@ VARIANTS = {"plain": ["--no-whiten"], "shrink": ["--shrinkage", "0.1"], "shrinka
             "refine": ["--refine-steps", "32"], "heal": ["--heal-steps", "100"], "heal200": ["--heal-steps", "200"],
             # Half of every set of windows sampled by the model: 2 x 16, one batch of generation.
             "mix": ["--calib-generated", "0.5", "--batch-size", "32"],
+            # With mix: each generated window joined from four 128-token samples (more topics, same tokens).
+            "short": ["--calib-sample-len", "128"],
             # ARA trained against the dense model's next-token distributions instead of the text's tokens.
             "kl": ["--param", "loss=kl"],
             # Another draw of every set of windows (the suite's other rows use compress's default seed 0).
             "seed1": ["--seed", "1"]}
 # Stages that change what the allocator sees or trains on: the committed plans (made on text alone,
 # ARA on cross-entropy) do not apply.
-RANK_VARIANTS = {"mix", "kl", "seed1"}
+RANK_VARIANTS = {"mix", "short", "kl", "seed1"}
 
 
 def plan_file(args, method: str, keep: float) -> Path | None:

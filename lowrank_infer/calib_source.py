@@ -49,6 +49,9 @@ class CalibSource:
             ``pool_len`` tokens long, sampled for both parts at once (fit rows first) under
             ``seed``; shorter windows are cut from them, and a set that asks for more reuses them
             in turn.
+        sample_len: tokens per sample (``None``: ``pool_len``). Shorter samples, each from the
+            model's start token, are concatenated into the pool's rows: the same tokens cover
+            more of what the model writes about, since one sample tends to stay on one topic.
         seed: the base seed: the generated pools' and, with offsets, each set's text windows'.
     """
 
@@ -58,6 +61,7 @@ class CalibSource:
     pool_size: int
     pool_len: int
     seed: int = 0
+    sample_len: int | None = None
     _samples: torch.Tensor | None = field(default=None, repr=False)  # both parts' pools, fit rows first
 
     def __post_init__(self):
@@ -67,6 +71,9 @@ class CalibSource:
             raise ValueError("calibration text needed for the windows the model does not generate")
         if self.generated > 0.0 and self.sample is None:
             raise ValueError("generated calibration windows need a model to sample them")
+        if self.sample_len is not None and not 2 <= self.sample_len <= self.pool_len:
+            raise ValueError(f"generated samples must be 2 to {self.pool_len} tokens long (the window length), "
+                             f"got {self.sample_len}")
 
     def split(self, count: int) -> tuple[int, int]:
         """``(from text, generated)`` windows of a set of ``count``."""
@@ -105,8 +112,15 @@ class CalibSource:
                              "generated (--seq-len)")
         size = max(self.pool_size, 1)
         if self._samples is None:
-            self._samples = self.sample(size * len(PARTS), self.pool_len, self.seed)
+            self._samples = self._sample_pool(size * len(PARTS))
         # Each part its own rows: held never shares a window with fit.
         pool = self._samples[PARTS.index(part) * size:(PARTS.index(part) + 1) * size]
         pieces = pool[:, : pool.shape[1] // seq_len * seq_len].reshape(-1, seq_len)
         return pieces[torch.arange(count) % pieces.shape[0]]
+
+    def _sample_pool(self, rows: int) -> torch.Tensor:
+        """``[rows, pool_len]``: each row ``pool_len // sample_len`` (rounded up) samples end to end, cut to length."""
+        length = self.sample_len or self.pool_len
+        per_row = -(-self.pool_len // length)
+        samples = self.sample(rows * per_row, length, self.seed)
+        return samples.reshape(rows, per_row * length)[:, :self.pool_len]

@@ -71,6 +71,10 @@ def _add_calibration_options(p: argparse.ArgumentParser) -> None:
         "held-out samples, 2 x F x --calib-samples windows, are sampled --batch-size at a time, fastest when "
         "one batch holds them all. "
         "Default 0; --calib-file generated = 1")
+    p.add_argument(
+        "--calib-sample-len", type=_positive_int, default=None, metavar="N",
+        help="with --calib-generated: tokens per generated sample; shorter samples, each started afresh, are "
+        "joined into --seq-len windows, so the same tokens cover more topics (default: one sample per window)")
     p.add_argument("--calib-samples", type=_positive_int, default=32, help="calibration windows (default 32)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="calibration windows per forward pass (default 8)")
@@ -300,7 +304,8 @@ def _calib_source(args, tokenizer, config, plan, model, device) -> CalibSource |
     if fraction < 1.0:
         text = split_held_out(tokenize_text(tokenizer, clean_calibration_text(load_text(args.calib_file, split="calib"))))
     return CalibSource(text, fraction, sample if fraction > 0.0 else None,
-                       pool_size=round(fraction * args.calib_samples), pool_len=args.seq_len, seed=args.seed)
+                       pool_size=round(fraction * args.calib_samples), pool_len=args.seq_len, seed=args.seed,
+                       sample_len=args.calib_sample_len)
 
 
 def _calibration_ids(args, source: CalibSource | None, config, plan=None):
@@ -484,6 +489,8 @@ def _record_calibration(model, plan: RankPlan, source: CalibSource | None) -> No
     settings are the command's); with ``model``, its checkpoint will too."""
     if source is not None and source.generated:
         plan.params["calib_generated"] = source.generated
+        if source.sample_len is not None:
+            plan.params["calib_sample_len"] = source.sample_len
         if model is not None:
             attach_plan(model, plan)
 

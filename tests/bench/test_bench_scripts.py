@@ -87,7 +87,7 @@ def test_quality_suite_stacks_variants_and_refuses_unknown_ones(tmp_path, capsys
                   "--work-dir", str(tmp_path), "--dry-run"])
     command = [line for line in capsys.readouterr().out.splitlines() if line.startswith("+ ")][0]
     assert command.endswith("--method drank --shrinkage 0.1 --sequential --refine-steps 32 --heal-steps 100")
-    known = "plain, shrink, shrinkauto, seq, refine, heal, heal200, mix, kl, seed1"
+    known = "plain, shrink, shrinkauto, seq, refine, heal, heal200, mix, short, kl, seed1"
     with pytest.raises(SystemExit, match=f"unknown variant 'fast' in 'ara-fast'; known: {known}"):
         quality.main(["--methods", "ara-fast", "--keeps", "0.8", "--text-file", "t.txt", "--no-dense",
                       "--work-dir", str(tmp_path), "--dry-run"])

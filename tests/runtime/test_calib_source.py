@@ -74,3 +74,20 @@ def test_windows_longer_than_the_generated_ones_or_the_text_part_are_refused():
         _source(0.0).windows(2, 64, "held")
     with pytest.raises(ValueError, match="part must be one of"):
         _source(0.5).windows(2, 8, "test")
+
+
+def test_short_samples_are_joined_end_to_end_into_the_pool_rows():
+    source = CalibSource((torch.arange(100), torch.arange(100, 120)), 1.0, Sampler(), pool_size=2, pool_len=8,
+                         seed=3, sample_len=3)
+    ids = source.windows(2, 8, "held")
+    short = Sampler()(12, 3, 3)  # 2 parts x 2 rows x ceil(8 / 3) samples, fit rows first
+    rows = short.reshape(4, 9)[:, :8]
+    assert torch.equal(ids, rows[2:])
+    assert torch.equal(source.windows(2, 8, "fit"), rows[:2])
+    assert source.sample.calls == [(12, 3, 3)]
+
+
+@pytest.mark.parametrize("sample_len", [1, 9])
+def test_sample_lengths_outside_the_window_are_refused(sample_len):
+    with pytest.raises(ValueError, match=f"generated samples must be 2 to 8 tokens long .*got {sample_len}"):
+        CalibSource(None, 1.0, Sampler(), pool_size=2, pool_len=8, sample_len=sample_len)

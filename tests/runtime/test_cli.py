@@ -386,6 +386,26 @@ def test_mixed_calibration_interleaves_text_and_the_models_own_windows(tiny_mode
     assert json.loads((tmp_path / "p.json").read_text())["params"]["calib_generated"] == 0.5
 
 
+def test_short_generated_samples_fill_the_windows_end_to_end(tiny_model_dir, tmp_path, monkeypatch):
+    """``--calib-sample-len 16`` with windows of 32: each window is two of the model's 16-token
+    samples under --seed, in order, and the plan records the length."""
+    import lowrank_infer.cli as cli_module
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowrank_infer.data import generated_ids
+
+    seen = {}
+    real = cli_module.analyze
+    monkeypatch.setattr(cli_module, "analyze", lambda *a, **kw: seen.update(kw) or real(*a, **kw))
+    assert main(["plan", "--model", str(tiny_model_dir), "--method", "uniform", "--keep", "0.5", "--calib-file",
+                 "generated", "--calib-sample-len", "16", "--calib-samples", "2", "--seq-len", "32", "--seed", "5",
+                 "--out", str(tmp_path / "p.json")]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    short = generated_ids(model, AutoTokenizer.from_pretrained(tiny_model_dir), 8, 16, seed=5, batch_size=8)
+    assert torch.equal(seen["calib_ids"], short[:4].reshape(2, 32))  # the fit rows come first
+    assert json.loads((tmp_path / "p.json").read_text())["params"]["calib_sample_len"] == 16
+
+
 def test_generated_calibration_file_contradicts_a_mix(cli, tiny_model_dir, tmp_path):
     _one_line_error(*cli(*_compress_args(tiny_model_dir, "generated", tmp_path / "ck", "--calib-generated", 0.5)),
                     "--calib-file generated samples every window, which contradicts --calib-generated 0.5")
