@@ -290,6 +290,9 @@ def _calib_source(args, tokenizer, config, plan, model, device) -> CalibSource |
         raise ValueError(f"--calib-file generated samples every window, which contradicts --calib-generated "
                          f"{args.calib_generated:g}: pass a text file to mix")
     fraction = 1.0 if args.calib_file == GENERATED else args.calib_generated
+    if args.calib_sample_len is not None and fraction == 0.0:
+        raise ValueError("--calib-sample-len sets the length of generated samples, and none are generated: "
+                         "pass --calib-generated F (or --calib-file generated)")
     if fraction < 1.0 and not args.calib_file:
         raise ValueError("calibration text needed: pass --calib-file FILE (or 'wikitext2'), or set LOWRANK_INFER_DATA, "
                          "or --calib-generated 1 to sample every window from the model")

@@ -406,6 +406,11 @@ def test_short_generated_samples_fill_the_windows_end_to_end(tiny_model_dir, tmp
     assert json.loads((tmp_path / "p.json").read_text())["params"]["calib_sample_len"] == 16
 
 
+def test_a_sample_length_without_generated_windows_is_refused(cli, tiny_model_dir, tiny_text, tmp_path):
+    _one_line_error(*cli(*_compress_args(tiny_model_dir, tiny_text, tmp_path / "ck", "--calib-sample-len", 16)),
+                    "--calib-sample-len sets the length of generated samples, and none are generated")
+
+
 def test_generated_calibration_file_contradicts_a_mix(cli, tiny_model_dir, tmp_path):
     _one_line_error(*cli(*_compress_args(tiny_model_dir, "generated", tmp_path / "ck", "--calib-generated", 0.5)),
                     "--calib-file generated samples every window, which contradicts --calib-generated 0.5")
