@@ -74,7 +74,9 @@ def _add_calibration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--calib-sample-len", type=_positive_int, default=None, metavar="N",
         help="with --calib-generated: tokens per generated sample; shorter samples, each started afresh, are "
-        "joined into --seq-len windows, so the same tokens cover more topics (default: one sample per window)")
+        "joined into --seq-len windows, so the same tokens cover more topics (on SmolLM2 at keep 0.8, 128 "
+        "cut perplexity on off-domain text from 48 to 29-31 and cost 2-3%% on WikiText-2: README). "
+        "Default: one sample per window")
     p.add_argument("--calib-samples", type=_positive_int, default=32, help="calibration windows (default 32)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="calibration windows per forward pass (default 8)")
