@@ -38,7 +38,6 @@ CLI = ["lowrank-infer"]
 # Method-name suffixes after the allocator, each a pipeline stage added ("ara-refine-heal").
 VARIANTS = {"plain": ["--no-whiten"], "shrink": ["--shrinkage", "0.1"], "shrinkauto": ["--shrinkage", "auto"],
             "seq": ["--sequential"],
-            "refine": ["--refine-steps", "32"], "heal": ["--heal-steps", "100"], "heal200": ["--heal-steps", "200"],
             # Half of every set of windows sampled by the model: 2 x 16, one batch of generation.
             "mix": ["--calib-generated", "0.5", "--batch-size", "32"],
             # With mix: each generated window joined from four 128-token samples (more topics, same tokens).
@@ -49,14 +48,37 @@ VARIANTS = {"plain": ["--no-whiten"], "shrink": ["--shrinkage", "0.1"], "shrinka
             "seed1": ["--seed", "1"]}
 # Stages that change what the allocator sees or trains on: the committed plans (made on text alone,
 # ARA on cross-entropy) do not apply.
-RANK_VARIANTS = {"mix", "short", "kl", "seed1"}
+RANK_VARIANTS = {"mix", "short", "kl", "seed1", "calib"}
+# Stages with a count: the bare name takes the default, a number after it overrides it ("heal400").
+COUNTED = {"refine": ("--refine-steps", 32), "heal": ("--heal-steps", 100), "calib": ("--calib-samples", 32)}
+
+
+def variant_args(variant: str, method: str) -> list[str]:
+    """compress's arguments for one variant name (``shrink``, ``refine``, ``refine128`` ...)."""
+    if variant in VARIANTS:
+        return VARIANTS[variant]
+    counted = re.fullmatch(r"([a-z]+)(\d*)", variant)
+    if counted and counted.group(1) in COUNTED:
+        flag, default = COUNTED[counted.group(1)]
+        return [flag, counted.group(2) or str(default)]
+    known = [*VARIANTS, *(f"{name}[N]" for name in COUNTED)]
+    raise SystemExit(f"unknown variant {variant!r} in {method!r}; known: {', '.join(known)}")
+
+
+def _variant_names(method: str) -> set[str]:
+    """The method's variants, counted ones by name alone (``calib128`` -> ``calib``)."""
+    names = set()
+    for variant in method.split("-")[1:]:
+        stem = re.sub(r"\d+$", "", variant)
+        names.add(stem if stem in COUNTED else variant)
+    return names
 
 
 def plan_file(args, method: str, keep: float) -> Path | None:
     """The committed plan of the method's allocator at ``keep`` under ``--plans``, if there is one
     (``ara-seq`` applies the ``ara`` plan: the variant changes the factors, not the ranks; ``ara-mix``
     runs ARA again, on the windows the variant gives it)."""
-    if not args.plans or RANK_VARIANTS & set(method.split("-")[1:]):
+    if not args.plans or RANK_VARIANTS & _variant_names(method):
         return None
     path = args.plans / f"{Path(args.model).stem}_{method.partition('-')[0]}_keep{keep}.json"
     return path if path.is_file() else None
@@ -64,15 +86,11 @@ def plan_file(args, method: str, keep: float) -> Path | None:
 
 def compress_command(args, method: str, keep: float, out: Path) -> list[str]:
     allocator, *variants = method.split("-")
-    for variant in variants:
-        if variant not in VARIANTS:
-            raise SystemExit(f"unknown variant {variant!r} in {method!r}; known: {', '.join(VARIANTS)}")
+    extra = [arg for variant in variants for arg in variant_args(variant, method)]
     command = [*CLI, "compress", "--model", args.model, "--keep", str(keep), "--out", str(out)]
     plan = plan_file(args, method, keep)
     command += ["--plan", str(plan)] if plan else ["--method", allocator]
-    for variant in variants:
-        command += VARIANTS[variant]
-    return command + (["--calib-file", args.calib_file] if args.calib_file else [])
+    return command + extra + (["--calib-file", args.calib_file] if args.calib_file else [])
 
 
 def plan_summary(checkpoint: Path) -> dict:

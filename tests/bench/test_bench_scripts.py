@@ -3,6 +3,7 @@ and the GPU session script's guard."""
 
 import importlib.util
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -87,8 +88,13 @@ def test_quality_suite_stacks_variants_and_refuses_unknown_ones(tmp_path, capsys
                   "--work-dir", str(tmp_path), "--dry-run"])
     command = [line for line in capsys.readouterr().out.splitlines() if line.startswith("+ ")][0]
     assert command.endswith("--method drank --shrinkage 0.1 --sequential --refine-steps 32 --heal-steps 100")
-    known = "plain, shrink, shrinkauto, seq, refine, heal, heal200, mix, short, kl, seed1"
-    with pytest.raises(SystemExit, match=f"unknown variant 'fast' in 'ara-fast'; known: {known}"):
+    quality.main(["--methods", "ara-mix-calib128-refine64-heal400", "--keeps", "0.8", "--text-file", "t.txt",
+                  "--no-dense", "--work-dir", str(tmp_path), "--plans", str(tmp_path), "--dry-run"])
+    command = [line for line in capsys.readouterr().out.splitlines() if line.startswith("+ ")][0]
+    assert command.endswith("--method ara --calib-generated 0.5 --batch-size 32 --calib-samples 128 "
+                            "--refine-steps 64 --heal-steps 400")
+    known = "plain, shrink, shrinkauto, seq, mix, short, kl, seed1, refine[N], heal[N], calib[N]"
+    with pytest.raises(SystemExit, match=re.escape(f"unknown variant 'fast' in 'ara-fast'; known: {known}")):
         quality.main(["--methods", "ara-fast", "--keeps", "0.8", "--text-file", "t.txt", "--no-dense",
                       "--work-dir", str(tmp_path), "--dry-run"])
 
@@ -98,3 +104,10 @@ def test_gpu_session_parses_and_refuses_unknown_stages():
     assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
     result = subprocess.run(["bash", script, "kernels"], capture_output=True, text=True)
     assert result.returncode == 2 and "unknown stage 'kernels' (the one stage is v2)" in result.stderr
+
+
+def test_gpu_quality_parses_and_refuses_unknown_stages():
+    script = BENCHMARKS / "gpu_quality.sh"
+    assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
+    result = subprocess.run(["bash", script, "tune"], capture_output=True, text=True)
+    assert result.returncode == 2 and "usage: " in result.stderr and "prepare|smoke|sweep" in result.stderr
