@@ -52,7 +52,7 @@ EOF
 setup() {  # on the device: the gguf wheel, this checkout importable, the data where the CPU suite reads it
   if [[ ${DRY_RUN:-0} != 1 ]]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$CARRY"/common/wheels/*.whl || return 1
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$CARRY"/common/wheels/*.whl || return 1
   fi
   export PYTHONPATH=$PWD:/tmp/site
   mkdir -p ../shared/data/wikitext2
