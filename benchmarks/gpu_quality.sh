@@ -53,6 +53,7 @@ setup() {  # on the device: the gguf wheel, this checkout importable, the data w
   if [[ ${DRY_RUN:-0} != 1 ]]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$CARRY"/common/wheels/*.whl || return 1
+    "$PY" -m pip install -q --no-build-isolation --no-deps -e . || return 1  # lowrank_infer.allocation, kernels
   fi
   export PYTHONPATH=$PWD:/tmp/site
   mkdir -p ../shared/data/wikitext2

@@ -48,9 +48,12 @@ VARIANTS = {"plain": ["--no-whiten"], "shrink": ["--shrinkage", "0.1"], "shrinka
             "seed1": ["--seed", "1"]}
 # Stages that change what the allocator sees or trains on: the committed plans (made on text alone,
 # ARA on cross-entropy) do not apply.
-RANK_VARIANTS = {"mix", "short", "kl", "seed1", "calib"}
-# Stages with a count: the bare name takes the default, a number after it overrides it ("heal400").
-COUNTED = {"refine": ("--refine-steps", 32), "heal": ("--heal-steps", 100), "calib": ("--calib-samples", 32)}
+RANK_VARIANTS = {"mix", "short", "kl", "seed1", "calib", "arasteps", "araseq"}
+# Stages with a count: the bare name takes the default, a number after it overrides it ("heal400",
+# "araseq512": ARA trains on the first 512 tokens of each held-out window instead of 128).
+COUNTED = {"refine": ("--refine-steps", "{}", 32), "heal": ("--heal-steps", "{}", 100),
+           "calib": ("--calib-samples", "{}", 32),
+           "arasteps": ("--param", "steps={}", 100), "araseq": ("--param", "seq_len={}", 128)}
 
 
 def variant_args(variant: str, method: str) -> list[str]:
@@ -59,8 +62,8 @@ def variant_args(variant: str, method: str) -> list[str]:
         return VARIANTS[variant]
     counted = re.fullmatch(r"([a-z]+)(\d*)", variant)
     if counted and counted.group(1) in COUNTED:
-        flag, default = COUNTED[counted.group(1)]
-        return [flag, counted.group(2) or str(default)]
+        flag, value, default = COUNTED[counted.group(1)]
+        return [flag, value.format(counted.group(2) or default)]
     known = [*VARIANTS, *(f"{name}[N]" for name in COUNTED)]
     raise SystemExit(f"unknown variant {variant!r} in {method!r}; known: {', '.join(known)}")
 

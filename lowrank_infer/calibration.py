@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 import lowrank_infer.offload as offload
 from lowrank_infer.structure import decoder_blocks
 
-__all__ = ["BlockStream", "block_grams", "block_linears", "block_on", "block_stream", "calibrate", "run_block"]
+__all__ = ["BlockStream", "block_grams", "block_linears", "module_on", "block_stream", "calibrate", "run_block"]
 
 
 class _StopForward(Exception):
@@ -159,7 +159,7 @@ class BlockStream:
 def block_stream(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int, device,
                  held_ids: torch.Tensor | None = None) -> Iterator[BlockStream]:
     """Everything but the decoder blocks on ``device`` for the ``with`` block (blocks move one at
-    a time, see :func:`block_on`), and the recorded calls of every block; the model returns home
+    a time, see :func:`module_on`), and the recorded calls of every block; the model returns home
     afterwards. ``held_ids`` windows, when given, follow in batches of their own."""
     if input_ids.ndim != 2 or input_ids.numel() == 0:
         raise ValueError(f"calibration input_ids must be a non-empty [samples, seq_len] tensor, got {tuple(input_ids.shape)}")
@@ -175,9 +175,9 @@ def block_stream(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int, 
 
 
 @contextmanager
-def block_on(block: nn.Module, device) -> Iterator[nn.Module]:
-    """``block`` on ``device`` for the ``with`` block, back where it was afterwards (a block
-    whose weights are on disk is read in and dropped again)."""
+def module_on(block: nn.Module, device) -> Iterator[nn.Module]:
+    """``block`` (a decoder block, or a whole model) on ``device`` for the ``with`` block, back
+    where it was afterwards (a block whose weights are on disk is read in and dropped again)."""
     if offload.holds(block) and any(p.is_meta for p in block.parameters()):
         offload.load(block, device)
         try:
@@ -280,7 +280,7 @@ def block_grams(
         block = stream.blocks[i]
         wanted = block_linears(linears, stream.prefix, i)
         collector = _GramCollector(wanted, torch.device("cpu"), folds=folds)
-        with block_on(block, device):
+        with module_on(block, device):
             with collector.hooked():
                 hidden = run_block(block, stream.calls[i], [h.to(device) for h in hidden],
                                    lambda _: collector.start_batch())

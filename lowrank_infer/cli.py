@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import json
 import os
@@ -17,6 +16,7 @@ from lowrank_infer import offload
 from lowrank_infer.allocation import METHODS, MethodConfig, RankPlan
 from lowrank_infer.compress import analyze, compress, config_for, needs_calibration
 from lowrank_infer.calib_source import CalibSource
+from lowrank_infer.calibration import module_on
 from lowrank_infer.data import (
     GENERATED, HELD_OUT_FRACTION, generated_ids, clean_calibration_text, load_text, shared_data_file, split_held_out, tokenize_text,
 )
@@ -302,7 +302,7 @@ def _calib_source(args, tokenizer, config, plan, model, device) -> CalibSource |
         raise ValueError("generated calibration samples text from the whole model, which --weights-on-disk never holds")
 
     def sample(count, seq_len, seed):
-        with _on_device(model, device):
+        with module_on(model, device):
             return generated_ids(model, tokenizer, count, seq_len, seed=seed, batch_size=args.batch_size, progress=True)
 
     text = None
@@ -395,17 +395,8 @@ def _eval_tokens(path: str, tokenizer):
     return tokenize_text(tokenizer, load_text(path, split="eval"))
 
 
-@contextlib.contextmanager
-def _on_device(model, device: str):
-    """``model`` on ``device`` inside the block; it returns to host memory afterwards."""
-    try:
-        yield model.to(device)
-    finally:
-        model.to("cpu")
-
-
 def _perplexity_on(device: str, model, tokens, args) -> dict:
-    with _on_device(model, device):
+    with module_on(model, device):
         return perplexity(model, tokens, seq_len=args.seq_len, max_windows=args.eval_windows)
 
 
@@ -503,13 +494,13 @@ def _record_calibration(model, plan: RankPlan, source: CalibSource | None) -> No
 def _dense_targets(args, model, source: CalibSource, device):
     """The dense model's targets on the healing windows, recorded before compression changes it."""
     train, held = _heal_windows(args, source)
-    with _on_device(model, device):
+    with module_on(model, device):
         return [teacher_targets(model, ids, progress=True) for ids in (train, held)]
 
 
 def _heal(args, model, targets, device):
     config = HealConfig(steps=args.heal_steps, lr=args.heal_lr, batch_size=HEAL_BATCH)
-    with _on_device(model, device):
+    with module_on(model, device):
         return heal(model, *targets, config, progress=True)
 
 

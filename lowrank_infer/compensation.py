@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowrank_infer.allocation.plan import RankPlan
-from lowrank_infer.calibration import block_linears, block_on, block_stream, run_block
+from lowrank_infer.calibration import block_linears, module_on, block_stream, run_block
 from lowrank_infer.factorize import whitened_svd
 from lowrank_infer.refinement import BlockBatches, Factored, RefineConfig, refine_block
 from lowrank_infer.structure import replace_module, target_linears
@@ -228,7 +228,7 @@ def compensated_factors(
         for i, block in enumerate(bar):
             prefix = f"{stream.prefix}.{i}."
             planned = {name.removeprefix(prefix): m for name, m in block_linears(lowrank, stream.prefix, i).items()}
-            with block_on(block, device):
+            with module_on(block, device):
                 factors, report, dense_hidden, comp_hidden = _refit_block(
                     block, stream.calls[i], dense_hidden, comp_hidden, planned, plan, ridge, lambda n: prefix + n,
                     fit_batches, refine, initial)

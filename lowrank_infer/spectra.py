@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowrank_infer.calibration import block_grams, block_linears, block_on, block_stream
+from lowrank_infer.calibration import block_grams, block_linears, module_on, block_stream
 from lowrank_infer.distributed import Ranks
 from lowrank_infer.factorize import AUTO, Spectrum, held_out_shrinkage, plain_svd, whitened_svd
 from lowrank_infer.structure import decoder_blocks
@@ -97,7 +97,7 @@ def stream_spectra(model, linears, caps, *, calib_ids, whiten, batch_size, devic
     with bar:  # closed before an error propagates, so the error is the last line printed
         if not whiten:
             for i in todo:
-                with block_on(blocks[i], device):  # weights kept on disk are read in for the SVDs
+                with module_on(blocks[i], device):  # weights kept on disk are read in for the SVDs
                     finish(i, None)
         elif todo:
             with block_stream(model, ranks.shard(calib_ids), batch_size=batch_size, device=device) as stream:

@@ -146,3 +146,28 @@ def test_allocators_choose_on_the_select_windows(monkeypatch):
                                    progress=False)
     name = next(iter(spectra_calib))
     assert torch.equal(spectra_calib[name].sigma, spectra_select[name].sigma)
+
+
+def test_allocation_runs_the_model_on_the_gpu_only_when_model_and_factors_fit():
+    """ARA trains on the whole model: on ``cuda`` when the model and the spectra it trains over take
+    at most 70 % of the free memory, else where the model is (None), with a warning; other
+    allocators and CPU jobs never move it."""
+    from types import SimpleNamespace
+
+    from lowrank_infer.compress import _forward_device
+    from lowrank_infer.factorize import Spectrum
+
+    model = tiny_model("llama")
+    spectra = {name: Spectrum.empty(m, n, min(m, n) // 2, whitened=True)
+               for name, (m, n) in target_shapes(model).items()}
+    need = 4 * (sum(p.numel() for p in model.parameters()) + sum((m + n) * (min(m, n) // 2)
+                                                                for m, n in target_shapes(model).values()))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert next(model.parameters()).device == cpu
+    ara = SimpleNamespace(model=model, config=ARAConfig(keep=0.8), device=cuda)
+    assert _forward_device(ara, spectra, lambda device: int(need / 0.7) + 1) == cuda
+    with pytest.warns(UserWarning, match=r"ara runs the model on cpu, slowly: .* GiB free on cuda"):
+        assert _forward_device(ara, spectra, lambda device: int(need / 0.7) - 64) is None
+    plenty = lambda device: 1 << 50  # noqa: E731
+    assert _forward_device(SimpleNamespace(model=model, config=UniformConfig(keep=0.8), device=cuda), spectra, plenty) is None
+    assert _forward_device(SimpleNamespace(model=model, config=ARAConfig(keep=0.8), device=cpu), spectra, plenty) is None
