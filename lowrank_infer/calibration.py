@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 import lowrank_infer.offload as offload
 from lowrank_infer.structure import decoder_blocks
 
-__all__ = ["BlockStream", "block_grams", "block_linears", "module_on", "block_stream", "calibrate", "run_block"]
+__all__ = ["BlockStream", "block_grams", "block_linears", "block_stream", "calibrate", "module_on", "run_block"]
 
 
 class _StopForward(Exception):
@@ -175,22 +175,22 @@ def block_stream(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int, 
 
 
 @contextmanager
-def module_on(block: nn.Module, device) -> Iterator[nn.Module]:
-    """``block`` (a decoder block, or a whole model) on ``device`` for the ``with`` block, back
+def module_on(module: nn.Module, device) -> Iterator[nn.Module]:
+    """``module`` (a decoder block, or a whole model) on ``device`` for the ``with`` block, back
     where it was afterwards (a block whose weights are on disk is read in and dropped again)."""
-    if offload.holds(block) and any(p.is_meta for p in block.parameters()):
-        offload.load(block, device)
+    if offload.holds(module) and any(p.is_meta for p in module.parameters()):
+        offload.load(module, device)
         try:
-            yield block
+            yield module
         finally:
-            offload.release(block)
+            offload.release(module)
         return
-    home = next(block.parameters()).device
-    block.to(device)
+    home = next(module.parameters()).device
+    module.to(device)
     try:
-        yield block
+        yield module
     finally:
-        block.to(home)
+        module.to(home)
 
 
 def run_block(block: nn.Module, calls: list, hidden: list[torch.Tensor], before_batch=None) -> list[torch.Tensor]:

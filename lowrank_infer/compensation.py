@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowrank_infer.allocation.plan import RankPlan
-from lowrank_infer.calibration import block_linears, module_on, block_stream, run_block
+from lowrank_infer.calibration import block_linears, block_stream, module_on, run_block
 from lowrank_infer.factorize import whitened_svd
 from lowrank_infer.refinement import BlockBatches, Factored, RefineConfig, refine_block
 from lowrank_infer.structure import replace_module, target_linears

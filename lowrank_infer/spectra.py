@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowrank_infer.calibration import block_grams, block_linears, module_on, block_stream
+from lowrank_infer.calibration import block_grams, block_linears, block_stream, module_on
 from lowrank_infer.distributed import Ranks
 from lowrank_infer.factorize import AUTO, Spectrum, held_out_shrinkage, plain_svd, whitened_svd
 from lowrank_infer.structure import decoder_blocks
