@@ -109,7 +109,7 @@ case $STAGE in
     # In order of what they answer: the CPU's best pipeline (with the dense row; ARA now on the
     # GPU); ARA trained on 16x the tokens (whole 512-token windows, 4x the steps), a CPU-sized
     # schedule's cost on a GPU; the same on 4x the calibration windows; keep 0.6. More refinement
-    # and healing steps were measured before (README here): they did not pay.
+    # and healing steps were measured before (results/h200/quality/README.md): they did not pay.
     row best 0.8 ara-mix-short-refine-heal
     row arawide 0.8 ara-mix-short-araseq512-arasteps400-refine-heal --no-dense
     row arawide_calib128 0.8 ara-mix-short-calib128-araseq512-arasteps400-refine-heal --no-dense
