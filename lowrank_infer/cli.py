@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"Adam learning rate of --heal-steps, relative to each factor's scale: a tensor trains at this "
                    f"times its RMS (default {HealConfig.lr:g})")
     p.add_argument("--heal-seq-len", type=_positive_int, default=256, help="tokens per healing window (default 256)")
+    p.add_argument("--heal-batch", type=_positive_int, default=HEAL_BATCH,
+                   help=f"healing windows per step (default {HEAL_BATCH}, sized for a CPU); a GPU trains on "
+                   f"16 or more in about the time of {HEAL_BATCH}, so each step sees more text")
     p.set_defaults(run=cmd_compress)
 
     p = sub.add_parser("plan", help="compute a rank plan (JSON) without compressing", description="Run an allocation method and write its rank plan.")
@@ -333,8 +336,10 @@ def _select_ids(args, source: CalibSource | None, config, plan):
 
 
 # Healing trains on windows of the fitting part of the calibration windows and stops on windows
-# of their held-out part; a step takes batch_size windows, and HEAL_HELD_WINDOWS are scored each time.
-HEAL_BATCH, HEAL_HELD_WINDOWS = 2, 8
+# of their held-out part; a step takes --heal-batch windows, and HEAL_HELD_WINDOWS are scored each
+# time. At most HEAL_MAX_WINDOWS distinct training windows (their dense targets: 64 tokens' log-
+# probabilities and ids per position, 128 KiB a 256-token window) are recorded; longer runs cycle.
+HEAL_BATCH, HEAL_HELD_WINDOWS, HEAL_MAX_WINDOWS = 2, 8, 1024
 
 
 def _heal_windows(args, source: CalibSource) -> tuple[torch.Tensor, torch.Tensor]:
@@ -345,7 +350,7 @@ def _heal_windows(args, source: CalibSource) -> tuple[torch.Tensor, torch.Tensor
     if real and source.text[1].numel() < real * args.heal_seq_len:
         raise ValueError(f"healing holds out the last {HELD_OUT_FRACTION:.0%} of --calib-file ({source.text[1].numel():,} "
                          f"tokens), fewer than {real} windows of --heal-seq-len {args.heal_seq_len}: pass a longer text")
-    train = source.windows(min(args.heal_steps * HEAL_BATCH, 512), args.heal_seq_len, "fit", seed_offset=1, what="healing")
+    train = source.windows(min(args.heal_steps * args.heal_batch, HEAL_MAX_WINDOWS), args.heal_seq_len, "fit", seed_offset=1, what="healing")
     return train, source.windows(HEAL_HELD_WINDOWS, args.heal_seq_len, "held", seed_offset=2, what="healing")
 
 
@@ -443,7 +448,8 @@ def _compress(args, plan, device: str, config, ranks: Ranks) -> int:
     healed = _heal(args, model, targets, device) if targets is not None else None
     if healed is not None:
         result.seconds["healing"] = healed.seconds
-        result.plan.params["heal"] = {"steps": args.heal_steps, "relative_lr": args.heal_lr, "steps_run": healed.steps_run,
+        result.plan.params["heal"] = {"steps": args.heal_steps, "batch": args.heal_batch, "relative_lr": args.heal_lr,
+                                      "steps_run": healed.steps_run,
                                       "best_step": healed.best_step, "held_kl_before": round(healed.held_before, 6),
                                       "held_kl_after": round(healed.held_after, 6)}
         attach_plan(model, result.plan)
@@ -499,7 +505,7 @@ def _dense_targets(args, model, source: CalibSource, device):
 
 
 def _heal(args, model, targets, device):
-    config = HealConfig(steps=args.heal_steps, lr=args.heal_lr, batch_size=HEAL_BATCH)
+    config = HealConfig(steps=args.heal_steps, lr=args.heal_lr, batch_size=args.heal_batch)
     with module_on(model, device):
         return heal(model, *targets, config, progress=True)
 

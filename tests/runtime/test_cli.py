@@ -127,6 +127,26 @@ def test_refine_and_heal_steps_are_recorded_in_the_checkpoint(tiny_model_dir, ti
     assert params["heal"]["steps"] == 2 and params["heal"]["held_kl_after"] <= params["heal"]["held_kl_before"]
 
 
+def test_heal_batch_sets_the_windows_per_step_and_the_windows_recorded(tiny_model_dir, tiny_text, tmp_path,
+                                                                       monkeypatch):
+    """Healing records the dense targets of steps x batch training windows, at most HEAL_MAX_WINDOWS."""
+    import lowrank_infer.cli as cli_module
+    recorded = []
+    real_targets = cli_module.teacher_targets
+    monkeypatch.setattr(cli_module, "teacher_targets", lambda model, ids, **kw: recorded.append(len(ids)) or
+                        real_targets(model, ids, **kw))
+    out = tmp_path / "ck"
+    assert main(list(map(str, _compress_args(tiny_model_dir, tiny_text, out, "--keep", 0.5, "--heal-steps", 2,
+                                             "--heal-batch", 3, "--heal-seq-len", 32)))) == 0
+    assert recorded == [6, cli_module.HEAL_HELD_WINDOWS]
+    assert RankPlan.load(out / "rank_plan.json").params["heal"]["batch"] == 3
+    monkeypatch.setattr(cli_module, "HEAL_MAX_WINDOWS", 4)
+    recorded.clear()
+    assert main(list(map(str, _compress_args(tiny_model_dir, tiny_text, tmp_path / "ck2", "--keep", 0.5,
+                                             "--heal-steps", 2, "--heal-batch", 3, "--heal-seq-len", 32)))) == 0
+    assert recorded == [4, cli_module.HEAL_HELD_WINDOWS]
+
+
 def test_shrinkage_changes_the_factors_and_is_recorded(tiny_model_dir, tiny_text, tmp_path):
     plain, shrunk = tmp_path / "plain", tmp_path / "shrunk"
     assert main(list(map(str, _compress_args(tiny_model_dir, tiny_text, plain, "--keep", 0.5)))) == 0
