@@ -53,7 +53,8 @@ RANK_VARIANTS = {"mix", "short", "kl", "seed1", "calib", "arasteps", "araseq"}
 # "araseq512": ARA trains on the first 512 tokens of each held-out window instead of 128). "batch"
 # after "mix" overrides its batch size (the last --batch-size wins).
 COUNTED = {"refine": ("--refine-steps", "{}", 32), "heal": ("--heal-steps", "{}", 100),
-           "healbatch": ("--heal-batch", "{}", 2), "calib": ("--calib-samples", "{}", 32),
+           "healbatch": ("--heal-batch", "{}", 2), "heallr": ("--heal-lr", "{}e-4", 10),  # heallr30: 3e-3
+           "calib": ("--calib-samples", "{}", 32),
            "batch": ("--batch-size", "{}", 8),
            "arasteps": ("--param", "steps={}", 100), "araseq": ("--param", "seq_len={}", 128)}
 
