@@ -3,7 +3,7 @@
 The dense model's next-token distributions on the healing windows are recorded before
 compression (its ``top_k`` most likely tokens per position: a few MB instead of a vocabulary-wide
 tensor, and no second model in memory); afterwards the low-rank factors ``U`` and ``V`` train (and,
-if asked, the weights of the linear layers left dense), so the parameter count stays what the
+if asked, the weights of the layers the plan left dense), so the parameter count stays what the
 plan says. The loss is the KL divergence from the dense
 distribution restricted to those tokens, ``Σ p_dense · (log p_dense − log p_compressed)``. Training
 stops early when the same loss on held-out windows (never trained on) stops improving, and the
@@ -106,16 +106,10 @@ def _held_loss(model, held: TeacherTargets, device, batch_size: int) -> float:
 
 
 def _trained(model: nn.Module, dense_too: bool) -> list[nn.Parameter]:
-    """The low-rank factors, and with ``dense_too`` the weights of the linear layers left dense
-    (kept ``nn.Linear`` by the plan or never targeted, or dense ``LowRankLinear``), the output
-    head excepted: it is often tied to the input embeddings, which would then train too."""
-    factors = [p for m in model.modules() if isinstance(m, LowRankLinear) and not m.is_dense for p in (m.U, m.V)]
-    if not (factors and dense_too):
-        return factors
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    dense = [m.weight for m in model.modules() if m is not head and (
-        type(m) is nn.Linear or (isinstance(m, LowRankLinear) and m.is_dense))]
-    return factors + dense
+    """The low-rank factors, and with ``dense_too`` the weights of the layers the plan left dense."""
+    layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    factors = [p for m in layers if not m.is_dense for p in (m.U, m.V)]
+    return factors + [m.weight for m in layers if m.is_dense] if factors and dense_too else factors
 
 
 def heal(model: nn.Module, train: TeacherTargets, held: TeacherTargets, config: HealConfig, *,
@@ -124,13 +118,12 @@ def heal(model: nn.Module, train: TeacherTargets, held: TeacherTargets, config: 
 
     Args:
         model: a compressed model (its ``LowRankLinear`` factors train, with ``dense_too`` its dense
-            and ``nn.Linear`` weights but the output head's too; nothing else does).
+            ``LowRankLinear`` weights too; nothing else does).
         train: dense targets of the training windows (:func:`teacher_targets` before compression).
         held: dense targets of held-out windows, for early stopping only.
         config: steps, learning rate, batch size, evaluation cadence.
-        dense_too: also train the weights of the linear layers left dense, the output head excepted
-            (the parameter count is unchanged either way; Adam keeps two more copies of each
-            trained tensor).
+        dense_too: also train the weights of the target layers the plan left dense (the parameter
+            count is unchanged either way; Adam keeps two more copies of each trained tensor).
         progress: show a progress bar.
 
     Returns:
