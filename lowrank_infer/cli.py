@@ -165,9 +165,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"Adam learning rate of --heal-steps, relative to each factor's scale: a tensor trains at this "
                    f"times its RMS (default {HealConfig.lr:g})")
     p.add_argument("--heal-seq-len", type=_positive_int, default=256, help="tokens per healing window (default 256)")
-    p.add_argument("--heal-dense", action="store_true",
-                   help="with --heal-steps: also train the layers the plan left dense (their weights; the "
-                   "parameter count is unchanged, the optimizer's memory grows by twice those weights)")
     p.add_argument("--heal-batch", type=_positive_int, default=HEAL_BATCH,
                    help=f"healing windows per step (default {HEAL_BATCH}, sized for a CPU); a GPU trains on "
                    f"16 or more in about the time of {HEAL_BATCH}, so each step sees more text")
@@ -451,8 +448,7 @@ def _compress(args, plan, device: str, config, ranks: Ranks) -> int:
     healed = _heal(args, model, targets, device) if targets is not None else None
     if healed is not None:
         result.seconds["healing"] = healed.seconds
-        result.plan.params["heal"] = {"steps": args.heal_steps, "batch": args.heal_batch, "dense_too": args.heal_dense,
-                                      "relative_lr": args.heal_lr,
+        result.plan.params["heal"] = {"steps": args.heal_steps, "batch": args.heal_batch, "relative_lr": args.heal_lr,
                                       "steps_run": healed.steps_run,
                                       "best_step": healed.best_step, "held_kl_before": round(healed.held_before, 6),
                                       "held_kl_after": round(healed.held_after, 6)}
@@ -511,7 +507,7 @@ def _dense_targets(args, model, source: CalibSource, device):
 def _heal(args, model, targets, device):
     config = HealConfig(steps=args.heal_steps, lr=args.heal_lr, batch_size=args.heal_batch)
     with module_on(model, device):
-        return heal(model, *targets, config, dense_too=args.heal_dense, progress=True)
+        return heal(model, *targets, config, progress=True)
 
 
 def _check_resume(args) -> None:
@@ -523,8 +519,6 @@ def _check_resume(args) -> None:
     heal_steps = getattr(args, "heal_steps", 0)
     if heal_steps < 0:
         raise ValueError(f"--heal-steps must be >= 0, got {heal_steps}")
-    if getattr(args, "heal_dense", False) and not heal_steps:
-        raise ValueError("--heal-dense says what healing trains; it needs --heal-steps N")
     if heal_steps and args.weights_on_disk:
         raise ValueError("--heal-steps trains the whole model, which --weights-on-disk never holds; heal without it")
     if heal_steps and int(os.environ.get("WORLD_SIZE", "1")) > 1:

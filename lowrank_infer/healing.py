@@ -2,9 +2,8 @@
 
 The dense model's next-token distributions on the healing windows are recorded before
 compression (its ``top_k`` most likely tokens per position: a few MB instead of a vocabulary-wide
-tensor, and no second model in memory); afterwards the low-rank factors ``U`` and ``V`` train (and,
-if asked, the weights of the layers the plan left dense), so the parameter count stays what the
-plan says. The loss is the KL divergence from the dense
+tensor, and no second model in memory); afterwards only the low-rank factors ``U`` and ``V`` train,
+so the parameter count stays what the plan says. The loss is the KL divergence from the dense
 distribution restricted to those tokens, ``Σ p_dense · (log p_dense − log p_compressed)``. Training
 stops early when the same loss on held-out windows (never trained on) stops improving, and the
 factors that scored best there are kept; when no step beats the compressed model as it came, the
@@ -105,25 +104,19 @@ def _held_loss(model, held: TeacherTargets, device, batch_size: int) -> float:
     return sum(losses) / len(held.ids)
 
 
-def _trained(model: nn.Module, dense_too: bool) -> list[nn.Parameter]:
-    """The low-rank factors, and with ``dense_too`` the weights of the layers the plan left dense."""
-    layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
-    factors = [p for m in layers if not m.is_dense for p in (m.U, m.V)]
-    return factors + [m.weight for m in layers if m.is_dense] if factors and dense_too else factors
+def _factors(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in model.modules() if isinstance(m, LowRankLinear) and not m.is_dense for p in (m.U, m.V)]
 
 
 def heal(model: nn.Module, train: TeacherTargets, held: TeacherTargets, config: HealConfig, *,
-         dense_too: bool = False, progress: bool = False) -> HealReport:
+         progress: bool = False) -> HealReport:
     """Distill ``model``'s low-rank factors toward the dense targets, in place (see the module docstring).
 
     Args:
-        model: a compressed model (its ``LowRankLinear`` factors train, with ``dense_too`` its dense
-            ``LowRankLinear`` weights too; nothing else does).
+        model: a compressed model (its ``LowRankLinear`` factors train; nothing else does).
         train: dense targets of the training windows (:func:`teacher_targets` before compression).
         held: dense targets of held-out windows, for early stopping only.
         config: steps, learning rate, batch size, evaluation cadence.
-        dense_too: also train the weights of the target layers the plan left dense (the parameter
-            count is unchanged either way; Adam keeps two more copies of each trained tensor).
         progress: show a progress bar.
 
     Returns:
@@ -133,7 +126,7 @@ def heal(model: nn.Module, train: TeacherTargets, held: TeacherTargets, config: 
         ValueError: the model has no low-rank layer, or a loss is not finite (the factors are
             then restored to what they were before healing).
     """
-    factors = _trained(model, dense_too)
+    factors = _factors(model)
     if not factors:
         raise ValueError("heal: the model has no low-rank layer to train")
     device = factors[0].device

@@ -195,7 +195,6 @@ def test_plan_refuses_the_stages_that_change_factors_only(cli, tiny_model_dir, t
 @pytest.mark.parametrize("extra, words", [
     (("--refine-steps", -1), "refine_steps must be an integer >= 0"),
     (("--heal-steps", -1), "--heal-steps must be >= 0"),
-    (("--heal-dense",), "--heal-dense says what healing trains; it needs --heal-steps N"),
     (("--heal-steps", 2, "--weights-on-disk"), "--heal-steps trains the whole model"),
     (("--heal-steps", 2, "--heal-seq-len", 4000), "fewer than 8 windows of --heal-seq-len 4000"),
 ])

@@ -69,22 +69,6 @@ def test_healing_lowers_the_held_out_loss_and_trains_only_the_factors(dense_and_
     assert all(p.requires_grad for p in compressed.parameters())  # flags as they were
 
 
-def test_dense_too_also_trains_the_layers_left_dense(dense_and_compressed):
-    dense, compressed = dense_and_compressed
-    name = next(n for n, m in compressed.named_modules() if isinstance(m, LowRankLinear))
-    original = dense.get_submodule(name)
-    kept = LowRankLinear(original.in_features, original.out_features, rank=None, bias=original.bias is not None)
-    kept.load_state_dict(original.state_dict())
-    compressed.set_submodule(name, kept)
-    train, held = teacher_targets(dense, TRAIN), teacher_targets(dense, HELD)
-    config = HealConfig(steps=8, lr=3e-3, eval_every=4)
-    heal(compressed, train, held, config)
-    assert torch.equal(kept.weight, original.weight)
-    report = heal(compressed, train, held, config, dense_too=True)
-    assert report.best_step > 0 and not torch.equal(kept.weight, original.weight)
-    assert kept.is_dense and kept.weight.shape == original.weight.shape
-
-
 def test_a_worse_model_is_never_kept(dense_and_compressed, monkeypatch):
     """Steps that only hurt (an optimizer pushing the factors up the gradient): the held-out loss
     never improves, so the factors stay bit for bit what compression made."""
