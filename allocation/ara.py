@@ -62,6 +62,7 @@ from lowrank_infer.allocation.plan import RankPlan, plan_from_ranks
 from lowrank_infer.cost import layer_params, use_dense
 from lowrank_infer.distributed import Ranks
 from lowrank_infer.factorize import Spectrum
+from lowrank_infer.precision import autocast
 from lowrank_infer.structure import replace_module
 
 __all__ = ["ARAConfig", "ARATrainingError", "ara_plan"]
@@ -249,7 +250,7 @@ def ara_plan(
     ids = _training_ids(calib_ids, config)
     # What the plan records: the settings, with the rows and tokens actually trained on.
     record = {**config.hyperparameters(), "samples": ids.shape[0], "seq_len": ids.shape[1],
-              "multiple_of": config.multiple_of}
+              "multiple_of": config.multiple_of, "compute_dtype": config.compute_dtype}
 
     def finalize(fractions: Mapping[str, float]) -> RankPlan:
         ranks, outcome = _final_ranks(spectra, fractions, config)
@@ -338,7 +339,8 @@ def _train(lm, masked, regularizer, ids, config: ARAConfig, finalize, progress, 
     with torch.enable_grad():
         for step in bar:
             batch = ids[order[step * size : (step + 1) * size]]
-            fit = _data_parallel_loss(lm, layers, batch, group, device, config.loss)
+            with autocast(config.compute_dtype, device):
+                fit = _data_parallel_loss(lm, layers, batch, group, device, config.loss)
             ratio, compression, guidance = regularizer()
             penalty = config.alpha * compression + config.beta * guidance
             loss = fit.detach() + penalty.detach()

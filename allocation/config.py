@@ -21,6 +21,7 @@ from lowrank_infer.allocation.plan import RankPlan, check_keep
 from lowrank_infer.cost import max_useful_rank
 from lowrank_infer.distributed import Ranks
 from lowrank_infer.factorize import Spectrum
+from lowrank_infer.precision import check_compute_dtype
 
 __all__ = ["AllocationInputs", "MethodConfig"]
 
@@ -87,6 +88,10 @@ class MethodConfig:
             (0 = no refinement).
         refine_lr: Adam's learning rate of ``refine_steps``, relative to each factor's scale (a
             tensor trains at ``refine_lr`` times its RMS).
+        compute_dtype: dtype of the forward passes that train (ARA's masks, refinement):
+            ``"bfloat16"`` runs them under autocast, about twice as fast where the hardware has
+            native bfloat16 matmuls (:mod:`lowrank_infer.precision`); calibration statistics,
+            closed forms and factorizations stay float64 either way.
     """
 
     keep: float = 0.8
@@ -99,6 +104,7 @@ class MethodConfig:
     ridge: float = 1e-2
     refine_steps: int = 0
     refine_lr: float = 3e-3
+    compute_dtype: str = "float32"
 
     name: ClassVar[str] = "plan"
     # Methods that train on the model run on every rank of a process group, each on its share of
@@ -124,6 +130,7 @@ class MethodConfig:
             raise ValueError(f"refine_steps must be an integer >= 0, got {self.refine_steps!r}")
         if not (_is_number(self.refine_lr) and self.refine_lr > 0):
             raise ValueError(f"refine_lr must be a positive number, got {self.refine_lr!r}")
+        check_compute_dtype(self.compute_dtype)
         for key in ("include", "exclude"):
             object.__setattr__(self, key, tuple(getattr(self, key) or ()))
         for field in self._hyperparameter_fields():

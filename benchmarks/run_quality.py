@@ -45,7 +45,9 @@ VARIANTS = {"plain": ["--no-whiten"], "shrink": ["--shrinkage", "0.1"], "shrinka
             # ARA trained against the dense model's next-token distributions instead of the text's tokens.
             "kl": ["--param", "loss=kl"],
             # Another draw of every set of windows (the suite's other rows use compress's default seed 0).
-            "seed1": ["--seed", "1"]}
+            "seed1": ["--seed", "1"],
+            # Every forward pass in float32 (compress's default is bfloat16 where the hardware has it).
+            "fp32": ["--compute-dtype", "float32"]}
 # Stages that change what the allocator sees or trains on: the committed plans (made on text alone,
 # ARA on cross-entropy) do not apply.
 RANK_VARIANTS = {"mix", "short", "kl", "seed1", "calib", "arasteps", "araseq"}

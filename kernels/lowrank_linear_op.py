@@ -204,7 +204,8 @@ def lowrank_linear(
 
     Args:
         x: ``[..., n]`` activations (float16, bfloat16 or float32).
-        U: ``[m, k]`` left factor, same dtype and device as ``x``.
+        U: ``[m, k]`` left factor, same dtype and device as ``x`` (under ``torch.autocast``, all
+            four are cast to its dtype, as for ``F.linear``).
         V: ``[n, k]`` right factor, same dtype and device as ``x``.
         bias: optional ``[m]``, same dtype and device as ``x``.
 
@@ -214,12 +215,21 @@ def lowrank_linear(
     Raises:
         ValueError: ``x``'s last dim, dtype or device does not fit ``V``.
     """
+    if torch.is_autocast_enabled(x.device.type):
+        x, U, V, bias = _autocast(x, U, V, bias)
     check_input(x, V)
     if x.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
         # The op would run this same math; skipping the dispatcher saves most of the
         # per-call Python time of an eager CPU layer (benchmarks/layer_overhead.py).
         return torch_lowrank_linear(x, U, V, bias)
     return _lowrank_linear_op(x, U, V, bias)
+
+
+def _autocast(x, U, V, bias):
+    """Everything in the autocast dtype, as autocast gives ``F.linear`` (it casts no custom op's
+    arguments); the casts are differentiable, so float32 factors still get their gradients."""
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return tuple(t if t is None else t.to(dtype) for t in (x, U, V, bias))
 
 
 def triton_lowrank_linear(

@@ -276,7 +276,8 @@ def _refinement(job: _Job) -> dict:
     """compensated_factors' refinement arguments: none, or the config's on held-out windows."""
     if not job.config.refine_steps:
         return {}
-    refine = RefineConfig(steps=job.config.refine_steps, lr=job.config.refine_lr)
+    refine = RefineConfig(steps=job.config.refine_steps, lr=job.config.refine_lr,
+                          compute_dtype=job.config.compute_dtype)
     return {"refine": refine, "held_ids": job.select_ids[:REFINE_HELD_WINDOWS]}
 
 
@@ -287,6 +288,7 @@ def _compensation_record(config: MethodConfig, found: Compensated) -> dict:
     if reports:
         record["refine"] = {
             "steps": config.refine_steps, "relative_lr": config.refine_lr, "held_windows": REFINE_HELD_WINDOWS,
+            "compute_dtype": config.compute_dtype,
             "steps_run": sum(r.steps_run for r in reports),
             "blocks_improved": sum(r.best_step > 0 for r in reports),
             "held_error_before": [round(r.held_before, 6) for r in reports],

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowrank_infer.module import LowRankLinear
+from lowrank_infer.precision import autocast
 from lowrank_infer.training import Schedule, train_early_stopped
 
 __all__ = ["HealConfig", "HealReport", "TeacherTargets", "heal", "teacher_targets"]
@@ -67,7 +68,7 @@ class HealReport:
 
 @torch.no_grad()
 def teacher_targets(model: nn.Module, ids: torch.Tensor, *, top_k: int = 64, batch_size: int = 4,
-                    progress: bool = False) -> TeacherTargets:
+                    compute_dtype: str = "float32", progress: bool = False) -> TeacherTargets:
     """Record ``model``'s ``top_k`` next-token log-probabilities on ``ids`` (run it on the dense model).
 
     Args:
@@ -75,17 +76,20 @@ def teacher_targets(model: nn.Module, ids: torch.Tensor, *, top_k: int = 64, bat
         ids: ``[windows, seq_len]`` token ids.
         top_k: tokens kept per position.
         batch_size: windows per forward pass.
+        compute_dtype: dtype of the forward passes (:mod:`lowrank_infer.precision`); the
+            log-probabilities are float32 either way.
         progress: show a progress bar.
     """
     if ids.dim() != 2 or ids.numel() == 0:
         raise ValueError(f"teacher targets need [windows, seq_len] token ids, got shape {list(ids.shape)}")
     device = next(model.parameters()).device
     logps, indices = [], []
-    for start in tqdm(range(0, len(ids), batch_size), desc="dense targets", disable=not progress):
-        logits = model(ids[start:start + batch_size].to(device)).logits.float()
-        top = logits.log_softmax(-1).topk(min(top_k, logits.shape[-1]), dim=-1)
-        logps.append(top.values.cpu())
-        indices.append(top.indices.to(torch.int32).cpu())
+    with autocast(compute_dtype, device):  # one context: autocast keeps its weight casts while it lasts
+        for start in tqdm(range(0, len(ids), batch_size), desc="dense targets", disable=not progress):
+            logits = model(ids[start:start + batch_size].to(device)).logits.float()
+            top = logits.log_softmax(-1).topk(min(top_k, logits.shape[-1]), dim=-1)
+            logps.append(top.values.cpu())
+            indices.append(top.indices.to(torch.int32).cpu())
     return TeacherTargets(ids, torch.cat(logps), torch.cat(indices))
 
 

@@ -21,6 +21,8 @@ from typing import Callable, ClassVar, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from lowrank_infer.precision import autocast, check_compute_dtype
+
 __all__ = ["EarlyStopped", "Schedule", "train_early_stopped"]
 
 
@@ -35,6 +37,8 @@ class Schedule:
         batch_size: windows per step.
         eval_every: steps between held-out scores.
         patience: held-out scores without improvement before stopping.
+        compute_dtype: dtype of the training and held-out forward passes (``"bfloat16"``: under
+            autocast, see :mod:`lowrank_infer.precision`); the tensors train in their own dtype.
     """
 
     steps: int
@@ -42,6 +46,7 @@ class Schedule:
     batch_size: int = 2
     eval_every: int = 10
     patience: int = 3
+    compute_dtype: str = "float32"
 
     what: ClassVar[str] = "training"  # names the settings in error messages
 
@@ -52,6 +57,7 @@ class Schedule:
                 raise ValueError(f"{self.what} {name} must be an integer >= 1, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"{self.what} lr must be a positive number, got {self.lr!r}")
+        check_compute_dtype(self.compute_dtype)
 
 
 @dataclass(frozen=True)
@@ -91,11 +97,17 @@ def train_early_stopped(
 def _train(params, original, train_loss, held_loss, schedule: Schedule, progress) -> EarlyStopped:
     steps, what = schedule.steps, schedule.what
     optimizer = torch.optim.Adam(_relative_groups(params, schedule.lr))
-    best = before = _checked(held_loss(), "held-out loss before training", what)
+
+    def precision():
+        return autocast(schedule.compute_dtype, params[0].device)
+
+    with precision():
+        best = before = _checked(held_loss(), "held-out loss before training", what)
     best_step, best_values, waited, step = 0, original, 0, 0
     bar = tqdm(total=steps, desc=what, disable=not progress, leave=False)
     for step in range(1, steps + 1):
-        loss = train_loss(step)
+        with precision():
+            loss = train_loss(step)
         _checked(loss.item(), f"training loss at step {step}", what)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -103,7 +115,8 @@ def _train(params, original, train_loss, held_loss, schedule: Schedule, progress
         bar.update()
         if step % schedule.eval_every and step != steps:
             continue
-        current = _checked(held_loss(), f"held-out loss at step {step}", what)
+        with precision():
+            current = _checked(held_loss(), f"held-out loss at step {step}", what)
         bar.set_postfix(held=f"{current:.4g}", best=f"{best:.4g}")
         if current < best:
             best, best_step, waited = current, step, 0

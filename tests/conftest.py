@@ -21,6 +21,13 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("LOWRANK_INFER_DATA", REPO.parent / "shared" / "data"))
 
 
+@pytest.fixture(autouse=True)
+def _auto_compute_dtype_is_float32(monkeypatch):
+    """``--compute-dtype auto`` resolves to float32 whatever the CPU, so that no result depends on
+    the machine the tests run on; tests of bfloat16 ask for it."""
+    monkeypatch.setattr("lowrank_infer.precision._cpu_flags", lambda: frozenset())
+
+
 @pytest.fixture
 def data_dir() -> Path:
     if not (DATA / "wikitext2" / "test.raw.txt").is_file():

@@ -13,9 +13,10 @@ PACKAGES = {"lowrank_infer": "lowrank_infer", "kernels": "lowrank_infer.kernels"
 
 # Leaves may be imported by anything and import only leaves: the kernels (the op every stage
 # runs), the parameter-cost rule, the plan format, model structure, atomic files, the
-# process group, weights kept on disk and early-stopped training.
+# process group, weights kept on disk, early-stopped training and the compute dtype.
 LEAVES = ("lowrank_infer.kernels", "lowrank_infer.cost", "lowrank_infer.allocation.plan", "lowrank_infer.structure",
-          "lowrank_infer.atomic", "lowrank_infer.distributed", "lowrank_infer.offload", "lowrank_infer.training")
+          "lowrank_infer.atomic", "lowrank_infer.distributed", "lowrank_infer.offload", "lowrank_infer.training",
+          "lowrank_infer.precision")
 # The pipeline in data-flow order; a stage may import leaves, itself and earlier stages.
 # Everything else (compress, evaluate, data, models, the CLI, bench, the package root)
 # orchestrates and may import anything.

@@ -94,7 +94,7 @@ def test_quality_suite_stacks_variants_and_refuses_unknown_ones(tmp_path, capsys
     command = [line for line in capsys.readouterr().out.splitlines() if line.startswith("+ ")][0]
     assert command.endswith("--method ara --calib-generated 0.5 --batch-size 32 --batch-size 128 --calib-samples 128 "
                             "--param seq_len=512 --refine-steps 64 --heal-steps 400 --heal-batch 16 --heal-lr 30e-4")
-    known = ("plain, shrink, shrinkauto, seq, mix, short, kl, seed1, refine[N], heal[N], healbatch[N], heallr[N], "
+    known = ("plain, shrink, shrinkauto, seq, mix, short, kl, seed1, fp32, refine[N], heal[N], healbatch[N], heallr[N], "
              "calib[N], batch[N], arasteps[N], araseq[N]")
     with pytest.raises(SystemExit, match=re.escape(f"unknown variant 'fast' in 'ara-fast'; known: {known}")):
         quality.main(["--methods", "ara-fast", "--keeps", "0.8", "--text-file", "t.txt", "--no-dense",

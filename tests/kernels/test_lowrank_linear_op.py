@@ -222,3 +222,24 @@ def test_the_triton_backend_hands_prefill_to_cublas(monkeypatch, tokens, lead, e
     y = op._CUDA_IMPLEMENTATIONS["triton"](x, U, V, None)
     assert ran == [expected]
     torch.testing.assert_close(y.double(), x.double() @ V.double() @ U.double().T, rtol=1e-4, atol=1e-4)
+
+
+def test_autocast_runs_the_op_in_its_dtype_and_trains_float32_factors():
+    """Under CPU bfloat16 autocast (as ``F.linear`` is) the result is bfloat16 and close to float64
+    math; the float32 factors get float32 gradients close to float64 autograd's."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 48, generator=gen)
+    U = torch.randn(40, 12, generator=gen).requires_grad_()
+    V = (torch.randn(48, 12, generator=gen) / 7).requires_grad_()
+    bias = torch.randn(40, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lowrank_linear(x, U, V, bias)
+    assert y.dtype == torch.bfloat16
+    U64, V64 = (t.detach().double().requires_grad_() for t in (U, V))
+    y64 = (x.double() @ V64) @ U64.T + bias.double()
+    torch.testing.assert_close(y.double(), y64.detach(), rtol=3e-2, atol=3e-2 * float(y64.detach().abs().max()))
+    y.float().square().sum().backward()
+    y64.square().sum().backward()
+    for got, want in ((U.grad, U64.grad), (V.grad, V64.grad)):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=5e-2, atol=5e-2 * float(want.abs().max()))
