@@ -145,13 +145,12 @@ GENERATED = "generated"
 
 @torch.no_grad()
 def generated_ids(model, tokenizer, samples: int, seq_len: int, *, seed: int = 0, batch_size: int = 8,
-                  top_p: float = 0.95, compute_dtype: str = "float32", progress: bool = False) -> torch.Tensor:
+                  top_p: float = 0.95, progress: bool = False) -> torch.Tensor:
     """``[samples, seq_len]`` windows the model samples itself, from its BOS token (nucleus sampling).
 
     A user without calibration text can still calibrate on what the model itself finds likely,
     which is, by construction, in the model's own domain rather than one corpus's. The same
-    ``seed`` gives the same windows (each batch is sampled under ``seed + batch index``) with the
-    same ``compute_dtype`` (that of the sampling forward passes, :mod:`lowrank_infer.precision`).
+    ``seed`` gives the same windows (each batch is sampled under ``seed + batch index``).
     """
     if samples < 1 or seq_len < 2:
         raise ValueError(f"generated calibration needs samples >= 1 and seq_len >= 2, got {samples} and {seq_len}")
@@ -166,7 +165,7 @@ def generated_ids(model, tokenizer, samples: int, seq_len: int, *, seed: int = 0
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed + index)
             windows.append(sample_windows(model, start, min(batch_size, samples - first), seq_len, top_p=top_p,
-                                          banned=banned, compute_dtype=compute_dtype))
+                                          banned=banned))
     return torch.cat(windows)
 
 

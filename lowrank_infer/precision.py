@@ -1,12 +1,14 @@
-"""The dtype of the forward passes that sample, score or train; statistics never change dtype.
+"""The dtype of the forward passes that train or record training targets; statistics never change dtype.
 
-Sampling calibration text, recording the dense model's targets, ARA's mask training, block
-refinement and healing spend nearly all their time in matmuls whose results only steer (a sampled
-token, a gradient step, a held-out score). On hardware with native bfloat16 matmuls they run about
-twice as fast under bfloat16 autocast, and the dense model's own next-token distribution moves by
-a KL of under 0.001 nats (SmolLM2-135M: 0.0006, against 0.3 for the compression itself). The
-calibration statistics (``XᵀX``, float64), the closed-form refits, the factorizations and every
-evaluation stay exact: this module is only entered around the passes listed above.
+Recording the dense model's healing targets, ARA's mask training, block refinement and healing
+spend nearly all their time in matmuls whose results only steer (a gradient step, a held-out
+score). On hardware with native bfloat16 matmuls they run 1.2-1.8x faster under bfloat16
+autocast, and the dense model's own next-token distribution moves by a KL of under 0.001 nats
+(SmolLM2-135M: 0.0006, against 0.3 for the compression itself). The calibration statistics
+(``XᵀX``, float64), the closed-form refits, the factorizations, the sampling of generated
+calibration windows (bfloat16 gained little there and would make the windows depend on the
+hardware) and every evaluation stay in the model's dtype or wider: this module is only entered
+around the passes listed above.
 """
 
 from __future__ import annotations

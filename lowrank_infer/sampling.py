@@ -16,8 +16,6 @@ import inspect
 import torch
 from transformers import StaticCache
 
-from lowrank_infer.precision import autocast
-
 __all__ = ["nucleus_sample", "sample_windows"]
 
 _CANDIDATES = 1024
@@ -43,21 +41,18 @@ def _draw(top: torch.Tensor, index: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_windows(model, start: int, rows: int, seq_len: int, *, top_p: float, banned: list[int],
-                   compute_dtype: str = "float32") -> torch.Tensor:
+def sample_windows(model, start: int, rows: int, seq_len: int, *, top_p: float, banned: list[int]) -> torch.Tensor:
     """``[rows, seq_len]`` token ids sampled by ``model`` after ``start``, with the ``banned``
-    tokens (end of text) never drawn, so that every window is whole; ``compute_dtype``: that of the
-    model's forward passes (:mod:`lowrank_infer.precision`)."""
+    tokens (end of text) never drawn, so that every window is whole."""
     device = next(model.parameters()).device
     cache = StaticCache(config=model.config, max_cache_len=seq_len)
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     token = torch.full((rows, 1), start, dtype=torch.long, device=device)
     tokens = [token]
-    with autocast(compute_dtype, device):  # one context: autocast keeps its weight casts while it lasts
-        for position in range(seq_len - 1):
-            logits = model(token, position_ids=torch.full_like(token, position), use_cache=True,
-                           **{cache_arg: cache}).logits[:, -1].float()
-            logits[:, banned] = float("-inf")
-            token = nucleus_sample(logits, top_p)
-            tokens.append(token)
+    for position in range(seq_len - 1):
+        logits = model(token, position_ids=torch.full_like(token, position), use_cache=True,
+                       **{cache_arg: cache}).logits[:, -1]
+        logits[:, banned] = float("-inf")
+        token = nucleus_sample(logits, top_p)
+        tokens.append(token)
     return torch.cat(tokens, dim=1).cpu()
