@@ -6,8 +6,7 @@ score). On hardware with native bfloat16 matmuls they run 1.2-1.8x faster under 
 autocast, and the dense model's own next-token distribution moves by a KL of under 0.001 nats
 (SmolLM2-135M: 0.0006, against 0.3 for the compression itself). The calibration statistics
 (``XᵀX``, float64), the closed-form refits, the factorizations, the sampling of generated
-calibration windows (bfloat16 gained little there and would make the windows depend on the
-hardware) and every evaluation stay in the model's dtype or wider: this module is only entered
+calibration windows (so that they do not depend on the compute dtype or the hardware) and every evaluation stay in the model's dtype or wider: this module is only entered
 around the passes listed above.
 """
 
