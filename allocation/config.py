@@ -89,7 +89,7 @@ class MethodConfig:
         refine_lr: Adam's learning rate of ``refine_steps``, relative to each factor's scale (a
             tensor trains at ``refine_lr`` times its RMS).
         compute_dtype: dtype of the forward passes that train (ARA's masks, refinement):
-            ``"bfloat16"`` runs them under autocast, about twice as fast where the hardware has
+            ``"bfloat16"`` runs them under autocast, 1.2-1.8x faster where the hardware has
             native bfloat16 matmuls (:mod:`lowrank_infer.precision`); calibration statistics,
             closed forms and factorizations stay float64 either way.
     """
