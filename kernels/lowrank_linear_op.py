@@ -215,7 +215,7 @@ def lowrank_linear(
     Raises:
         ValueError: ``x``'s last dim, dtype or device does not fit ``V``.
     """
-    if torch.is_autocast_enabled(x.device.type):
+    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
         x, U, V, bias = _autocast(x, U, V, bias)
     check_input(x, V)
     if x.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
