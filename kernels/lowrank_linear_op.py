@@ -215,7 +215,7 @@ def lowrank_linear(
     Raises:
         ValueError: ``x``'s last dim, dtype or device does not fit ``V``.
     """
-    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
+    if _autocast_on(x):
         x, U, V, bias = _autocast(x, U, V, bias)
     check_input(x, V)
     if x.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
@@ -223,6 +223,12 @@ def lowrank_linear(
         # per-call Python time of an eager CPU layer (benchmarks/layer_overhead.py).
         return torch_lowrank_linear(x, U, V, bias)
     return _lowrank_linear_op(x, U, V, bias)
+
+
+def _autocast_on(x: torch.Tensor) -> bool:
+    # The any-device flag first: one cheap call on this hot path when autocast is off (the common case).
+    return (torch._C._is_any_autocast_enabled() and torch.amp.is_autocast_available(x.device.type)
+            and torch.is_autocast_enabled(x.device.type))
 
 
 def _autocast(x, U, V, bias):

@@ -54,4 +54,3 @@ def test_cached_decoding_equals_a_full_forward_at_every_step(arch):
             logits = model(ids[:, :position]).logits[:, -1]
             logits[:, banned] = float("-inf")
             assert torch.equal(ids[:, position], logits.argmax(-1)), f"{arch}: step {position}"
-
