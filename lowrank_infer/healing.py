@@ -3,8 +3,13 @@
 The dense model's next-token distributions on the healing windows are recorded before
 compression (its ``top_k`` most likely tokens per position: a few MB instead of a vocabulary-wide
 tensor, and no second model in memory); afterwards only the low-rank factors ``U`` and ``V`` train,
-so the parameter count stays what the plan says. The loss is the KL divergence from the dense
-distribution restricted to those tokens, ``Σ p_dense · (log p_dense − log p_compressed)``. Training
+so the parameter count stays what the plan says. The loss is the KL divergence between the two
+distributions coarsened to those tokens plus one bucket for the rest of the vocabulary,
+``Σ_top p_dense · (log p_dense − log p_compressed) + r_dense · (log r_dense − log r_compressed)``
+with ``r = 1 − Σ_top p``. The bucket matters: the sum over the top tokens alone is lowest when the
+compressed model moves the rest of the vocabulary's probability onto them, which is what a
+healing run on it learns, and rare words (most of them outside any top 64) then cost more than
+before healing. With ``top_k`` the whole vocabulary the loss is the exact KL divergence. Training
 stops early when the same loss on held-out windows (never trained on) stops improving, and the
 factors that scored best there are kept; when no step beats the compressed model as it came, the
 factors are left exactly as they were.
@@ -94,11 +99,23 @@ def teacher_targets(model: nn.Module, ids: torch.Tensor, *, top_k: int = 64, bat
 
 
 def _kl(model: nn.Module, targets: TeacherTargets, device: torch.device) -> torch.Tensor:
-    """Mean over positions of the KL divergence restricted to the teacher's top tokens."""
+    """Mean over positions of the KL divergence over the teacher's top tokens and the rest as one
+    bucket (see the module docstring)."""
     logits = model(targets.ids.to(device)).logits.float()
     student = logits.log_softmax(-1).gather(-1, targets.index.to(device).long())
     teacher = targets.logp.to(device)
-    return (teacher.exp() * (teacher - student)).sum(-1).mean()
+    kl = (teacher.exp() * (teacher - student)).sum(-1)
+    if teacher.shape[-1] < logits.shape[-1]:  # else there is no rest
+        kl = kl + _rest_kl(teacher, student)
+    return kl.mean()
+
+
+def _rest_kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """``r_t · (log r_t − log r_s)`` for the mass ``r`` outside the top tokens, 0 where ``r_t`` is 0."""
+    rest_t = (-torch.expm1(teacher.logsumexp(-1))).clamp_min(0)
+    # A student that puts (numerically) all its mass on the top tokens gets a large, finite penalty.
+    log_rest_s = torch.log((-torch.expm1(student.logsumexp(-1))).clamp_min(1e-12))
+    return torch.xlogy(rest_t, rest_t) - rest_t * log_rest_s
 
 
 @torch.no_grad()

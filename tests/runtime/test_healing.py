@@ -67,6 +67,52 @@ def test_the_loss_with_the_whole_vocabulary_is_the_kl_divergence(dense_and_compr
     assert _held_loss(compressed, targets, torch.device("cpu"), batch_size=3) == pytest.approx(expected, rel=1e-5)
 
 
+def _coarsened_kl(teacher: torch.Tensor, student: torch.Tensor, top: int) -> float:
+    """KL divergence, float64, between two [.., vocab] log-distributions each reduced to the
+    teacher's ``top`` tokens and one bucket holding the rest of the vocabulary."""
+    index = teacher.topk(top, dim=-1).indices
+    p, q = teacher.exp().gather(-1, index), student.exp().gather(-1, index)
+    p = torch.cat([p, 1 - p.sum(-1, keepdim=True)], -1)
+    q = torch.cat([q, 1 - q.sum(-1, keepdim=True)], -1)
+    return (p * (p.log() - q.log())).sum(-1).mean().item()
+
+
+def test_the_loss_with_a_top_k_is_the_kl_divergence_of_the_distributions_coarsened_to_it(dense_and_compressed):
+    dense, compressed = dense_and_compressed
+    targets = teacher_targets(dense, HELD, top_k=5)
+    with torch.no_grad():
+        teacher = dense(HELD).logits.double().log_softmax(-1)
+        student = compressed(HELD).logits.double().log_softmax(-1)
+    expected = _coarsened_kl(teacher, student, 5)
+    assert _held_loss(compressed, targets, torch.device("cpu"), batch_size=3) == pytest.approx(expected, rel=1e-4)
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+        self.device_marker = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, ids):
+        return type("Out", (), {"logits": self.logits})()
+
+
+def test_moving_the_rest_of_the_vocabulary_onto_the_top_tokens_is_penalized():
+    """A student that copies the teacher within its top tokens but puts the rest of the vocabulary's
+    mass on them too is worse than the teacher itself (a top-only sum would score it below zero)."""
+    teacher_logits = torch.randn(2, 6, 50, generator=torch.Generator().manual_seed(1), dtype=torch.float64).float()
+    targets = teacher_targets(_Logits(teacher_logits), torch.zeros(2, 6, dtype=torch.long), top_k=8)
+    # Every token outside the teacher's top 8 made e^10 times less likely; the top tokens keep their ratios.
+    in_top = torch.zeros_like(teacher_logits, dtype=torch.bool).scatter(-1, targets.index.long(), True)
+    greedy = torch.where(in_top, teacher_logits, teacher_logits - 10)
+    assert _held_loss(_Logits(teacher_logits), targets, torch.device("cpu"), 2) == pytest.approx(0.0, abs=1e-6)
+    teacher, student = teacher_logits.double().log_softmax(-1), greedy.double().log_softmax(-1)
+    top_only = (teacher.exp() * (teacher - student)).masked_fill(~in_top, 0).sum(-1).mean().item()
+    greedy_loss = _held_loss(_Logits(greedy), targets, torch.device("cpu"), 2)
+    assert top_only < 0 < greedy_loss
+    assert greedy_loss == pytest.approx(_coarsened_kl(teacher, student, 8), rel=1e-4)
+
+
 def test_healing_lowers_the_held_out_loss_and_trains_only_the_factors(dense_and_compressed):
     dense, compressed = dense_and_compressed
     train, held = teacher_targets(dense, TRAIN), teacher_targets(dense, HELD)
@@ -89,7 +135,7 @@ def test_a_worse_model_is_never_kept(dense_and_compressed, monkeypatch):
     train, held = teacher_targets(dense, TRAIN), teacher_targets(dense, HELD)
     factors = _factors(compressed)
     monkeypatch.setattr(torch.optim, "Adam", lambda groups: torch.optim.SGD(groups, maximize=True))
-    report = heal(compressed, train, held, HealConfig(steps=6, lr=1e-2, eval_every=2, patience=2))
+    report = heal(compressed, train, held, HealConfig(steps=6, lr=1e-1, eval_every=2, patience=2))
     assert report.best_step == 0 and report.held_after == report.held_before and report.steps_run == 4
     assert all(torch.equal(p, factors[n]) for n, p in compressed.named_parameters() if n in factors)
 
