@@ -173,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heal-lr", type=float, default=HealConfig.lr,
                    help=f"Adam learning rate of --heal-steps, relative to each factor's scale: a tensor trains at this "
                    f"times its RMS (default {HealConfig.lr:g})")
-    p.add_argument("--heal-seq-len", type=_positive_int, default=256, help="tokens per healing window (default 256)")
+    p.add_argument("--heal-seq-len", type=_positive_int, default=None,
+                   help="tokens per healing window (default: --seq-len): shorter windows never teach the factors "
+                   "what the dense model does with longer context")
     p.add_argument("--heal-batch", type=_positive_int, default=HEAL_BATCH,
                    help=f"healing windows per step (default {HEAL_BATCH}, sized for a CPU); a GPU trains on "
                    f"16 or more in about the time of {HEAL_BATCH}, so each step sees more text")
@@ -346,21 +348,22 @@ def _select_ids(args, source: CalibSource | None, config, plan):
 
 # Healing trains on windows of the fitting part of the calibration windows and stops on windows
 # of their held-out part; a step takes --heal-batch windows, and HEAL_HELD_WINDOWS are scored each
-# time. At most HEAL_MAX_WINDOWS distinct training windows (their dense targets: 64 tokens' log-
-# probabilities and ids per position, 128 KiB a 256-token window) are recorded; longer runs cycle.
-HEAL_BATCH, HEAL_HELD_WINDOWS, HEAL_MAX_WINDOWS = 2, 8, 1024
+# time. At most HEAL_MAX_WINDOWS distinct training windows (their dense targets: 256 tokens' log-
+# probabilities and ids per position, 1 MiB a 512-token window) are recorded; longer runs cycle.
+HEAL_BATCH, HEAL_HELD_WINDOWS, HEAL_MAX_WINDOWS = 1, 8, 1024
 
 
 def _heal_windows(args, source: CalibSource) -> tuple[torch.Tensor, torch.Tensor]:
+    seq_len = args.heal_seq_len or args.seq_len
     real, generated = source.split(HEAL_HELD_WINDOWS)
-    if generated and args.heal_seq_len > args.seq_len:
-        raise ValueError(f"--heal-seq-len {args.heal_seq_len} is longer than the generated calibration windows "
+    if generated and seq_len > args.seq_len:
+        raise ValueError(f"--heal-seq-len {seq_len} is longer than the generated calibration windows "
                          f"(--seq-len {args.seq_len}), from which healing windows are cut: lower it")
-    if real and source.text[1].numel() < real * args.heal_seq_len:
+    if real and source.text[1].numel() < real * seq_len:
         raise ValueError(f"healing holds out the last {HELD_OUT_FRACTION:.0%} of --calib-file ({source.text[1].numel():,} "
-                         f"tokens), fewer than {real} windows of --heal-seq-len {args.heal_seq_len}: pass a longer text")
-    train = source.windows(min(args.heal_steps * args.heal_batch, HEAL_MAX_WINDOWS), args.heal_seq_len, "fit", seed_offset=1, what="healing")
-    return train, source.windows(HEAL_HELD_WINDOWS, args.heal_seq_len, "held", seed_offset=2, what="healing")
+                         f"tokens), fewer than {real} windows of {seq_len} tokens (--heal-seq-len): pass a longer text")
+    train = source.windows(min(args.heal_steps * args.heal_batch, HEAL_MAX_WINDOWS), seq_len, "fit", seed_offset=1, what="healing")
+    return train, source.windows(HEAL_HELD_WINDOWS, seq_len, "held", seed_offset=2, what="healing")
 
 
 def _method_config(args, plan=None):

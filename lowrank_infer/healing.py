@@ -72,7 +72,7 @@ class HealReport:
 
 
 @torch.no_grad()
-def teacher_targets(model: nn.Module, ids: torch.Tensor, *, top_k: int = 64, batch_size: int = 4,
+def teacher_targets(model: nn.Module, ids: torch.Tensor, *, top_k: int = 256, batch_size: int = 4,
                     compute_dtype: str = "float32", progress: bool = False) -> TeacherTargets:
     """Record ``model``'s ``top_k`` next-token log-probabilities on ``ids`` (run it on the dense model).
 

@@ -1,5 +1,5 @@
 """The scripts in benchmarks/: plots from a kernel JSON (new and old names), the quality suite's commands,
-and the GPU session script's guard."""
+the GPU session script's guard, and the loss anatomy's restored layers."""
 
 import importlib.util
 import json
@@ -88,14 +88,15 @@ def test_quality_suite_stacks_variants_and_refuses_unknown_ones(tmp_path, capsys
                   "--work-dir", str(tmp_path), "--dry-run"])
     command = [line for line in capsys.readouterr().out.splitlines() if line.startswith("+ ")][0]
     assert command.endswith("--method drank --shrinkage 0.1 --sequential --refine-steps 32 --heal-steps 100")
-    quality.main(["--methods", "ara-mix-batch128-calib128-araseq512-refine64-heal400-healbatch16-heallr30", "--keeps", "0.8",
+    quality.main(["--methods", "ara-mix-batch128-calib128-araseq512-refine64-heal400-healbatch16-heallr30-healseq512", "--keeps", "0.8",
                   "--text-file", "t.txt", "--no-dense", "--work-dir", str(tmp_path), "--plans", str(tmp_path),
                   "--dry-run"])
     command = [line for line in capsys.readouterr().out.splitlines() if line.startswith("+ ")][0]
     assert command.endswith("--method ara --calib-generated 0.5 --batch-size 32 --batch-size 128 --calib-samples 128 "
-                            "--param seq_len=512 --refine-steps 64 --heal-steps 400 --heal-batch 16 --heal-lr 30e-4")
+                            "--param seq_len=512 --refine-steps 64 --heal-steps 400 --heal-batch 16 --heal-lr 30e-4 "
+                            "--heal-seq-len 512")
     known = ("plain, shrink, shrinkauto, seq, mix, short, kl, seed1, fp32, refine[N], heal[N], healbatch[N], heallr[N], "
-             "calib[N], batch[N], arasteps[N], araseq[N]")
+             "healseq[N], calib[N], batch[N], arasteps[N], araseq[N]")
     with pytest.raises(SystemExit, match=re.escape(f"unknown variant 'fast' in 'ara-fast'; known: {known}")):
         quality.main(["--methods", "ara-fast", "--keeps", "0.8", "--text-file", "t.txt", "--no-dense",
                       "--work-dir", str(tmp_path), "--dry-run"])
@@ -113,3 +114,29 @@ def test_gpu_quality_parses_and_refuses_unknown_stages():
     assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
     result = subprocess.run(["bash", script, "tune"], capture_output=True, text=True)
     assert result.returncode == 2 and "usage: " in result.stderr and "prepare|smoke|sweep" in result.stderr
+
+
+def test_loss_anatomy_puts_back_exactly_the_dense_layers_of_the_named_types(tmp_path):
+    """Restoring every type gives the dense model's outputs; restoring one type leaves the others
+    low-rank (checked against the dense model and the saved checkpoint)."""
+    import copy
+
+    import torch
+
+    from lowrank_infer import LowRankLinear, UniformConfig, compress, load_compressed, save_compressed
+    from tiny_models import tiny_model
+
+    anatomy = _script("loss_anatomy")
+    dense = tiny_model("llama").eval()
+    compressed = copy.deepcopy(dense)
+    compress(compressed, UniformConfig(keep=0.3, whiten=False), progress=False)
+    save_compressed(compressed, tmp_path / "ck")
+    ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    every = tuple(t for types in anatomy.GROUPS.values() for t in types) + ("v_proj",)
+    with torch.no_grad():
+        torch.testing.assert_close(anatomy._restored(str(tmp_path / "ck"), dense, every)(ids).logits, dense(ids).logits)
+        only_mlp = anatomy._restored(str(tmp_path / "ck"), dense, anatomy.GROUPS["MLP (gate, up, down)"])
+        low_rank = {n.rpartition(".")[2] for n, m in only_mlp.named_modules() if isinstance(m, LowRankLinear)}
+        assert low_rank == {"q_proj", "k_proj", "v_proj", "o_proj"}
+        torch.testing.assert_close(anatomy._nll(load_compressed(tmp_path / "ck", pack=False), ids),
+                                   anatomy._nll(compressed, ids))

@@ -147,6 +147,18 @@ def test_heal_batch_sets_the_windows_per_step_and_the_windows_recorded(tiny_mode
     assert recorded == [4, cli_module.HEAL_HELD_WINDOWS]
 
 
+def test_healing_windows_are_as_long_as_the_calibration_windows_by_default(tiny_model_dir, tiny_text, tmp_path,
+                                                                            monkeypatch):
+    import lowrank_infer.cli as cli_module
+    shapes = []
+    real_targets = cli_module.teacher_targets
+    monkeypatch.setattr(cli_module, "teacher_targets", lambda model, ids, **kw: shapes.append(tuple(ids.shape)) or
+                        real_targets(model, ids, **kw))
+    assert main(list(map(str, _compress_args(tiny_model_dir, tiny_text, tmp_path / "ck", "--keep", 0.5,
+                                             "--heal-steps", 2)))) == 0
+    assert shapes == [(2 * cli_module.HEAL_BATCH, 32), (cli_module.HEAL_HELD_WINDOWS, 32)]  # --seq-len 32
+
+
 @pytest.mark.parametrize("compute_dtype", ["auto", "bfloat16"])
 def test_the_compute_dtype_is_recorded_by_every_stage_it_runs(tiny_model_dir, tiny_text, tmp_path, compute_dtype):
     """ARA, refinement and healing record the dtype they ran in (``auto`` is float32 in the tests,
@@ -210,7 +222,7 @@ def test_plan_refuses_the_stages_that_change_factors_only(cli, tiny_model_dir, t
     (("--refine-steps", -1), "refine_steps must be an integer >= 0"),
     (("--heal-steps", -1), "--heal-steps must be >= 0"),
     (("--heal-steps", 2, "--weights-on-disk"), "--heal-steps trains the whole model"),
-    (("--heal-steps", 2, "--heal-seq-len", 4000), "fewer than 8 windows of --heal-seq-len 4000"),
+    (("--heal-steps", 2, "--heal-seq-len", 4000), "fewer than 8 windows of 4000 tokens (--heal-seq-len)"),
 ])
 def test_bad_heal_settings(cli, tiny_model_dir, tiny_text, tmp_path, extra, words):
     _one_line_error(*cli(*_compress_args(tiny_model_dir, tiny_text, tmp_path / "ck", *extra)), words)
@@ -383,7 +395,8 @@ def test_generated_calibration_heals_on_its_own_windows(tiny_model_dir, tmp_path
 
 
 def test_healing_windows_cannot_outgrow_the_generated_ones(cli, tiny_model_dir, tmp_path):
-    _one_line_error(*cli(*_compress_args(tiny_model_dir, "generated", tmp_path / "ck", "--heal-steps", 2)),
+    _one_line_error(*cli(*_compress_args(tiny_model_dir, "generated", tmp_path / "ck", "--heal-steps", 2,
+                                         "--heal-seq-len", 256)),
                     "--heal-seq-len 256 is longer than the generated calibration windows (--seq-len 32)")
 
 
