@@ -348,8 +348,8 @@ def _select_ids(args, source: CalibSource | None, config, plan):
 
 # Healing trains on windows of the fitting part of the calibration windows and stops on windows
 # of their held-out part; a step takes --heal-batch windows, and HEAL_HELD_WINDOWS are scored each
-# time. At most HEAL_MAX_WINDOWS distinct training windows (their dense targets: 256 tokens' log-
-# probabilities and ids per position, 1 MiB a 512-token window) are recorded; longer runs cycle.
+# time. At most HEAL_MAX_WINDOWS distinct training windows (their dense targets: 64 tokens' log-
+# probabilities and ids per position, 256 KiB a 512-token window) are recorded; longer runs cycle.
 HEAL_BATCH, HEAL_HELD_WINDOWS, HEAL_MAX_WINDOWS = 1, 8, 1024
 
 

@@ -1,8 +1,8 @@
 """Healing: a short distillation of a compressed model's factors toward the dense model.
 
 The dense model's next-token distributions on the healing windows are recorded before
-compression (its ``top_k`` most likely tokens per position: a few MB instead of a vocabulary-wide
-tensor, and no second model in memory); afterwards only the low-rank factors ``U`` and ``V`` train,
+compression (its ``top_k`` most likely tokens per position: 256 KiB a 512-token window at the
+default 64, instead of a vocabulary-wide tensor, and no second model in memory); afterwards only the low-rank factors ``U`` and ``V`` train,
 so the parameter count stays what the plan says. The loss is the KL divergence between the two
 distributions coarsened to those tokens plus one bucket for the rest of the vocabulary,
 ``Σ_top p_dense · (log p_dense − log p_compressed) + r_dense · (log r_dense − log r_compressed)``
@@ -72,7 +72,7 @@ class HealReport:
 
 
 @torch.no_grad()
-def teacher_targets(model: nn.Module, ids: torch.Tensor, *, top_k: int = 256, batch_size: int = 4,
+def teacher_targets(model: nn.Module, ids: torch.Tensor, *, top_k: int = 64, batch_size: int = 4,
                     compute_dtype: str = "float32", progress: bool = False) -> TeacherTargets:
     """Record ``model``'s ``top_k`` next-token log-probabilities on ``ids`` (run it on the dense model).
 
