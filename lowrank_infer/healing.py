@@ -3,8 +3,9 @@
 The dense model's next-token distributions on the healing windows are recorded before
 compression (its ``top_k`` most likely tokens per position: 256 KiB a 512-token window at the
 default 64, instead of a vocabulary-wide tensor, and no second model in memory); afterwards only
-the low-rank factors ``U`` and ``V`` train, so the parameter count stays what the plan says. The loss is the KL divergence between the two
-distributions coarsened to those tokens plus one bucket for the rest of the vocabulary,
+the low-rank factors ``U`` and ``V`` train, so the parameter count stays what the plan says.
+The loss is the KL divergence between the two distributions coarsened to those tokens plus one
+bucket for the rest of the vocabulary,
 ``Σ_top p_dense · (log p_dense − log p_compressed) + r_dense · (log r_dense − log r_compressed)``
 with ``r = 1 − Σ_top p``. The bucket matters: the sum over the top tokens alone is lowest when the
 compressed model moves the rest of the vocabulary's probability onto them, which is what a
