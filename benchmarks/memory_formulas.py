@@ -2,6 +2,9 @@
 
 * Compression on large models: per-block statistics, spectra per allocator, the model, and
   host memory with ``--weights-on-disk --work-dir`` for SmolLM2-135M, LLaMA-2-7B and -70B.
+* Healing at a uniform plan (keep 0.8): the compressed model on the device, plus per factor
+  weight what training it takes (float32 master, its gradient, Adam's two moments, the model-dtype
+  gradient: ``lowrank_infer.training``); block refinement holds one block's factors so.
 * vLLM tensor parallel: factor numbers per rank of a 4096×4096 layer at keep 0.6, dense / half /
   full sharding at TP 2, 4, 8.
 
@@ -59,6 +62,30 @@ def compression_memory() -> dict:
     return rows
 
 
+def healing_memory(keep: float = 0.8) -> dict:
+    """Device memory of healing (the whole compressed model) and of block refinement (one block)."""
+    rows = {}
+    for name, (h, inter, blocks, kv, vocab, tied, size) in MODELS.items():
+        factors = dense = 0
+        for m, n in _linears(h, inter, kv):
+            k = uniform_rank(m, n, keep)
+            if k * (m + n) < m * n:
+                factors += k * (m + n)
+            else:
+                dense += m * n
+        # Per factor weight besides the weight: its gradient and Adam's two moments in float32, and
+        # below float32 also the float32 master and the gradient in the model's dtype.
+        extra = 4 + 8 if size == 4 else 4 + 4 + 8 + size
+        embeddings = size * vocab * h * (1 if tied else 2) + size * h
+        model = embeddings + blocks * size * (factors + dense + 2 * h)
+        rows[name] = {"keep": keep, "factor_weights": factors * blocks, "compressed_model_gb": model / GB,
+                      "training_bytes_per_factor_weight": extra,
+                      "healing_gb": (model + blocks * factors * extra) / GB,
+                      # refinement trains float32 copies of one block's factors: copy, gradient, moments
+                      "refinement_one_block_gb": factors * 16 / GB}
+    return rows
+
+
 def tensor_parallel_numbers(m: int = 4096, n: int = 4096, keep: float = 0.6) -> dict:
     """Factor numbers per rank (README "Serving with vLLM"), column-parallel layer."""
     k = uniform_rank(m, n, keep)
@@ -75,7 +102,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args()
     result = {"kind": "computed from formulas, not measured",
-              "compression": compression_memory(), "vllm_tp_4096x4096_keep0.6": tensor_parallel_numbers()}
+              "compression": compression_memory(), "healing": healing_memory(), "vllm_tp_4096x4096_keep0.6": tensor_parallel_numbers()}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     print(json.dumps(result, indent=1))
 
