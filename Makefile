@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine:
 #   make demo   compress the packaged SmolLM2-135M at keep 0.8 (ARA ranks, calibration half
-#               WikiText, half the model's own samples) and report perplexity before/after
+#               WikiText, half the model's own samples; block refinement) and report perplexity before/after
 #   make test   run the test suite
 # Both create ./.venv on first use (CPU torch unless TORCH_SPEC says otherwise).
 #   make test-vllm  the vLLM plugin's tests, in ./.venv-vllm (vLLM pins its own torch and
@@ -13,7 +13,8 @@ DATA       ?= $(abspath ../shared/data)
 KEEP       ?= 0.8
 METHOD     ?= ara
 GENERATED  ?= 0.5
-REFINE     ?= 0
+SAMPLE_LEN ?= 128
+REFINE     ?= 32
 WINDOWS    ?= 10
 
 BIN := $(VENV)/bin
@@ -37,6 +38,7 @@ install: $(BIN)/lowrank-infer
 demo: install
 	$(BIN)/lowrank-infer compress --model smollm2-135m --keep $(KEEP) --method $(METHOD) \
 	    --calib-file $(DATA)/wikitext2/valid.tokens.txt --calib-generated $(GENERATED) --calib-samples 32 \
+	    $(if $(filter-out 0 0.0,$(GENERATED)),--calib-sample-len $(SAMPLE_LEN)) \
 	    --seq-len 512 --batch-size 32 --refine-steps $(REFINE) --eval-file $(DATA)/wikitext2/test.raw.txt --eval-windows $(WINDOWS) \
 	    --out runs/smollm2-135m-$(METHOD)-keep$(KEEP) --overwrite
 
