@@ -22,7 +22,7 @@ from lowrank_infer.data import (
 )
 from lowrank_infer.distributed import Ranks, process_group
 from lowrank_infer.evaluate import check_seq_len, perplexity
-from lowrank_infer.healing import HealConfig, heal, teacher_targets
+from lowrank_infer.healing import HealConfig, check_heal_memory, heal, teacher_targets
 from lowrank_infer.harness import lm_eval_results, results_table, write_results
 from lowrank_infer.io import PLAN_FILE, attach_plan, is_compressed_checkpoint, save_compressed
 from lowrank_infer.models import ALIASES, load_model
@@ -445,6 +445,9 @@ def _compress(args, plan, device: str, config, ranks: Ranks) -> int:
     # The model stays in host memory (or on disk); calibration moves one block at a time to --device.
     model, tokenizer, model_id = _load_for_analysis(args)
     _check_seq_len(args, model)
+    if args.heal_steps and torch.device(device).type == "cuda":
+        check_heal_memory(model, config.keep, torch.cuda.mem_get_info(device)[0], device,
+                          include=config.include, exclude=config.exclude)
     source = _calib_source(args, tokenizer, config, plan, model, device)
     calib = _calibration_ids(args, source, config, plan)
     eval_tokens = _eval_tokens(args.eval_file, tokenizer) if args.eval_file and ranks.main else None

@@ -29,9 +29,10 @@ from tqdm.auto import tqdm
 
 from lowrank_infer.module import LowRankLinear
 from lowrank_infer.precision import autocast
+from lowrank_infer.structure import target_linears
 from lowrank_infer.training import Schedule, train_early_stopped
 
-__all__ = ["HealConfig", "HealReport", "TeacherTargets", "heal", "teacher_targets"]
+__all__ = ["HealConfig", "HealReport", "TeacherTargets", "check_heal_memory", "heal", "healing_bytes", "teacher_targets"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,38 @@ class HealReport:
     held_before: float
     held_after: float
     seconds: float
+
+
+def _training_bytes(element_size: int) -> int:
+    """Bytes per trained factor weight besides the weight: gradient and Adam's two moments in
+    float32, and below float32 also the float32 master and the gradient in the model's dtype
+    (:mod:`lowrank_infer.training`)."""
+    return 4 + 8 if element_size == 4 else 4 + 4 + 8 + element_size
+
+
+def healing_bytes(model: nn.Module, keep: float, **patterns) -> int:
+    """Device memory :func:`heal` needs for ``model`` once compressed to ``keep``, activations
+    aside: the compressed model, and what training takes per factor weight for at most ``keep``
+    of the target linears' weights (``patterns``: ``include``/``exclude`` as for compression)."""
+    element = next(model.parameters()).element_size()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    target = sum(m.weight.numel() for m in target_linears(model, **patterns).values())
+    return round(weights - (1 - keep) * target * element + keep * target * _training_bytes(element))
+
+
+def check_heal_memory(model: nn.Module, keep: float, free_bytes: int, device: str, **patterns) -> None:
+    """Refuse, before any work, healing that cannot fit in ``free_bytes`` of ``device``.
+
+    Raises:
+        ValueError: :func:`healing_bytes` exceeds ``free_bytes``.
+    """
+    need = healing_bytes(model, keep, **patterns)
+    if need > free_bytes:
+        extra = _training_bytes(next(model.parameters()).element_size())
+        raise ValueError(f"--heal-steps trains every factor on {device} at once: about {need / 1e9:.1f} GB (the model "
+                         f"compressed to keep {keep:g}, plus {extra} bytes per factor weight for its gradient and "
+                         f"Adam's moments), more than the {free_bytes / 1e9:.1f} GB free there; compress without "
+                         "--heal-steps (refinement trains one block at a time) or heal on a larger GPU")
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from lowrank_infer import LowRankLinear, UniformConfig, compress
 from lowrank_infer.data import clean_calibration_text, split_held_out
-from lowrank_infer.healing import HealConfig, _held_loss, heal, teacher_targets
+from lowrank_infer.healing import HealConfig, _held_loss, check_heal_memory, heal, healing_bytes, teacher_targets
 
 from tiny_models import tiny_model
 
@@ -140,6 +140,26 @@ def test_a_bfloat16_model_heals_as_its_float32_copy_does(dense_and_compressed):
     moved = sum((f32[n] - start[n].double()).square().sum() for n in start).sqrt()
     apart = sum((f16[n] - f32[n]).square().sum() for n in start).sqrt()
     assert apart < 0.6 * moved
+
+
+@pytest.mark.parametrize("dtype, extra", [(torch.float32, 12), (torch.bfloat16, 18)])
+def test_healing_bytes_bound_what_the_compressed_model_holds_in_training(dense_and_compressed, dtype, extra):
+    """Against the compressed model itself: its bytes plus, per factor weight, the gradient and
+    Adam's moments (and below float32 the float32 master and the gradient in its dtype)."""
+    dense, compressed = (m.to(dtype) for m in dense_and_compressed)
+    factors = sum(p.numel() for n, p in compressed.named_parameters() if n.endswith((".U", ".V")))
+    held = sum(p.numel() * p.element_size() for p in compressed.parameters()) + extra * factors
+    assert held <= healing_bytes(dense, 0.3) <= 1.1 * held
+
+
+def test_healing_that_cannot_fit_is_refused(dense_and_compressed):
+    dense, _ = dense_and_compressed
+    need = healing_bytes(dense, 0.3)
+    check_heal_memory(dense, 0.3, need, "cuda:0")
+    with pytest.raises(ValueError, match=r"--heal-steps trains every factor on cuda:0 at once: about [0-9.]+ GB "
+                                         r"\(the model compressed to keep 0.3, plus 12 bytes per factor weight.*"
+                                         r"compress without --heal-steps"):
+        check_heal_memory(dense, 0.3, need - 1, "cuda:0")
 
 
 def test_a_worse_model_is_never_kept(dense_and_compressed, monkeypatch):
