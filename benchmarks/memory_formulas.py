@@ -19,6 +19,7 @@ from pathlib import Path
 
 from lowrank_infer.allocation import ARAConfig, UniformConfig
 from lowrank_infer.allocation.uniform import uniform_rank
+from lowrank_infer.healing import training_bytes_per_weight
 
 GB = 1e9
 # name: (hidden, MLP width, blocks, key/value width, vocabulary, tied head, bytes per weight)
@@ -73,9 +74,7 @@ def healing_memory(keep: float = 0.8) -> dict:
                 factors += k * (m + n)
             else:
                 dense += m * n
-        # Per factor weight besides the weight: its gradient and Adam's two moments in float32, and
-        # below float32 also the float32 master and the gradient in the model's dtype.
-        extra = 4 + 8 if size == 4 else 4 + 4 + 8 + size
+        extra = training_bytes_per_weight(size)
         embeddings = size * vocab * h * (1 if tied else 2) + size * h
         model = embeddings + blocks * size * (factors + dense + 2 * h)
         rows[name] = {"keep": keep, "factor_weights": factors * blocks, "compressed_model_gb": model / GB,

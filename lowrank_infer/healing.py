@@ -32,7 +32,8 @@ from lowrank_infer.precision import autocast
 from lowrank_infer.structure import target_linears
 from lowrank_infer.training import Schedule, train_early_stopped
 
-__all__ = ["HealConfig", "HealReport", "TeacherTargets", "check_heal_memory", "heal", "healing_bytes", "teacher_targets"]
+__all__ = ["HealConfig", "HealReport", "TeacherTargets", "check_heal_memory", "heal", "healing_bytes", "teacher_targets",
+           "training_bytes_per_weight"]
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class HealReport:
     seconds: float
 
 
-def _training_bytes(element_size: int) -> int:
+def training_bytes_per_weight(element_size: int) -> int:
     """Bytes per trained factor weight besides the weight: gradient and Adam's two moments in
     float32, and below float32 also the float32 master and the gradient in the model's dtype
     (:mod:`lowrank_infer.training`)."""
@@ -87,7 +88,7 @@ def healing_bytes(model: nn.Module, keep: float, **patterns) -> int:
     element = next(model.parameters()).element_size()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     target = sum(m.weight.numel() for m in target_linears(model, **patterns).values())
-    return round(weights - (1 - keep) * target * element + keep * target * _training_bytes(element))
+    return round(weights - (1 - keep) * target * element + keep * target * training_bytes_per_weight(element))
 
 
 def check_heal_memory(model: nn.Module, keep: float, free_bytes: int, device: str, **patterns) -> None:
@@ -98,7 +99,7 @@ def check_heal_memory(model: nn.Module, keep: float, free_bytes: int, device: st
     """
     need = healing_bytes(model, keep, **patterns)
     if need > free_bytes:
-        extra = _training_bytes(next(model.parameters()).element_size())
+        extra = training_bytes_per_weight(next(model.parameters()).element_size())
         raise ValueError(f"--heal-steps trains every factor on {device} at once: about {need / 1e9:.1f} GB (the model "
                          f"compressed to keep {keep:g}, plus {extra} bytes per factor weight for its gradient and "
                          f"Adam's moments), more than the {free_bytes / 1e9:.1f} GB free there; compress without "
