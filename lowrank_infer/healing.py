@@ -101,9 +101,9 @@ def check_heal_memory(model: nn.Module, keep: float, free_bytes: int, device: st
     if need > free_bytes:
         extra = training_bytes_per_weight(next(model.parameters()).element_size())
         raise ValueError(f"--heal-steps trains every factor on {device} at once: about {need / 1e9:.1f} GB (the model "
-                         f"compressed to keep {keep:g}, plus {extra} bytes per factor weight for its gradient and "
-                         f"Adam's moments), more than the {free_bytes / 1e9:.1f} GB free there; compress without "
-                         "--heal-steps (refinement trains one block at a time) or heal on a larger GPU")
+                         f"compressed to keep {keep:g}, plus {extra} bytes per factor weight to train it), more than "
+                         f"the {free_bytes / 1e9:.1f} GB free there; compress without --heal-steps (refinement "
+                         "trains one block at a time) or heal on a larger GPU")
 
 
 @torch.no_grad()

@@ -124,7 +124,7 @@ def test_healing_lowers_the_held_out_loss_and_trains_only_the_factors(dense_and_
 
 def test_a_bfloat16_model_heals_as_its_float32_copy_does(dense_and_compressed):
     """Steps of about 0.1 % are under bfloat16's spacing: updating bfloat16 factors directly kept
-    a third of the float32 model's gain and moved the factors elsewhere (float32 masters fix it)."""
+    under a third of the float32 model's gain and moved the factors elsewhere (float32 masters fix it)."""
     dense, compressed = dense_and_compressed
     start = _factors(compressed)
     healed = {}
