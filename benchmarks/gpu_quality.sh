@@ -107,9 +107,10 @@ case $STAGE in
       { echo "the reassembled GGUF's sha256 differs" >&2; exit 1; }
     DEADLINE=${DEADLINE:-540}
     # Healing at a GPU's scale: 8x the calibration windows (generated 128 at a time), healing on
-    # 1024 windows of 256 tokens, 16 a step, up to 1000 steps (the CPU's: 200 windows, 2 a step,
-    # 100 steps), at keep 0.8 and 0.6; then the CPU's best pipeline, now with ARA on the GPU (it
-    # ran on the host before: results/h200/quality/README.md), against which the first row compares.
+    # 1024 windows of 512 tokens, 16 a step, up to 1000 steps (the CPU's defaults: 100 windows,
+    # one a step, 100 steps), at keep 0.8 and 0.6; then the CPU's defaults on the GPU, against
+    # which the first row compares (the rows in results/h200/quality/ ran when healing's windows
+    # were 256 tokens, two a step on the CPU).
     RECIPE=ara-mix-batch128-short-calib256-refine-heal1000-healbatch16
     row gpuheal 0.8 "$RECIPE" --no-dense
     row gpuheal_keep0.6 0.6 "$RECIPE" --no-dense
