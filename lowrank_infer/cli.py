@@ -465,7 +465,7 @@ def _compress(args, plan, device: str, config, ranks: Ranks) -> int:
     if healed is not None:
         result.seconds["healing"] = healed.seconds
         result.plan.params["heal"] = {"steps": args.heal_steps, "batch": args.heal_batch, "relative_lr": args.heal_lr,
-                                      "compute_dtype": config.compute_dtype,
+                                      "lr_decay": "linear" if HealConfig.decay else "none", "compute_dtype": config.compute_dtype,
                                       "steps_run": healed.steps_run,
                                       "best_step": healed.best_step, "held_kl_before": round(healed.held_before, 6),
                                       "held_kl_after": round(healed.held_after, 6)}
@@ -522,7 +522,9 @@ def _dense_targets(args, model, source: CalibSource, device, compute_dtype: str)
 
 
 def _heal(args, model, targets, device, compute_dtype: str):
-    config = HealConfig(steps=args.heal_steps, lr=args.heal_lr, batch_size=args.heal_batch, compute_dtype=compute_dtype)
+    # About ten held-out scores a run: each costs HEAL_HELD_WINDOWS forward passes.
+    config = HealConfig(steps=args.heal_steps, lr=args.heal_lr, batch_size=args.heal_batch, compute_dtype=compute_dtype,
+                        eval_every=max(HealConfig.eval_every, args.heal_steps // 10))
     with module_on(model, device):
         return heal(model, *targets, config, progress=True)
 

@@ -57,8 +57,9 @@ class TeacherTargets:
 @dataclass(frozen=True)
 class HealConfig(Schedule):
     """Settings of :func:`heal` (see :class:`~lowrank_infer.training.Schedule`): 10 steps between
-    held-out scores, 3 scores of patience."""
+    held-out scores, 3 scores of patience, the rate decayed linearly over the run."""
 
+    decay: bool = True
     what: ClassVar[str] = "heal"
 
 
@@ -127,8 +128,8 @@ def teacher_targets(model: nn.Module, ids: torch.Tensor, *, top_k: int = 64, bat
     with autocast(compute_dtype, device):  # one context: autocast keeps its weight casts while it lasts
         for start in tqdm(range(0, len(ids), batch_size), desc="dense targets", disable=not progress):
             logits = model(ids[start:start + batch_size].to(device)).logits.float()
-            top = logits.log_softmax(-1).topk(min(top_k, logits.shape[-1]), dim=-1)
-            logps.append(top.values.cpu())
+            top = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+            logps.append((top.values - logits.logsumexp(-1, keepdim=True)).cpu())  # no vocabulary-wide log_softmax
             indices.append(top.indices.to(torch.int32).cpu())
     return TeacherTargets(ids, torch.cat(logps), torch.cat(indices))
 
@@ -137,7 +138,7 @@ def _kl(model: nn.Module, targets: TeacherTargets, device: torch.device) -> torc
     """Mean over positions of the KL divergence over the teacher's top tokens and the rest as one
     bucket (see the module docstring)."""
     logits = model(targets.ids.to(device)).logits.float()
-    student = logits.log_softmax(-1).gather(-1, targets.index.to(device).long())
+    student = logits.gather(-1, targets.index.to(device).long()) - logits.logsumexp(-1, keepdim=True)
     teacher = targets.logp.to(device)
     kl = (teacher.exp() * (teacher - student)).sum(-1)
     if teacher.shape[-1] < logits.shape[-1]:  # else there is no rest

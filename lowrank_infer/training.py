@@ -46,6 +46,10 @@ class Schedule:
         compute_dtype: dtype of the training and held-out forward passes (``"bfloat16"``: under
             autocast, see :mod:`lowrank_infer.precision`); the tensors keep their own dtype
             (those below float32 train through float32 copies, see the module docstring).
+        decay: lower the rate linearly over the run, step ``s`` of ``steps`` at
+            ``lr·(steps − s + 1)/steps``. At a constant rate, steps of one window each keep
+            jolting the factors and the held-out score bounces, so early stopping ends a long run
+            on a bounce; decayed, the last steps settle the factors.
     """
 
     steps: int
@@ -54,6 +58,7 @@ class Schedule:
     eval_every: int = 10
     patience: int = 3
     compute_dtype: str = "float32"
+    decay: bool = False
 
     what: ClassVar[str] = "training"  # names the settings in error messages
 
@@ -65,6 +70,8 @@ class Schedule:
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"{self.what} lr must be a positive number, got {self.lr!r}")
         check_compute_dtype(self.compute_dtype)
+        if not isinstance(self.decay, bool):
+            raise ValueError(f"{self.what} decay must be True or False, got {self.decay!r}")
 
 
 @dataclass(frozen=True)
@@ -113,12 +120,16 @@ def _train(params, original, train_loss, held_loss, schedule: Schedule, progress
         best = before = _checked(held_loss(), "held-out loss before training", what)
     best_step, best_values, waited, step = 0, original, 0, 0
     bar = tqdm(total=steps, desc=what, disable=not progress, leave=False)
+    rates = [group["lr"] for group in optimizer.param_groups]
     for step in range(1, steps + 1):
         with precision():
             loss = train_loss(step)
         _checked(loss.item(), f"training loss at step {step}", what)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if schedule.decay:
+            for group, rate in zip(optimizer.param_groups, rates):
+                group["lr"] = rate * (steps - step + 1) / steps
         _step(optimizer, params, masters)
         bar.update()
         if step % schedule.eval_every and step != steps:

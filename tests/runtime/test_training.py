@@ -1,5 +1,6 @@
 """The shared early-stopped Adam loop: its learning rate is relative to each tensor's scale."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -37,3 +38,24 @@ def test_an_all_zero_tensor_steps_by_lr_itself():
     target = torch.tensor([[1.0, -1.0], [2.0, -2.0], [0.5, -0.5]], dtype=torch.float64)
     _one_step([zero], [target], lr=1e-3)
     torch.testing.assert_close(zero.detach(), 1e-3 * torch.sign(target), rtol=0, atol=1e-9)
+
+
+def test_decay_lowers_the_rate_linearly_to_one_step_of_it_at_the_end():
+    p = nn.Parameter(torch.full((4,), 2.0, dtype=torch.float64))
+    seen = []
+
+    def loss(step):  # a constant gradient of 1: each Adam step moves p by that step's rate (up to eps)
+        seen.append(p.detach().clone())
+        return p.sum()
+
+    steps, lr = 4, 1e-2
+    train_early_stopped([p], loss, lambda: float(p.sum()), Schedule(steps=steps, lr=lr, eval_every=1, decay=True))
+    seen.append(p.detach().clone())
+    moves = [float((a - b).mean()) for a, b in zip(seen, seen[1:])]
+    expected = [lr * 2.0 * (steps - s + 1) / steps for s in range(1, steps + 1)]  # RMS of p is 2
+    assert moves == pytest.approx(expected, rel=1e-6)
+
+
+def test_decay_must_be_a_bool():
+    with pytest.raises(ValueError, match="decay must be True or False"):
+        Schedule(steps=3, decay="linear")
