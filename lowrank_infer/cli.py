@@ -522,9 +522,7 @@ def _dense_targets(args, model, source: CalibSource, device, compute_dtype: str)
 
 
 def _heal(args, model, targets, device, compute_dtype: str):
-    # About ten held-out scores a run: each costs HEAL_HELD_WINDOWS forward passes.
-    config = HealConfig(steps=args.heal_steps, lr=args.heal_lr, batch_size=args.heal_batch, compute_dtype=compute_dtype,
-                        eval_every=max(HealConfig.eval_every, args.heal_steps // 10))
+    config = HealConfig(steps=args.heal_steps, lr=args.heal_lr, batch_size=args.heal_batch, compute_dtype=compute_dtype)
     with module_on(model, device):
         return heal(model, *targets, config, progress=True)
 

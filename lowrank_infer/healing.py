@@ -56,11 +56,18 @@ class TeacherTargets:
 
 @dataclass(frozen=True)
 class HealConfig(Schedule):
-    """Settings of :func:`heal` (see :class:`~lowrank_infer.training.Schedule`): 10 steps between
-    held-out scores, 3 scores of patience, the rate decayed linearly over the run."""
+    """Settings of :func:`heal` (see :class:`~lowrank_infer.training.Schedule`): the rate decayed
+    linearly over the run, 3 held-out scores of patience, and by default about ten scores a run
+    (every ``steps // 10`` steps, at least 10): each scores every held-out window."""
 
+    eval_every: int | None = None
     decay: bool = True
     what: ClassVar[str] = "heal"
+
+    def __post_init__(self) -> None:
+        if self.eval_every is None and isinstance(self.steps, int):
+            object.__setattr__(self, "eval_every", max(10, self.steps // 10))
+        super().__post_init__()
 
 
 @dataclass(frozen=True)

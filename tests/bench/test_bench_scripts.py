@@ -1,5 +1,5 @@
 """The scripts in benchmarks/: plots from a kernel JSON (new and old names), the quality suite's commands,
-the GPU session script's guard, and the loss anatomy's restored layers."""
+the GPU session script's guard, the loss anatomy's restored layers and the healing schedules' refusals."""
 
 import importlib.util
 import json
@@ -140,3 +140,13 @@ def test_loss_anatomy_puts_back_exactly_the_dense_layers_of_the_named_types(tmp_
         assert low_rank == {"q_proj", "k_proj", "v_proj", "o_proj"}
         torch.testing.assert_close(anatomy._nll(load_compressed(tmp_path / "ck", pack=False), ids),
                                    anatomy._nll(compressed, ids))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["ckpt", "--schedules", "cosine", "--", "--model", "m", "--heal-steps", "4"], "unknown schedule 'cosine'"),
+    (["ckpt", "--", "--model", "m", "--keep", "0.8"], "pass --heal-steps N"),
+])
+def test_heal_schedule_refuses_unknown_schedules_and_runs_without_healing(monkeypatch, capsys, argv, message):
+    monkeypatch.setattr("sys.argv", ["heal_schedule.py", *argv])
+    with pytest.raises(SystemExit, match=message):
+        _script("heal_schedule").main()

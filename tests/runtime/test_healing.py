@@ -195,6 +195,11 @@ def test_a_non_finite_loss_restores_the_factors(dense_and_compressed, monkeypatc
     assert all(torch.equal(p, factors[n]) for n, p in compressed.named_parameters() if n in factors)
 
 
+def test_healing_scores_held_out_windows_about_ten_times_a_run_unless_told():
+    assert [HealConfig(steps=n).eval_every for n in (1, 100, 400, 1000)] == [10, 10, 40, 100]
+    assert HealConfig(steps=400, eval_every=7).eval_every == 7
+
+
 def test_bad_settings_and_models_are_refused(dense_and_compressed):
     dense, _ = dense_and_compressed
     with pytest.raises(ValueError, match="heal steps must be an integer >= 1"):

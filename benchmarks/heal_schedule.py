@@ -1,0 +1,74 @@
+"""Healing schedules compared on one checkpoint: the same dense targets, windows and factors to
+start from, healed under each schedule, then scored on WikiText-2 test and Python's docstrings.
+
+The checkpoint is a compressed model that was not healed (compress without --heal-steps); the
+compress arguments after ``--`` are the ones it was made with plus the healing to compare, so that
+the healing windows (and their dense targets) are those that ``compress --heal-steps`` would use.
+A schedule is ``constant`` or ``linear`` (the rate decayed to nothing over the run).
+
+usage: python benchmarks/heal_schedule.py CHECKPOINT --schedules constant,linear \\
+           -- --model smollm2-135m --keep 0.8 --heal-steps 400 ... (compress's own arguments)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+
+import torch
+
+from lowrank_infer import cli
+from lowrank_infer.evaluate import perplexity
+from lowrank_infer.healing import HealConfig, heal
+from lowrank_infer.io import load_compressed
+
+TEXTS = {"wikitext2": "../shared/data/wikitext2/test.raw.txt", "python-docs": "python-docs"}
+SCHEDULES = {"constant": False, "linear": True}
+
+
+def _healing_targets(compress_args: list[str]):
+    """The dense targets of compress's healing windows, and the parsed arguments."""
+    args = cli.build_parser().parse_args(["compress", "--out", "unused", *compress_args])
+    if not args.heal_steps:
+        raise SystemExit("pass --heal-steps N among compress's arguments (after --)")
+    config = cli._method_config(args)
+    model, tokenizer, _ = cli._load_for_analysis(args)
+    source = cli._calib_source(args, tokenizer, config, None, model, "cpu")
+    return args, config, tokenizer, cli._dense_targets(args, model, source, "cpu", config.compute_dtype)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="after --: compress's own arguments, "
+                                     "those the checkpoint was made with and --heal-steps N")
+    parser.add_argument("checkpoint", help="a compressed checkpoint that was not healed")
+    parser.add_argument("--schedules", default="constant,linear")
+    parser.add_argument("--windows", type=int, default=40, help="evaluation windows of 512 tokens per text")
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    args, compress_args = parser.parse_args(argv[:split]), argv[split + 1:]
+    schedules = args.schedules.split(",")
+    unknown = [s for s in schedules if s not in SCHEDULES]
+    if unknown:
+        raise SystemExit(f"unknown schedule {unknown[0]!r}; known: {', '.join(SCHEDULES)}")
+    print("command: python benchmarks/heal_schedule.py " + shlex.join(sys.argv[1:]))
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    parsed, config, tokenizer, targets = _healing_targets(compress_args)
+    texts = {name: cli._eval_tokens(path, tokenizer) for name, path in TEXTS.items()}
+    for schedule in schedules:
+        model = load_compressed(args.checkpoint, pack=False)
+        heal_config = HealConfig(steps=parsed.heal_steps, lr=parsed.heal_lr, batch_size=parsed.heal_batch,
+                                 compute_dtype=config.compute_dtype, decay=SCHEDULES[schedule])
+        report = heal(model, *targets, heal_config)
+        row = {"schedule": schedule, "steps": parsed.heal_steps, "steps_run": report.steps_run,
+               "best_step": report.best_step, "held_kl_before": round(report.held_before, 6),
+               "held_kl_after": round(report.held_after, 6), "healing_seconds": round(report.seconds, 1)}
+        for name, tokens in texts.items():
+            row[name] = round(perplexity(model, tokens, seq_len=512, max_windows=args.windows, batch_size=1,
+                                         progress=False)["perplexity"], 3)
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
