@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import sys
 
 import torch
 
 from lowrank_infer import cli
+from lowrank_infer.bench.output import environment
 from lowrank_infer.evaluate import perplexity
 from lowrank_infer.healing import HealConfig, heal
 from lowrank_infer.io import load_compressed
@@ -53,7 +53,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown schedule {unknown[0]!r}; known: {', '.join(SCHEDULES)}")
     print("command: python benchmarks/heal_schedule.py " + shlex.join(sys.argv[1:]))
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"machine: {environment(torch.device('cpu'))['device_label']}, {torch.get_num_threads()} threads")
     parsed, config, tokenizer, targets = _healing_targets(compress_args)
     texts = {name: cli._eval_tokens(path, tokenizer) for name, path in TEXTS.items()}
     for schedule in schedules:

@@ -167,8 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--heal-steps", type=int, default=0,
         help="after compressing, train the low-rank factors this many steps toward the dense model's "
-        "next-token distributions (KL on calibration text), stopping early when held-out calibration "
-        "windows stop improving; 0 (default) = no healing. About 3 s a step (one 512-token window) for "
+        "next-token distributions (KL on calibration text), stopping early when held-out calibration windows stop improving; 0 (default) = no healing. About 3 s a step (one 512-token window) for "
         "SmolLM2-135M on 2 CPU cores with native bfloat16 (--compute-dtype)")
     p.add_argument("--heal-lr", type=float, default=HealConfig.lr,
                    help=f"Adam learning rate of --heal-steps, relative to each factor's scale: a tensor trains at this "
@@ -465,7 +464,7 @@ def _compress(args, plan, device: str, config, ranks: Ranks) -> int:
     if healed is not None:
         result.seconds["healing"] = healed.seconds
         result.plan.params["heal"] = {"steps": args.heal_steps, "batch": args.heal_batch, "relative_lr": args.heal_lr,
-                                      "lr_decay": "linear" if HealConfig.decay else "none", "compute_dtype": config.compute_dtype,
+                                      "compute_dtype": config.compute_dtype,
                                       "steps_run": healed.steps_run,
                                       "best_step": healed.best_step, "held_kl_before": round(healed.held_before, 6),
                                       "held_kl_after": round(healed.held_after, 6)}

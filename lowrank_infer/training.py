@@ -47,9 +47,8 @@ class Schedule:
             autocast, see :mod:`lowrank_infer.precision`); the tensors keep their own dtype
             (those below float32 train through float32 copies, see the module docstring).
         decay: lower the rate linearly over the run, step ``s`` of ``steps`` at
-            ``lr·(steps − s + 1)/steps``. At a constant rate, steps of one window each keep
-            jolting the factors and the held-out score bounces, so early stopping ends a long run
-            on a bounce; decayed, the last steps settle the factors.
+            ``lr·(steps − s + 1)/steps`` (off by default: healing 400 steps gained no more with it,
+            ``benchmarks/heal_schedule.py``).
     """
 
     steps: int

@@ -131,7 +131,7 @@ def test_a_bfloat16_model_heals_as_its_float32_copy_does(dense_and_compressed):
     for dtype in (torch.float32, torch.bfloat16):
         teacher, student = copy.deepcopy(dense).to(dtype), copy.deepcopy(compressed).to(dtype)
         report = heal(student, teacher_targets(teacher, TRAIN), teacher_targets(teacher, HELD),
-                      HealConfig(steps=12, lr=1e-3, eval_every=4, decay=False))  # steps of 0.1 % throughout
+                      HealConfig(steps=12, lr=1e-3, eval_every=4))
         factors = _factors(student)
         assert all(p.dtype == dtype for p in factors.values())
         healed[dtype] = (report.held_before - report.held_after, {n: p.double() for n, p in factors.items()})
