@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--heal-steps", type=int, default=0,
         help="after compressing, train the low-rank factors this many steps toward the dense model's "
-        "next-token distributions (KL on calibration text), stopping early when held-out calibration windows stop improving; 0 (default) = no healing. About 3 s a step (one 512-token window) for "
+        "next-token distributions (KL on calibration text), stopping early when held-out calibration "
+        "windows stop improving; 0 (default) = no healing. About 3 s a step (one 512-token window) for "
         "SmolLM2-135M on 2 CPU cores with native bfloat16 (--compute-dtype)")
     p.add_argument("--heal-lr", type=float, default=HealConfig.lr,
                    help=f"Adam learning rate of --heal-steps, relative to each factor's scale: a tensor trains at this "
