@@ -10,7 +10,8 @@ bucket for the rest of the vocabulary,
 with ``r = 1 − Σ_top p``. The bucket matters: the sum over the top tokens alone is lowest when the
 compressed model moves the rest of the vocabulary's probability onto them, which is what a
 healing run on it learns, and rare words (most of them outside any top 64) then cost more than
-before healing. With ``top_k`` the whole vocabulary the loss is the exact KL divergence. Training
+before healing. With ``top_k`` the whole vocabulary the loss is the exact KL divergence
+(:mod:`lowrank_infer.healing_loss` computes it, through the output layer a chunk at a time). Training
 stops early when the same loss on held-out windows (never trained on) stops improving, and the
 factors that scored best there are kept; when no step beats the compressed model as it came, the
 factors are left exactly as they were.
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowrank_infer.healing_loss import coarsened_kl, fusable_head
 from lowrank_infer.module import LowRankLinear
 from lowrank_infer.precision import autocast
 from lowrank_infer.structure import target_linears
@@ -134,36 +136,21 @@ def teacher_targets(model: nn.Module, ids: torch.Tensor, *, top_k: int = 64, bat
     logps, indices = [], []
     with autocast(compute_dtype, device):  # one context: autocast keeps its weight casts while it lasts
         for start in tqdm(range(0, len(ids), batch_size), desc="dense targets", disable=not progress):
-            logits = model(ids[start:start + batch_size].to(device)).logits.float()
+            logits = model(ids[start:start + batch_size].to(device), use_cache=False).logits.float()
             top = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
             logps.append((top.values - logits.logsumexp(-1, keepdim=True)).cpu())  # no vocabulary-wide log_softmax
             indices.append(top.indices.to(torch.int32).cpu())
     return TeacherTargets(ids, torch.cat(logps), torch.cat(indices))
 
 
-def _kl(model: nn.Module, targets: TeacherTargets, device: torch.device) -> torch.Tensor:
-    """Mean over positions of the KL divergence over the teacher's top tokens and the rest as one
-    bucket (see the module docstring)."""
-    logits = model(targets.ids.to(device)).logits.float()
-    student = logits.gather(-1, targets.index.to(device).long()) - logits.logsumexp(-1, keepdim=True)
-    teacher = targets.logp.to(device)
-    kl = (teacher.exp() * (teacher - student)).sum(-1)
-    if teacher.shape[-1] < logits.shape[-1]:  # else there is no rest
-        kl = kl + _rest_kl(teacher, student)
-    return kl.mean()
-
-
-def _rest_kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
-    """``r_t · (log r_t − log r_s)`` for the mass ``r`` outside the top tokens, 0 where ``r_t`` is 0."""
-    rest_t = (-torch.expm1(teacher.logsumexp(-1))).clamp_min(0)
-    # A student that puts (numerically) all its mass on the top tokens gets a large, finite penalty.
-    log_rest_s = torch.log((-torch.expm1(student.logsumexp(-1))).clamp_min(1e-12))
-    return torch.xlogy(rest_t, rest_t) - rest_t * log_rest_s
+def _kl(model: nn.Module, targets: TeacherTargets, device: torch.device, head: nn.Linear | None = None) -> torch.Tensor:
+    """The healing loss of ``model`` on the windows of ``targets`` (:func:`~lowrank_infer.healing_loss.coarsened_kl`)."""
+    return coarsened_kl(model, targets.ids.to(device), targets.logp.to(device), targets.index.to(device), head)
 
 
 @torch.no_grad()
-def _held_loss(model, held: TeacherTargets, device, batch_size: int) -> float:
-    losses = [_kl(model, held.batch(slice(s, s + batch_size)), device).item() * min(batch_size, len(held.ids) - s)
+def _held_loss(model, held: TeacherTargets, device, batch_size: int, head: nn.Linear | None = None) -> float:
+    losses = [_kl(model, held.batch(slice(s, s + batch_size)), device, head).item() * min(batch_size, len(held.ids) - s)
               for s in range(0, len(held.ids), batch_size)]
     return sum(losses) / len(held.ids)
 
@@ -202,13 +189,14 @@ def heal(model: nn.Module, train: TeacherTargets, held: TeacherTargets, config: 
         for p in model.parameters():
             p.requires_grad_(id(p) in trained)
         model.eval()  # no dropout: the dense targets were made without it
+        head = fusable_head(model, held.ids[:1, :8])
         windows = len(train.ids)
 
         def train_loss(step: int) -> torch.Tensor:
             first = ((step - 1) * config.batch_size) % windows
-            return _kl(model, train.batch(slice(first, first + config.batch_size)), device)
+            return _kl(model, train.batch(slice(first, first + config.batch_size)), device, head)
 
-        result = train_early_stopped(factors, train_loss, lambda: _held_loss(model, held, device, config.batch_size),
+        result = train_early_stopped(factors, train_loss, lambda: _held_loss(model, held, device, config.batch_size, head),
                                      config, progress=progress)
     finally:
         for p, flag in frozen.items():

@@ -25,7 +25,7 @@ STAGES = (
     ("lowrank_infer.factorize", "lowrank_infer.spectra", "lowrank_infer.workdir"),
     ("lowrank_infer.allocation",),
     ("lowrank_infer.compensation", "lowrank_infer.refinement"),
-    ("lowrank_infer.module", "lowrank_infer.surgery", "lowrank_infer.healing"),
+    ("lowrank_infer.module", "lowrank_infer.surgery", "lowrank_infer.healing", "lowrank_infer.healing_loss"),
     ("lowrank_infer.io", "lowrank_infer.hf_quantizer", "lowrank_infer.report", "lowrank_infer.packing"),
 )
 

@@ -1,5 +1,6 @@
 """The scripts in benchmarks/: plots from a kernel JSON (new and old names), the quality suite's commands,
-the GPU session script's guard, the loss anatomy's restored layers and the healing schedules' refusals."""
+the GPU session script's guard, the loss anatomy's restored layers, the healing schedules' refusals and the
+healing step timer's two paths."""
 
 import importlib.util
 import json
@@ -150,3 +151,22 @@ def test_heal_schedule_refuses_unknown_schedules_and_runs_without_healing(monkey
     monkeypatch.setattr("sys.argv", ["heal_schedule.py", *argv])
     with pytest.raises(SystemExit, match=message):
         _script("heal_schedule").main()
+
+
+def test_heal_step_times_both_paths_of_the_same_loss(tmp_path, monkeypatch, capsys):
+    import copy
+
+    from lowrank_infer import UniformConfig, compress, save_compressed
+    from tiny_models import tiny_model
+
+    compressed = copy.deepcopy(tiny_model("llama"))
+    compress(compressed, UniformConfig(keep=0.3, whiten=False), progress=False)
+    save_compressed(compressed, tmp_path / "ck")
+    monkeypatch.setattr("sys.argv", ["heal_step.py", str(tmp_path / "ck"), "--rounds", "2", "--seq-len", "16",
+                                     "--compute-dtype", "float32"])
+    _script("heal_step").main()
+    out = capsys.readouterr().out
+    losses = {name: float(loss) for name, loss in re.findall(r"^(plain|fused): [\d.]+ s a step .*loss ([\d.]+)$", out, re.M)}
+    assert set(losses) == {"plain", "fused"} and losses["plain"] > 0
+    assert losses["fused"] == pytest.approx(losses["plain"], rel=1e-5)
+    assert re.search(r"^plain / fused: [\d.]+x$", out, re.M)
