@@ -47,8 +47,7 @@ class Schedule:
             autocast, see :mod:`lowrank_infer.precision`); the tensors keep their own dtype
             (those below float32 train through float32 copies, see the module docstring).
         decay: lower the rate linearly over the run, step ``s`` of ``steps`` at
-            ``lr·(steps − s + 1)/steps`` (off by default: healing 400 steps gained no more with it,
-            ``benchmarks/heal_schedule.py``).
+            ``lr·(steps − s + 1)/steps`` (off here, on for healing: :class:`~lowrank_infer.healing.HealConfig`).
     """
 
     steps: int

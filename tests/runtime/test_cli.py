@@ -147,6 +147,21 @@ def test_heal_batch_sets_the_windows_per_step_and_the_windows_recorded(tiny_mode
     assert recorded == [4, cli_module.HEAL_HELD_WINDOWS]
 
 
+def test_heal_schedule_sets_whether_the_rate_falls_and_is_recorded(tiny_model_dir, tiny_text, tmp_path, monkeypatch):
+    import lowrank_infer.cli as cli_module
+    configs = []
+    real_heal = cli_module.heal
+    monkeypatch.setattr(cli_module, "heal", lambda model, train, held, config, **kw: configs.append(config) or
+                        real_heal(model, train, held, config, **kw))
+    for schedule, out in ((None, tmp_path / "a"), ("constant", tmp_path / "b")):
+        extra = () if schedule is None else ("--heal-schedule", schedule)
+        assert main(list(map(str, _compress_args(tiny_model_dir, tiny_text, out, "--keep", 0.5, "--heal-steps", 2,
+                                                 "--heal-seq-len", 32, *extra)))) == 0
+    assert [c.decay for c in configs] == [True, False]
+    assert [RankPlan.load(tmp_path / d / "rank_plan.json").params["heal"]["schedule"] for d in "ab"] == ["linear",
+                                                                                                         "constant"]
+
+
 def test_healing_windows_are_as_long_as_the_calibration_windows_by_default(tiny_model_dir, tiny_text, tmp_path,
                                                                             monkeypatch):
     import lowrank_infer.cli as cli_module

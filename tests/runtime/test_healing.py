@@ -131,7 +131,7 @@ def test_a_bfloat16_model_heals_as_its_float32_copy_does(dense_and_compressed):
     for dtype in (torch.float32, torch.bfloat16):
         teacher, student = copy.deepcopy(dense).to(dtype), copy.deepcopy(compressed).to(dtype)
         report = heal(student, teacher_targets(teacher, TRAIN), teacher_targets(teacher, HELD),
-                      HealConfig(steps=12, lr=1e-3, eval_every=4))
+                      HealConfig(steps=12, lr=1e-3, eval_every=4, decay=False))  # every step 0.1 %
         factors = _factors(student)
         assert all(p.dtype == dtype for p in factors.values())
         healed[dtype] = (report.held_before - report.held_after, {n: p.double() for n, p in factors.items()})
@@ -198,6 +198,13 @@ def test_a_non_finite_loss_restores_the_factors(dense_and_compressed, monkeypatc
 def test_healing_scores_held_out_windows_about_ten_times_a_run_unless_told():
     assert [HealConfig(steps=n).eval_every for n in (1, 100, 400, 1000)] == [10, 10, 40, 100]
     assert HealConfig(steps=400, eval_every=7).eval_every == 7
+
+
+def test_healing_lowers_its_rate_to_zero_by_default_and_refinement_does_not():
+    from lowrank_infer.refinement import RefineConfig
+
+    assert HealConfig(steps=4).decay and not HealConfig(steps=4, decay=False).decay
+    assert not RefineConfig(steps=4).decay
 
 
 def test_bad_settings_and_models_are_refused(dense_and_compressed):
