@@ -572,9 +572,9 @@ def _mmap_threshold(size: int) -> None:
 def _heap_for_training():
     """Healing and its dense targets allocate and free the same activations every step; mapped
     on their own (:func:`_return_freed_memory`), each comes back as fresh pages the kernel must
-    zero: SmolLM2's 250-step pipeline spent 132 s on dense targets and 400 s healing that way, 70
-    and 381 without (``quality_smollm2_v16/v17_*``). Up to glibc's largest default threshold
-    (32 MiB) they are reused from the heap while these run."""
+    zero: SmolLM2's 250-step compress took 876 s that way and 796 s without (healing 400 s and
+    381 s; ``quality_smollm2_v16/v17_*``). Up to glibc's largest default threshold (32 MiB)
+    they are reused from the heap while these run."""
     _mmap_threshold(32 << 20)
     try:
         yield
