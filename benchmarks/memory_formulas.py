@@ -80,8 +80,9 @@ def healing_memory(keep: float = 0.8) -> dict:
         rows[name] = {"keep": keep, "factor_weights": factors * blocks, "compressed_model_gb": model / GB,
                       "training_bytes_per_factor_weight": extra,
                       "healing_gb": (model + blocks * factors * extra) / GB,
-                      # refinement trains float32 copies of one block's factors: copy, gradient, moments
-                      "refinement_one_block_gb": factors * 16 / GB}
+                      # refinement trains float32 copies of one block's factors and of the layers it
+                      # keeps dense: copy, gradient, moments
+                      "refinement_one_block_gb": (factors + dense) * 16 / GB}
     return rows
 
 

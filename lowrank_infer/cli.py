@@ -111,7 +111,7 @@ def _add_allocation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--refine-steps", type=int, default=0,
         help="block refinement: block by block on the compressed model's own inputs, train each block's factors "
-        "up to this many Adam steps (2 calibration windows each) toward the dense block's outputs, stopping "
+        "(and the layers the plan keeps dense) up to this many Adam steps (2 calibration windows each) toward the dense block's outputs, stopping "
         "on held-out calibration windows; starts from --sequential's refit when given, else from the "
         "whitened SVD. 0 (default) = none")
     p.add_argument("--refine-lr", type=float, default=MethodConfig.refine_lr,
@@ -493,7 +493,8 @@ def _compress(args, plan, device: str, config, ranks: Ranks) -> int:
     refined = result.plan.params.get("refine")
     if refined:
         before, after = refined["held_error_before"], refined["held_error_after"]
-        _say(f"  refinement: {refined['blocks_improved']} of {len(before)} blocks improved on held-out windows; "
+        _say(f"  refinement: {refined['blocks_improved']} of {len(before)} blocks improved on held-out windows "
+             f"({refined['dense_layers_trained']} layers kept dense trained with the factors); "
              f"last block's relative error {before[-1]:.4f} -> {after[-1]:.4f}")
     if healed is not None:
         _say(f"  healing: {healed.steps_run} steps, held-out KL {healed.held_before:.4f} -> {healed.held_after:.4f} "

@@ -14,12 +14,13 @@ and the best rank ``k`` in the same metric is the whitened SVD of ``A*`` under `
 layer of block 0 the two streams agree and this is SVD-LLM's whitened SVD. Layers that read one
 tensor (q/k/v, gate/up) are refitted together, in the order the block runs them, so that each
 group sees the outputs of the groups before it already compressed. The median keeps a few
-massive-activation features from setting the ridge's scale.
+massive-activation features from setting the ridge's scale. Layers the plan keeps dense keep
+their weights here; block refinement, when asked for, trains them with the factors.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import torch
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from lowrank_infer.allocation.plan import RankPlan
 from lowrank_infer.calibration import block_linears, block_stream, module_on, run_block
 from lowrank_infer.factorize import whitened_svd
-from lowrank_infer.refinement import BlockBatches, Factored, RefineConfig, refine_block
+from lowrank_infer.refinement import BlockBatches, Factored, KeptDense, RefineConfig, refine_block
 from lowrank_infer.structure import replace_module, target_linears
 from lowrank_infer.training import EarlyStopped
 
@@ -123,11 +124,12 @@ def _dense_inputs(block: nn.Module, calls: list, hidden: list, linears: Mapping[
     return outputs, inputs
 
 
-def _refit_block(block, calls, dense_hidden, comp_hidden, planned, plan, ridge, prefix_of, fit_batches, refine,
+def _refit_block(block, calls, dense_hidden, comp_hidden, planned, kept, plan, ridge, prefix_of, fit_batches, refine,
                  initial):
     """Refit every planned layer of one block, group by group, on the first ``fit_batches``
-    batches (or start from ``initial``'s factors), then refine the block (when ``refine``)
-    stopping on the rest; returns the factors, the refinement's report and both streams' outputs."""
+    batches (or start from ``initial``'s factors), then refine the block (when ``refine``: its
+    ``kept`` dense layers too) stopping on the rest; returns the factors, the refined dense
+    weights, the refinement's report and both streams' outputs."""
     # Starting from given factors, no closed form needs the dense layers' inputs.
     dense_out, dense_in = _dense_inputs(block, calls, dense_hidden, {} if initial is not None else planned)
     pending, factored, swapped, report = dict(planned), {}, {}, None
@@ -156,6 +158,9 @@ def _refit_block(block, calls, dense_hidden, comp_hidden, planned, plan, ridge, 
                 factored[name] = Factored(linear, U, V)
                 replace_module(block, name, factored[name])
         if refine is not None and factored:
+            for name, linear in kept.items():
+                swapped[name], factored[name] = linear, KeptDense(linear)
+                replace_module(block, name, factored[name])
             fit = BlockBatches(calls[:fit_batches], comp_hidden[:fit_batches], dense_out[:fit_batches])
             held = BlockBatches(calls[fit_batches:], comp_hidden[fit_batches:], dense_out[fit_batches:])
             report = refine_block(block, factored, fit, held, refine)
@@ -163,17 +168,21 @@ def _refit_block(block, calls, dense_hidden, comp_hidden, planned, plan, ridge, 
     finally:
         for name, linear in swapped.items():
             replace_module(block, name, linear)
-    factors = {prefix_of(name): layer.factors() for name, layer in factored.items()}
-    return factors, report, dense_out, comp_out
+    factors = {prefix_of(name): layer.factors() for name, layer in factored.items() if name not in kept}
+    weights = {prefix_of(name): factored[name].trained() for name in kept if name in factored}
+    return factors, weights, report, dense_out, comp_out
 
 
 @dataclass
 class Compensated:
     """What :func:`compensated_factors` found: ``factors[name] = (U, V)`` (float32, CPU) for every
-    low-rank layer of the plan, and per block (in order) its refinement's report (None: not refined)."""
+    low-rank layer of the plan, per block (in order) its refinement's report (None: not refined),
+    and ``weights[name]`` (CPU, the layer's dtype) for every layer the plan keeps dense in a
+    refined block."""
 
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
     refined: list[EarlyStopped | None]
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -192,7 +201,8 @@ def compensated_factors(
 ) -> Compensated:
     """Factors of every low-rank layer of ``plan``, refitted block by block on the compressed
     stream (see the module docstring), each block then refined when ``refine`` is given (see
-    :mod:`lowrank_infer.refinement`). The model is left unchanged.
+    :mod:`lowrank_infer.refinement`), the layers the plan keeps dense with it. The model is left
+    unchanged.
 
     Args:
         model: the dense model the plan was made for.
@@ -214,6 +224,7 @@ def compensated_factors(
     linears = target_linears(model)
     plan.validate({name: (m.out_features, m.in_features) for name, m in linears.items()})
     lowrank = {layer.name: linears[layer.name] for layer in plan.layers if layer.rank is not None}
+    kept = {} if refine is None else {layer.name: linears[layer.name] for layer in plan.layers if layer.rank is None}
     if refine is not None:
         batch_size = refine.batch_size
         if held_ids.ndim != 2 or held_ids.shape[1] != input_ids.shape[1] or not len(held_ids):
@@ -228,11 +239,13 @@ def compensated_factors(
         for i, block in enumerate(bar):
             prefix = f"{stream.prefix}.{i}."
             planned = {name.removeprefix(prefix): m for name, m in block_linears(lowrank, stream.prefix, i).items()}
+            dense = {name.removeprefix(prefix): m for name, m in block_linears(kept, stream.prefix, i).items()}
             with module_on(block, device):
-                factors, report, dense_hidden, comp_hidden = _refit_block(
-                    block, stream.calls[i], dense_hidden, comp_hidden, planned, plan, ridge, lambda n: prefix + n,
-                    fit_batches, refine, initial)
+                factors, weights, report, dense_hidden, comp_hidden = _refit_block(
+                    block, stream.calls[i], dense_hidden, comp_hidden, planned, dense, plan, ridge,
+                    lambda n: prefix + n, fit_batches, refine, initial)
             found.factors.update(factors)
+            found.weights.update(weights)
             found.refined.append(report)
             if report is not None:
                 bar.set_postfix(held=f"{report.held_before:.3g}->{report.held_after:.3g}")

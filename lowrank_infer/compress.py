@@ -281,6 +281,13 @@ def _refinement(job: _Job) -> dict:
     return {"refine": refine, "held_ids": job.select_ids[:REFINE_HELD_WINDOWS]}
 
 
+@torch.no_grad()
+def _copy_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    for name, weight in weights.items():
+        target = model.get_submodule(name).weight
+        target.copy_(weight.to(target.device, target.dtype))
+
+
 def _compensation_record(config: MethodConfig, found: Compensated) -> dict:
     """What the plan records of sequential compression (its settings) and of refinement (what it gained)."""
     record = {"sequential": True, "ridge": config.ridge} if config.sequential else {}
@@ -289,7 +296,7 @@ def _compensation_record(config: MethodConfig, found: Compensated) -> dict:
         record["refine"] = {
             "steps": config.refine_steps, "relative_lr": config.refine_lr, "held_windows": REFINE_HELD_WINDOWS,
             "compute_dtype": config.compute_dtype,
-            "steps_run": sum(r.steps_run for r in reports),
+            "steps_run": sum(r.steps_run for r in reports), "dense_layers_trained": len(found.weights),
             "blocks_improved": sum(r.best_step > 0 for r in reports),
             "held_error_before": [round(r.held_before, 6) for r in reports],
             "held_error_after": [round(r.held_after, 6) for r in reports],
@@ -349,7 +356,7 @@ def compress(
     job = _job(model, config, plan, calib_ids, batch_size, device, work_dir, resume, model_id=model_id,
                progress=progress, select_ids=select_ids)
     config, plan = job.config, job.plan
-    seconds = {}
+    seconds, trained = {}, {}
     if plan is None or not config.sequential:  # a given plan needs no spectra when refitted
         plan, spectra, seconds = _analyze(job)
     if config.sequential or config.refine_steps:
@@ -361,10 +368,12 @@ def compress(
         # A new plan object: a plan the caller passed in stays as it was.
         plan = dataclasses.replace(plan, params={**plan.params, **_compensation_record(config, found)})
         apply_plan(model, plan, lambda name, rank: found.factors[name])
+        trained = found.weights  # the layers kept dense that refinement trained
     elif job.ranks.main:
         apply_plan(model, plan, lambda name, rank: spectra[name].factors(rank))
     if job.ranks.main:
         if offload.holds(model):
             offload.load(model, "cpu")  # what stays dense (norms, layers the plan keeps) now
+        _copy_weights(model, trained)
         attach_plan(model, plan)
     return CompressResult(plan=plan, seconds=seconds)

@@ -4,6 +4,7 @@ stream closer to the dense one than the closed form alone, and bad runs leave no
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -141,3 +142,46 @@ def test_without_the_closed_form_refinement_starts_from_the_given_factors():
     result = compress(model, UniformConfig(keep=0.5, refine_steps=2), calib_ids=ids, select_ids=held, progress=False)
     assert "sequential" not in result.plan.params and result.plan.params["refine"]["steps"] == 2
     assert set(result.seconds) >= {"compensation"}
+
+
+def _plan_keeping_dense(model, names):
+    """A uniform keep-0.5 plan with the layers ``names`` kept dense."""
+    plan = uniform_plan(target_shapes(model), 0.5)
+    layers = [dataclasses.replace(layer, rank=None) if layer.name in names else layer for layer in plan.layers]
+    return dataclasses.replace(plan, layers=layers)
+
+
+KEPT = ("model.layers.0.mlp.up_proj", "model.layers.1.self_attn.o_proj")
+
+
+def test_refinement_trains_the_layers_the_plan_keeps_dense_and_leaves_the_model_as_it_was():
+    model = tiny_model("llama").eval()
+    before = copy.deepcopy(model.state_dict())
+    plan = _plan_keeping_dense(model, KEPT)
+    ids, held = torch.randint(3, 128, (8, 16), generator=GEN), torch.randint(3, 128, (4, 16), generator=GEN)
+    found = compensated_factors(model, plan, ids, refine=RefineConfig(steps=8, lr=3e-3, eval_every=2),
+                                held_ids=held, progress=False)
+    assert set(found.weights) == set(KEPT)
+    improved = [r.best_step > 0 for r in found.refined]  # KEPT[i] is in block i
+    assert any(improved)
+    for name, trained in zip(KEPT, improved):  # a block that never beat its start keeps its weights
+        assert found.weights[name].dtype == before[name + ".weight"].dtype
+        assert torch.equal(found.weights[name], before[name + ".weight"]) is not trained
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    unrefined = compensated_factors(model, plan, ids, progress=False)
+    assert unrefined.weights == {} and set(unrefined.factors) == set(found.factors)
+
+
+def test_compress_puts_the_trained_dense_weights_in_the_model_and_counts_them():
+    ids, held = torch.randint(3, 128, (8, 16), generator=GEN), torch.randint(3, 128, (4, 16), generator=GEN)
+    config = UniformConfig(keep=0.5, sequential=True, refine_steps=8, refine_lr=3e-3)
+    model = tiny_model("llama").eval()
+    plan = _plan_keeping_dense(model, KEPT)
+    reference = compensated_factors(copy.deepcopy(model), plan, ids, refine=RefineConfig(steps=8, lr=3e-3),
+                                    held_ids=held, progress=False)
+    result = compress(model, config, plan=plan, calib_ids=ids, select_ids=held, progress=False)
+    assert result.plan.params["refine"]["dense_layers_trained"] == 2
+    for name in KEPT:
+        layer = model.get_submodule(name)
+        assert type(layer) is torch.nn.Linear and torch.equal(layer.weight, reference.weights[name])
