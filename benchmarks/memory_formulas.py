@@ -82,7 +82,8 @@ def healing_memory(keep: float = 0.8) -> dict:
                       "healing_gb": (model + blocks * factors * extra) / GB,
                       # refinement trains float32 copies of one block's factors and of the layers it
                       # keeps dense: copy, gradient, moments
-                      "refinement_one_block_gb": (factors + dense) * 16 / GB}
+                      "refinement_one_block_gb": (factors + dense) * 16 / GB,
+                      "refinement_one_block_kept_dense_gb": sum(m * n for m, n in _linears(h, inter, kv)) * 16 / GB}
     return rows
 
 
