@@ -111,7 +111,8 @@ def _add_allocation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--refine-steps", type=int, default=0,
         help="block refinement: block by block on the compressed model's own inputs, train each block's factors "
-        "(and the layers the plan keeps dense) up to this many Adam steps (2 calibration windows each) toward the dense block's outputs, stopping "
+        "(and the layers the plan keeps dense) up to this many Adam steps (2 calibration windows each) toward "
+        "the dense block's outputs, stopping "
         "on held-out calibration windows; starts from --sequential's refit when given, else from the "
         "whitened SVD. 0 (default) = none")
     p.add_argument("--refine-lr", type=float, default=MethodConfig.refine_lr,
