@@ -1,6 +1,11 @@
-"""Seconds per healing step (forward and backward of one batch of windows), the loss fused through
-the output layer (lowrank_infer.healing_loss) against the plain path (the vocabulary-wide logits
-under autograd), side by side on one compressed checkpoint: the two alternate, medians reported.
+"""Seconds per healing step (forward and backward of one batch of windows), side by side on one
+compressed checkpoint, three ways that alternate step by step (medians reported):
+
+* ``plain``: the vocabulary-wide logits under autograd, the low-rank layers through the op's float32
+  intermediate, every frozen weight cast by autocast at every step;
+* ``fused``: the loss fused through the output layer (lowrank_infer.healing_loss), otherwise as ``plain``;
+* ``healing``: as :func:`lowrank_infer.healing.heal` runs a step: fused, the low-rank layers as two
+  autocast linears (bfloat16 intermediate), frozen weights and output layer cast once.
 
 Timing only: the windows are random token ids and the targets the checkpoint's own top-64
 distributions at a higher temperature (the work per step does not depend on the text).
@@ -18,10 +23,12 @@ import time
 import torch
 
 from lowrank_infer.bench.output import environment
+import lowrank_infer.kernels.lowrank_linear_op as lowrank_op
 from lowrank_infer.healing import _factors
-from lowrank_infer.healing_loss import coarsened_kl, fusable_head
+from lowrank_infer.healing_loss import coarsened_kl, frozen_copy, fusable_head
 from lowrank_infer.io import load_compressed
-from lowrank_infer.precision import autocast, check_compute_dtype
+from lowrank_infer.module import LowRankLinear
+from lowrank_infer.precision import autocast, check_compute_dtype, frozen_weights_cast
 
 
 def _targets(model, ids, compute_dtype):
@@ -31,7 +38,25 @@ def _targets(model, ids, compute_dtype):
     return top.values, top.indices
 
 
-def _step(model, ids, logp, index, head, compute_dtype) -> tuple[float, float]:
+_TWO_LINEARS = lowrank_op._two_autocast_linears
+
+
+def _float32_intermediate(x, U, V, bias):
+    return lowrank_op._lowrank_linear_op(x, U, V, bias)
+
+
+def _weights(model, compute_dtype) -> dict[str, dict]:
+    """Each parameter's values as ``plain``/``fused`` see them and as ``healing`` does (cast once)."""
+    before = {id(p): p.data for p in model.parameters()}
+    with frozen_weights_cast(model, compute_dtype, (torch.nn.Linear, LowRankLinear)):
+        now = {id(p): p.data for p in model.parameters()}
+    return {"before": before, "now": now}
+
+
+def _step(model, ids, logp, index, head, compute_dtype, weights: dict, now: bool) -> tuple[float, float]:
+    for p in model.parameters():
+        p.data = weights[id(p)]
+    lowrank_op._two_autocast_linears = _TWO_LINEARS if now else _float32_intermediate
     start = time.perf_counter()
     with autocast(compute_dtype, ids.device):
         loss = coarsened_kl(model, ids, logp, index, head)
@@ -61,18 +86,24 @@ def main() -> None:
     head = fusable_head(model, ids[:1, :8])
     if head is None:
         raise SystemExit("this model's logits are not its output layer's: healing uses the plain path only")
-    paths = {"plain": None, "fused": head}
+    weights = _weights(model, args.compute_dtype)
+    paths = {"plain": (None, "before"), "fused": (head, "before"), "healing": (frozen_copy(head, args.compute_dtype), "now")}
     times = {name: [] for name in paths}
     losses = {}
-    for round_ in range(args.rounds + 1):
-        for name, path_head in paths.items():
-            seconds, losses[name] = _step(model, ids, logp, index, path_head, args.compute_dtype)
-            if round_:  # the first round warms up
-                times[name].append(seconds)
+    try:
+        for round_ in range(args.rounds + 1):
+            for name, (path_head, which) in paths.items():
+                seconds, losses[name] = _step(model, ids, logp, index, path_head, args.compute_dtype, weights[which],
+                                              which == "now")
+                if round_:  # the first round warms up
+                    times[name].append(seconds)
+    finally:
+        lowrank_op._two_autocast_linears = _TWO_LINEARS
     median = {name: statistics.median(t) for name, t in times.items()}
     for name in paths:
         print(f"{name}: {median[name]:.3f} s a step (median of {args.rounds}), loss {losses[name]:.6f}")
-    print(f"plain / fused: {median['plain'] / median['fused']:.2f}x")
+    print(f"plain / fused: {median['plain'] / median['fused']:.2f}x, fused / healing: "
+          f"{median['fused'] / median['healing']:.2f}x")
 
 
 if __name__ == "__main__":

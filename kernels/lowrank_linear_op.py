@@ -26,6 +26,7 @@ import os
 from typing import Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 
 from lowrank_infer.kernels.launch_config import DECODE_MAX_TOKENS
 from lowrank_infer.kernels.reference import torch_lowrank_linear, two_matmul_linear
@@ -217,6 +218,9 @@ def lowrank_linear(
     """
     if _autocast_on(x):
         x, U, V, bias = _autocast(x, U, V, bias)
+        if x.dtype == torch.bfloat16:
+            check_input(x, V)
+            return _two_autocast_linears(x, U, V, bias)
     check_input(x, V)
     if x.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
         # The op would run this same math; skipping the dispatcher saves most of the
@@ -229,6 +233,15 @@ def _autocast_on(x: torch.Tensor) -> bool:
     # The any-device flag first: one cheap call on this hot path when autocast is off (the common case).
     return (torch._C._is_any_autocast_enabled() and torch.amp.is_autocast_available(x.device.type)
             and torch.is_autocast_enabled(x.device.type))
+
+
+def _two_autocast_linears(x, U, V, bias):
+    """``(x @ V) @ U.T`` as two linears under autocast, the intermediate in bfloat16 (whose range is
+    float32's), as ARA's masked layers and refinement's stand-ins compute: healing's low-rank layers
+    then run on the bfloat16 matrix units with float32 accumulation, backward included, where the
+    op's float32 intermediate ran a CPU's low-rank matmuls, and every backward, in float32
+    (``benchmarks/heal_step.py``; ``benchmarks/results/cpu/heal_step_smollm2.txt``)."""
+    return F.linear(x @ V, U, bias)
 
 
 def _autocast(x, U, V, bias):

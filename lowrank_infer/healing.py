@@ -28,9 +28,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowrank_infer.healing_loss import coarsened_kl, fusable_head
+from lowrank_infer.healing_loss import coarsened_kl, frozen_copy, fusable_head
 from lowrank_infer.module import LowRankLinear
-from lowrank_infer.precision import autocast
+from lowrank_infer.precision import autocast, frozen_weights_cast
 from lowrank_infer.structure import target_linears
 from lowrank_infer.training import Schedule, train_early_stopped
 
@@ -193,14 +193,17 @@ def heal(model: nn.Module, train: TeacherTargets, held: TeacherTargets, config: 
             p.requires_grad_(id(p) in trained)
         model.eval()  # no dropout: the dense targets were made without it
         head = fusable_head(model, held.ids[:1, :8])
+        if head is not None:
+            head = frozen_copy(head, config.compute_dtype)
         windows = len(train.ids)
 
         def train_loss(step: int) -> torch.Tensor:
             first = ((step - 1) * config.batch_size) % windows
             return _kl(model, train.batch(slice(first, first + config.batch_size)), device, head)
 
-        result = train_early_stopped(factors, train_loss, lambda: _held_loss(model, held, device, config.batch_size, head),
-                                     config, progress=progress)
+        with frozen_weights_cast(model, config.compute_dtype, (nn.Linear, LowRankLinear)):
+            result = train_early_stopped(factors, train_loss, lambda: _held_loss(model, held, device, config.batch_size, head),
+                                         config, progress=progress)
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["coarsened_kl", "fusable_head"]
+__all__ = ["coarsened_kl", "frozen_copy", "fusable_head"]
 
 # Logits computed at once by the fused loss (32 MiB of float32): a chunk of positions at a time.
 CHUNK_LOGITS = 1 << 23
@@ -46,6 +46,20 @@ def fusable_head(model: nn.Module, ids: torch.Tensor) -> nn.Linear | None:
             return None
         logits = model(ids.to(device), use_cache=False).logits
         return head if torch.allclose(head(hidden), logits, rtol=1e-4, atol=1e-4) else None
+
+
+def frozen_copy(head: nn.Linear, compute_dtype: str) -> nn.Linear:
+    """``head`` with its weight and bias cast once to ``compute_dtype`` (itself for ``"float32"``):
+    SmolLM2's output layer shares its weight with the embedding table, which must stay float32
+    (:func:`~lowrank_infer.precision.frozen_weights_cast`), and autocast would cast it again at every step."""
+    dtype = getattr(torch, compute_dtype)
+    if head.weight.dtype == dtype or compute_dtype == "float32":
+        return head
+    copy = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
+    copy.weight = nn.Parameter(head.weight.detach().to(dtype), requires_grad=False)
+    if head.bias is not None:
+        copy.bias = nn.Parameter(head.bias.detach().to(dtype), requires_grad=False)
+    return copy
 
 
 def coarsened_kl(model: nn.Module, ids: torch.Tensor, logp: torch.Tensor, index: torch.Tensor,

@@ -15,11 +15,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch import nn
 
-__all__ = ["COMPUTE_DTYPES", "autocast", "check_compute_dtype", "native_bfloat16", "resolve_compute_dtype"]
+__all__ = ["COMPUTE_DTYPES", "autocast", "check_compute_dtype", "frozen_weights_cast", "native_bfloat16",
+           "resolve_compute_dtype"]
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -65,3 +68,33 @@ def autocast(compute_dtype: str, device: torch.device | str) -> contextlib.Abstr
     if check_compute_dtype(compute_dtype) == "float32":
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=getattr(torch, compute_dtype))
+
+
+@contextlib.contextmanager
+def frozen_weights_cast(model: nn.Module, compute_dtype: str, kinds: tuple[type, ...] = (nn.Linear,)) -> Iterator[None]:
+    """While it lasts, the frozen ``weight`` of every ``kinds`` module of ``model`` (layers that
+    apply it with ``F.linear``) holds its ``compute_dtype`` values, and its own values again afterwards.
+
+    Autocast keeps its casts only of weights that train; a frozen float32 weight is cast again at
+    every forward pass, which on a CPU is a pass over memory per layer and step (healing SmolLM2 at
+    keep 0.8 keeps 59.5 M of its weights dense and frozen). A linear layer under autocast computes
+    exactly as before with its weight already cast. Embedding tables (and any linear weight tied to
+    one) stay: a lookup returns the table's dtype, which would move the residual stream to bfloat16.
+    """
+    if check_compute_dtype(compute_dtype) == "float32":
+        yield
+        return
+    dtype = getattr(torch, compute_dtype)
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    saved = []
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if (isinstance(module, kinds) and weight is not None and not weight.requires_grad
+                and weight.dtype == torch.float32 and id(weight) not in tables):
+            saved.append((weight, weight.data))
+            weight.data = weight.data.to(dtype)
+    try:
+        yield
+    finally:
+        for weight, data in saved:
+            weight.data = data

@@ -153,7 +153,8 @@ def test_heal_schedule_refuses_unknown_schedules_and_runs_without_healing(monkey
         _script("heal_schedule").main()
 
 
-def test_heal_step_times_both_paths_of_the_same_loss(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("compute_dtype, rel", [("float32", 1e-5), ("bfloat16", 2e-2)])
+def test_heal_step_times_three_paths_of_the_same_loss(tmp_path, monkeypatch, capsys, compute_dtype, rel):
     import copy
 
     from lowrank_infer import UniformConfig, compress, save_compressed
@@ -163,10 +164,12 @@ def test_heal_step_times_both_paths_of_the_same_loss(tmp_path, monkeypatch, caps
     compress(compressed, UniformConfig(keep=0.3, whiten=False), progress=False)
     save_compressed(compressed, tmp_path / "ck")
     monkeypatch.setattr("sys.argv", ["heal_step.py", str(tmp_path / "ck"), "--rounds", "2", "--seq-len", "16",
-                                     "--compute-dtype", "float32"])
+                                     "--compute-dtype", compute_dtype])
     _script("heal_step").main()
     out = capsys.readouterr().out
-    losses = {name: float(loss) for name, loss in re.findall(r"^(plain|fused): [\d.]+ s a step .*loss ([\d.]+)$", out, re.M)}
-    assert set(losses) == {"plain", "fused"} and losses["plain"] > 0
+    losses = {name: float(loss) for name, loss in
+              re.findall(r"^(plain|fused|healing): [\d.]+ s a step .*loss ([\d.]+)$", out, re.M)}
+    assert set(losses) == {"plain", "fused", "healing"} and losses["plain"] > 0
     assert losses["fused"] == pytest.approx(losses["plain"], rel=1e-5)
-    assert re.search(r"^plain / fused: [\d.]+x$", out, re.M)
+    assert losses["healing"] == pytest.approx(losses["fused"], rel=rel)
+    assert re.search(r"^plain / fused: [\d.]+x, fused / healing: [\d.]+x$", out, re.M)

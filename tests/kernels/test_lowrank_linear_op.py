@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowrank_infer.kernels import (
     BACKENDS, get_backend, lowrank_linear, set_backend, torch_lowrank_linear, triton_lowrank_linear,
@@ -222,6 +223,47 @@ def test_the_triton_backend_hands_prefill_to_cublas(monkeypatch, tokens, lead, e
     y = op._CUDA_IMPLEMENTATIONS["triton"](x, U, V, None)
     assert ran == [expected]
     torch.testing.assert_close(y.double(), x.double() @ V.double() @ U.double().T, rtol=1e-4, atol=1e-4)
+
+
+class _MatmulDtypes(TorchDispatchMode):
+    """Records the input dtypes of every matrix product that runs while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+            self.seen.append({a.dtype for a in args if isinstance(a, torch.Tensor)})
+        return func(*args, **(kwargs or {}))
+
+
+def test_under_bfloat16_autocast_every_matmul_of_the_op_and_its_backward_is_bfloat16():
+    """The training passes' contract: forward and backward run as two autocast linears would
+    (bfloat16 products, float32 accumulation), close to that reference, and the float32 factors
+    still get float32 gradients; without autocast the op keeps its float32 intermediate."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, 48, generator=gen)
+    U = torch.randn(40, 12, generator=gen).requires_grad_()
+    V = (torch.randn(48, 12, generator=gen) / 7).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16), _MatmulDtypes() as record:
+        y = lowrank_linear(x, U, V)
+        y.float().square().sum().backward()
+    assert len(record.seen) >= 5 and all(dtypes == {torch.bfloat16} for dtypes in record.seen)  # 2 forward, 3+ backward
+    assert U.grad.dtype == V.grad.dtype == torch.float32
+    first, second = torch.nn.Linear(48, 12, bias=False), torch.nn.Linear(12, 40, bias=False)
+    with torch.no_grad():
+        first.weight.copy_(V.T)
+        second.weight.copy_(U)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = second(first(x))
+    reference.float().square().sum().backward()
+    torch.testing.assert_close(y, reference, rtol=1e-2, atol=1e-2 * float(reference.abs().max()))
+    torch.testing.assert_close(U.grad, second.weight.grad, rtol=2e-2, atol=2e-2 * float(U.grad.abs().max()))
+    torch.testing.assert_close(V.grad, first.weight.grad.T, rtol=2e-2, atol=2e-2 * float(V.grad.abs().max()))
+    with torch.no_grad(), _MatmulDtypes() as record:  # no_grad: the op's math runs in view of the mode
+        lowrank_linear(x.bfloat16(), U.bfloat16(), V.bfloat16())
+    assert record.seen and all(dtypes == {torch.float32} for dtypes in record.seen)
 
 
 def test_autocast_runs_the_op_in_its_dtype_and_trains_float32_factors():

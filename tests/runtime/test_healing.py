@@ -226,3 +226,38 @@ def test_unk_markers_are_removed_and_the_held_out_part_is_disjoint():
     assert torch.equal(torch.cat([fit, held]), tokens) and held.numel() == 100
     with pytest.raises(ValueError, match="held-out fraction"):
         split_held_out(tokens, 1.0)
+
+
+def test_bfloat16_healing_casts_the_frozen_dense_layers_once_and_gives_them_back(monkeypatch):
+    """Under bfloat16 the layers kept dense (frozen) train in their bfloat16 values, as autocast
+    would have cast them, and come back float32 bit for bit; the factors still heal."""
+    import dataclasses
+
+    from lowrank_infer import healing
+    from lowrank_infer.allocation import uniform_plan
+    from lowrank_infer.structure import target_shapes
+
+    dense = tiny_model("llama")
+    plan = uniform_plan(target_shapes(dense), 0.5)
+    kept = ("model.layers.0.mlp.up_proj", "model.layers.1.self_attn.o_proj")
+    plan = dataclasses.replace(plan, layers=[dataclasses.replace(l, rank=None) if l.name in kept else l for l in plan.layers])
+    compressed = copy.deepcopy(dense)
+    compress(compressed, UniformConfig(keep=0.5, whiten=False), plan=plan, progress=False)
+    modules = dict(compressed.named_modules())
+    assert all(type(modules[name]) is torch.nn.Linear for name in kept)  # left as they were
+    others = _others(compressed)
+    seen = {}
+    real = healing.train_early_stopped
+
+    def spy(*args, **kwargs):
+        seen.update({name: modules[name].weight.dtype for name in kept})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(healing, "train_early_stopped", spy)
+    report = heal(compressed, teacher_targets(dense, TRAIN), teacher_targets(dense, HELD),
+                  HealConfig(steps=12, lr=3e-3, eval_every=4, compute_dtype="bfloat16"))
+    assert seen == {name: torch.bfloat16 for name in kept}
+    assert report.best_step > 0 and report.held_after < report.held_before
+    for name, p in compressed.named_parameters():
+        if name in others:
+            assert p.dtype == torch.float32 and torch.equal(p, others[name]), name

@@ -11,7 +11,7 @@ import torch
 from lowrank_infer import UniformConfig, compress
 from lowrank_infer import healing_loss
 from lowrank_infer.healing import teacher_targets
-from lowrank_infer.healing_loss import coarsened_kl, fusable_head
+from lowrank_infer.healing_loss import coarsened_kl, frozen_copy, fusable_head
 
 from tiny_models import tiny_model
 
@@ -134,3 +134,26 @@ def test_no_fused_head_where_the_logits_are_more_than_the_head_or_the_head_train
     assert fusable_head(_SoftCapped(model), IDS[:1, :8]) is None
     model.lm_head.weight.requires_grad_(True)
     assert fusable_head(model, IDS[:1, :8]) is None
+
+
+def test_the_head_cast_once_gives_the_same_loss_and_gradients_under_autocast():
+    """``frozen_copy``: a bfloat16 copy of the (embedding-tied) output layer, the original left
+    float32, and the fused loss and factor gradients under bfloat16 autocast bit for bit unchanged."""
+    dense = tiny_model("llama")
+    student = copy.deepcopy(dense)
+    compress(student, UniformConfig(keep=0.3, whiten=False), progress=False)
+    for name, p in student.named_parameters():
+        p.requires_grad_(name.endswith((".U", ".V")))
+    targets = teacher_targets(dense, IDS, top_k=5)
+    head = fusable_head(student, IDS[:1, :8])
+    cast = frozen_copy(head, "bfloat16")
+    assert cast.weight.dtype == torch.bfloat16 and not cast.weight.requires_grad
+    assert head.weight.dtype == torch.float32 and head.weight is student.model.embed_tokens.weight
+    assert frozen_copy(head, "float32") is head
+    results = []
+    for which in (head, cast):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = coarsened_kl(student, IDS, targets.logp, targets.index, which)
+        results.append((loss, *_grads(student, loss)))
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)

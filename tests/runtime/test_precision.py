@@ -57,3 +57,39 @@ def test_training_and_held_out_passes_run_in_the_compute_dtype(compute_dtype):
     expected = torch.bfloat16 if compute_dtype == "bfloat16" else None
     assert seen and all(dtype == expected for dtype in seen)
     assert weight.dtype == torch.float32 and report.held_after < 0.9 * start
+
+
+def test_frozen_weights_cast_changes_no_result_and_gives_every_weight_back():
+    """Under bfloat16 autocast a model computes bit for bit the same logits and gradients with its
+    frozen linear weights cast once; inside, the trained weight, the embedding table (and the output
+    layer tied to it) and the norms stay float32; afterwards every parameter is its own again."""
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    trained = model.model.layers[0].self_attn.q_proj.weight
+    for p in model.parameters():
+        p.requires_grad_(p is trained)
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(ids).logits
+        (grad,) = torch.autograd.grad(logits.float().square().mean(), trained)
+        return logits, grad
+
+    expected = run()
+    with precision.frozen_weights_cast(model, "bfloat16"):
+        dtypes = {name: p.dtype for name, p in model.named_parameters()}
+        got = run()
+    for tensor, want in zip(got, expected, strict=True):
+        assert torch.equal(tensor, want)
+    frozen_linears = [n for n in dtypes if n.endswith(("proj.weight",)) and n != "model.layers.0.self_attn.q_proj.weight"]
+    assert frozen_linears and all(dtypes[n] == torch.bfloat16 for n in frozen_linears)
+    assert {n: d for n, d in dtypes.items() if n not in frozen_linears} == {n: torch.float32 for n in dtypes
+                                                                            if n not in frozen_linears}
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, before[name]), name
+    with precision.frozen_weights_cast(model, "float32"):
+        assert all(p.dtype == torch.float32 for p in model.parameters())
