@@ -48,7 +48,7 @@ class CalibSource:
         pool_size: generated windows per part (``round(generated · calibration windows)``), each
             ``pool_len`` tokens long, sampled for both parts at once (fit rows first) under
             ``seed``; shorter windows are cut from them, and a set that asks for more reuses them
-            in turn.
+            in turn (or, with ``reuse_generated=False``, takes the rest from the text).
         sample_len: tokens per sample (``None``: ``pool_len``). Shorter samples, each from the
             model's start token, are concatenated into the pool's rows: the same tokens cover
             more of what the model writes about, since one sample tends to stay on one topic.
@@ -80,16 +80,22 @@ class CalibSource:
         generated = round(self.generated * count)
         return count - generated, generated
 
-    def windows(self, count: int, seq_len: int, part: str, *, seed_offset: int = 0, what: str = "calibration") -> torch.Tensor:
+    def windows(self, count: int, seq_len: int, part: str, *, seed_offset: int = 0, what: str = "calibration",
+                reuse_generated: bool = True) -> torch.Tensor:
         """``[count, seq_len]`` windows of ``part`` ("fit" or "held"), text and generated interleaved.
 
         Args:
             seed_offset: added to the seed that picks the text windows (different sets of one part).
             what: what the windows are for, named in errors.
+            reuse_generated: ``False``: at most one window of each generated piece, the rest of the
+                generated share from the text (where there is one).
         """
         if part not in PARTS:
             raise ValueError(f"part must be one of {PARTS}, got {part!r}")
         real, generated = self.split(count)
+        if not reuse_generated and self.text is not None:
+            generated = min(generated, max(self.pool_size, 1) * (self.pool_len // seq_len))
+            real = count - generated
         rows = []
         if real:
             rows.append(self._text_windows(real, seq_len, part, self.seed + seed_offset, what))

@@ -170,8 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--heal-steps", type=int, default=0,
         help="after compressing, train the low-rank factors this many steps toward the dense model's "
         "next-token distributions (KL on calibration text), stopping early when held-out calibration "
-        "windows stop improving; 0 (default) = no healing. About 2 s a step (one 512-token window and "
-        "its dense targets) for SmolLM2-135M on 2 CPU cores with native bfloat16 (--compute-dtype)")
+        "windows stop improving; 0 (default) = no healing. About 1.5 s a step (one 512-token window, "
+        "its dense targets, the held-out scores) for SmolLM2-135M on 2 CPU cores with native bfloat16 "
+        "(--compute-dtype)")
     p.add_argument("--heal-lr", type=float, default=HealConfig.lr,
                    help=f"Adam learning rate of --heal-steps, relative to each factor's scale: a tensor trains at this "
                    f"times its RMS (default {HealConfig.lr:g})")
@@ -353,7 +354,9 @@ def _select_ids(args, source: CalibSource | None, config, plan):
 
 # Healing trains on windows of the fitting part of the calibration windows and stops on windows
 # of their held-out part; a step takes --heal-batch windows, and HEAL_HELD_WINDOWS are scored each
-# time. At most HEAL_MAX_WINDOWS distinct training windows (their dense targets: 64 tokens' log-
+# time. Generated windows train once each, the text fills the rest of their share: cycled ten
+# times over a 330-step run, SmolLM2's 16 taught less than fresh text, on the docstrings too
+# (quality_smollm2_v19_heal330_noreuse against v19_heal330). At most HEAL_MAX_WINDOWS distinct training windows (their dense targets: 64 tokens' log-
 # probabilities and ids per position, 256 KiB a 512-token window) are recorded; longer runs cycle.
 HEAL_BATCH, HEAL_HELD_WINDOWS, HEAL_MAX_WINDOWS = 1, 8, 1024
 
@@ -367,7 +370,8 @@ def _heal_windows(args, source: CalibSource) -> tuple[torch.Tensor, torch.Tensor
     if real and source.text[1].numel() < real * seq_len:
         raise ValueError(f"healing holds out the last {HELD_OUT_FRACTION:.0%} of --calib-file ({source.text[1].numel():,} "
                          f"tokens), fewer than {real} windows of {seq_len} tokens (--heal-seq-len): pass a longer text")
-    train = source.windows(min(args.heal_steps * args.heal_batch, HEAL_MAX_WINDOWS), seq_len, "fit", seed_offset=1, what="healing")
+    train = source.windows(min(args.heal_steps * args.heal_batch, HEAL_MAX_WINDOWS), seq_len, "fit", seed_offset=1,
+                           what="healing", reuse_generated=False)
     return train, source.windows(HEAL_HELD_WINDOWS, seq_len, "held", seed_offset=2, what="healing")
 
 

@@ -52,6 +52,18 @@ def test_shorter_windows_are_cut_from_the_pool_and_reused_in_turn():
     assert torch.equal(ids, torch.stack(pieces + pieces[:2]))
 
 
+def test_without_reuse_each_generated_piece_serves_once_and_the_text_fills_the_rest():
+    source = _source(0.5, pool_size=2, pool_len=8)
+    ids = source.windows(10, 4, "fit", seed_offset=1, reuse_generated=False)
+    pool = Sampler()(4, 8, 0)[:2]
+    pieces = torch.stack([pool[0, :4], pool[0, 4:], pool[1, :4], pool[1, 4:]])  # 4 distinct, not 5
+    assert torch.equal(ids, interleave(calibration_ids(source.text[0], 6, 4, seed=1), pieces))
+    # Asking for no more than the pieces, or with no text to fill in, changes nothing.
+    assert torch.equal(source.windows(6, 4, "fit", reuse_generated=False), source.windows(6, 4, "fit"))
+    generated_only = CalibSource(None, 1.0, Sampler(), pool_size=2, pool_len=8)
+    assert torch.equal(generated_only.windows(6, 4, "fit", reuse_generated=False), generated_only.windows(6, 4, "fit"))
+
+
 def test_all_text_never_samples():
     source = CalibSource((torch.arange(100), torch.arange(100, 120)), 0.0, None, pool_size=0, pool_len=8)
     assert torch.equal(source.windows(3, 8, "fit"), calibration_ids(torch.arange(100), 3, 8, seed=0))

@@ -174,6 +174,28 @@ def test_healing_windows_are_as_long_as_the_calibration_windows_by_default(tiny_
     assert shapes == [(2 * cli_module.HEAL_BATCH, 32), (cli_module.HEAL_HELD_WINDOWS, 32)]  # --seq-len 32
 
 
+def test_healing_trains_on_each_generated_window_once_and_on_text_for_the_rest(tiny_model_dir, tiny_text, tmp_path,
+                                                                              monkeypatch):
+    """``--calib-generated 0.5 --calib-samples 4``: the model samples 2 fitting windows; 6 healing
+    windows take those 2 once each and 4 of the text, where reusing them would repeat windows."""
+    import lowrank_infer.cli as cli_module
+    from transformers import AutoTokenizer
+
+    from lowrank_infer.data import split_held_out, tokenize_text
+
+    recorded = []
+    real_targets = cli_module.teacher_targets
+    monkeypatch.setattr(cli_module, "teacher_targets", lambda model, ids, **kw: recorded.append(ids) or
+                        real_targets(model, ids, **kw))
+    assert main(list(map(str, _compress_args(tiny_model_dir, tiny_text, tmp_path / "ck", "--keep", 0.5,
+                                             "--calib-generated", 0.5, "--heal-steps", 6)))) == 0
+    train = recorded[0]
+    fit = split_held_out(tokenize_text(AutoTokenizer.from_pretrained(tiny_model_dir), tiny_text.read_text()))[0]
+    in_text = [any(torch.equal(w, fit[i:i + len(w)]) for i in range(len(fit) - len(w) + 1)) for w in train]
+    assert train.shape == (6, 32) and sum(in_text) == 4
+    assert len({tuple(w.tolist()) for w in train}) == 6
+
+
 @pytest.mark.parametrize("compute_dtype", ["auto", "bfloat16"])
 def test_the_compute_dtype_is_recorded_by_every_stage_it_runs(tiny_model_dir, tiny_text, tmp_path, compute_dtype):
     """ARA, refinement and healing record the dtype they ran in (``auto`` is float32 in the tests,

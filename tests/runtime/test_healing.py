@@ -168,7 +168,7 @@ def test_a_worse_model_is_never_kept(dense_and_compressed, monkeypatch):
     dense, compressed = dense_and_compressed
     train, held = teacher_targets(dense, TRAIN), teacher_targets(dense, HELD)
     factors = _factors(compressed)
-    monkeypatch.setattr(torch.optim, "Adam", lambda groups: torch.optim.SGD(groups, maximize=True))
+    monkeypatch.setattr(torch.optim, "Adam", lambda groups, **_: torch.optim.SGD(groups, maximize=True))
     report = heal(compressed, train, held, HealConfig(steps=6, lr=1e-1, eval_every=2, patience=2))
     assert report.best_step == 0 and report.held_after == report.held_before and report.steps_run == 4
     assert all(torch.equal(p, factors[n]) for n, p in compressed.named_parameters() if n in factors)
@@ -189,7 +189,7 @@ def test_a_non_finite_loss_restores_the_factors(dense_and_compressed, monkeypatc
     dense, compressed = dense_and_compressed
     train, held = teacher_targets(dense, TRAIN), teacher_targets(dense, HELD)
     factors = _factors(compressed)
-    monkeypatch.setattr(torch.optim, "Adam", lambda groups: _Poison(groups))
+    monkeypatch.setattr(torch.optim, "Adam", lambda groups, **_: _Poison(groups))
     with pytest.raises(ValueError, match=r"heal: training loss at step 3 is nan; the factors were restored"):
         heal(compressed, train, held, HealConfig(steps=20, lr=1e-3, eval_every=5))
     assert all(torch.equal(p, factors[n]) for n, p in compressed.named_parameters() if n in factors)
