@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from lowrank_infer.bench.output import environment
 import lowrank_infer.kernels.lowrank_linear_op as lowrank_op
+from lowrank_infer.bench.output import environment
 from lowrank_infer.healing import _factors
 from lowrank_infer.healing_loss import coarsened_kl, frozen_copy, fusable_head
 from lowrank_infer.io import load_compressed

@@ -71,8 +71,8 @@ def _add_calibration_options(p: argparse.ArgumentParser) -> None:
         "one corpus's (on SmolLM2 at keep 0.8, 0.5 cut perplexity on other text 3-6.5x, helped ARA on "
         "WikiText-2 and cost uniform and D-Rank 6-7%% there: README). Costs generation time: the fitting and "
         "held-out samples, 2 x F x --calib-samples windows, are sampled --batch-size at a time, fastest when "
-        "one batch holds them all. "
-        "Default 0; --calib-file generated = 1")
+        "one batch holds them all. --heal-steps trains on each generated fitting window once, on the "
+        "text for the rest. Default 0; --calib-file generated = 1")
     p.add_argument(
         "--calib-sample-len", type=_positive_int, default=None, metavar="N",
         help="with --calib-generated: tokens per generated sample; shorter samples, each started afresh, are "
@@ -356,8 +356,9 @@ def _select_ids(args, source: CalibSource | None, config, plan):
 # of their held-out part; a step takes --heal-batch windows, and HEAL_HELD_WINDOWS are scored each
 # time. Generated windows train once each, the text fills the rest of their share: cycled ten
 # times over a 330-step run, SmolLM2's 16 taught less than fresh text, on the docstrings too
-# (quality_smollm2_v19_heal330_noreuse against v19_heal330). At most HEAL_MAX_WINDOWS distinct training windows (their dense targets: 64 tokens' log-
-# probabilities and ids per position, 256 KiB a 512-token window) are recorded; longer runs cycle.
+# (quality_smollm2_v19_heal330_noreuse against v19_heal330). At most HEAL_MAX_WINDOWS distinct
+# training windows (their dense targets: 64 tokens' log-probabilities and ids per position,
+# 256 KiB a 512-token window) are recorded; longer runs cycle.
 HEAL_BATCH, HEAL_HELD_WINDOWS, HEAL_MAX_WINDOWS = 1, 8, 1024
 
 

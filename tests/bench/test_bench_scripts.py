@@ -75,12 +75,13 @@ def test_quality_suite_reruns_the_allocator_on_mixed_calibration(tmp_path, capsy
     (other windows); ``ara-shrinkauto`` keeps the plan."""
     quality = _script("run_quality")
     (tmp_path / "smollm2-135m_ara_keep0.8.json").write_text("{}")
-    quality.main(["--methods", "ara-mix", "ara-shrinkauto", "ara-seed1", "--keeps", "0.8", "--text-file", "t.txt",
+    quality.main(["--methods", "ara-mix", "ara-shrinkauto", "ara-seed1", "ara-seed2", "--keeps", "0.8", "--text-file", "t.txt",
                   "--no-dense", "--plans", str(tmp_path), "--work-dir", str(tmp_path), "--dry-run"])
     compress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("+ ") and " compress " in line]
     assert compress[0].endswith("--method ara --calib-generated 0.5 --batch-size 32") and "--plan" not in compress[0]
     assert compress[1].endswith(f"--plan {tmp_path / 'smollm2-135m_ara_keep0.8.json'} --shrinkage auto")
     assert compress[2].endswith("--method ara --seed 1") and "--plan" not in compress[2]
+    assert compress[3].endswith("--method ara --seed 2") and "--plan" not in compress[3]
 
 
 def test_quality_suite_stacks_variants_and_refuses_unknown_ones(tmp_path, capsys):
@@ -96,8 +97,8 @@ def test_quality_suite_stacks_variants_and_refuses_unknown_ones(tmp_path, capsys
     assert command.endswith("--method ara --calib-generated 0.5 --batch-size 32 --batch-size 128 --calib-samples 128 "
                             "--param seq_len=512 --refine-steps 64 --heal-steps 400 --heal-batch 16 --heal-lr 30e-4 "
                             "--heal-seq-len 512")
-    known = ("plain, shrink, shrinkauto, seq, mix, short, kl, seed1, fp32, refine[N], heal[N], healbatch[N], heallr[N], "
-             "healseq[N], calib[N], batch[N], arasteps[N], araseq[N]")
+    known = ("plain, shrink, shrinkauto, seq, mix, short, kl, fp32, refine[N], heal[N], healbatch[N], heallr[N], "
+             "healseq[N], calib[N], batch[N], arasteps[N], araseq[N], seed[N]")
     with pytest.raises(SystemExit, match=re.escape(f"unknown variant 'fast' in 'ara-fast'; known: {known}")):
         quality.main(["--methods", "ara-fast", "--keeps", "0.8", "--text-file", "t.txt", "--no-dense",
                       "--work-dir", str(tmp_path), "--dry-run"])
