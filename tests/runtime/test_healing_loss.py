@@ -86,14 +86,19 @@ def test_the_fused_loss_and_its_gradient_are_those_of_the_float64_formula(top_k,
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
 
 
-def test_a_compressed_model_gets_the_loss_and_factor_gradients_of_the_plain_path():
+def _compressed_student():
+    """A uniformly compressed tiny model whose factors alone train, the dense model's top-5
+    targets on ``IDS``, and its fusable output layer."""
     dense = tiny_model("llama")
     student = copy.deepcopy(dense)
     compress(student, UniformConfig(keep=0.3, whiten=False), progress=False)
     for name, p in student.named_parameters():
         p.requires_grad_(name.endswith((".U", ".V")))
-    targets = teacher_targets(dense, IDS, top_k=5)
-    head = fusable_head(student, IDS[:1, :8])
+    return student, teacher_targets(dense, IDS, top_k=5), fusable_head(student, IDS[:1, :8])
+
+
+def test_a_compressed_model_gets_the_loss_and_factor_gradients_of_the_plain_path():
+    student, targets, head = _compressed_student()
     assert head is student.lm_head
     fused = coarsened_kl(student, IDS, targets.logp, targets.index, head)
     plain = coarsened_kl(student, IDS, targets.logp, targets.index)
@@ -139,13 +144,7 @@ def test_no_fused_head_where_the_logits_are_more_than_the_head_or_the_head_train
 def test_the_head_cast_once_gives_the_same_loss_and_gradients_under_autocast():
     """``frozen_copy``: a bfloat16 copy of the (embedding-tied) output layer, the original left
     float32, and the fused loss and factor gradients under bfloat16 autocast bit for bit unchanged."""
-    dense = tiny_model("llama")
-    student = copy.deepcopy(dense)
-    compress(student, UniformConfig(keep=0.3, whiten=False), progress=False)
-    for name, p in student.named_parameters():
-        p.requires_grad_(name.endswith((".U", ".V")))
-    targets = teacher_targets(dense, IDS, top_k=5)
-    head = fusable_head(student, IDS[:1, :8])
+    student, targets, head = _compressed_student()
     cast = frozen_copy(head, "bfloat16")
     assert cast.weight.dtype == torch.bfloat16 and not cast.weight.requires_grad
     assert head.weight.dtype == torch.float32 and head.weight is student.model.embed_tokens.weight
