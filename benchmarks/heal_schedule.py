@@ -1,17 +1,19 @@
 """Healing schedules compared on one checkpoint: the same dense targets, windows and factors to
-start from, healed under each schedule, then scored on WikiText-2 test and Python's docstrings.
+start from, healed under each schedule and rate, then scored on WikiText-2 test and Python's docstrings.
 
 The checkpoint is a compressed model that was not healed (compress without --heal-steps); the
 compress arguments after ``--`` are the ones it was made with plus the healing to compare, so that
 the healing windows (and their dense targets) are those that ``compress --heal-steps`` would use.
-A schedule is ``constant`` or ``linear`` (the rate decayed to nothing over the run).
+A schedule is ``constant`` or ``linear`` (the rate decayed to nothing over the run); ``--lrs``
+lists relative rates to try under each (default: compress's ``--heal-lr``).
 
-usage: python benchmarks/heal_schedule.py CHECKPOINT --schedules constant,linear \\
+usage: python benchmarks/heal_schedule.py CHECKPOINT --schedules constant,linear [--lrs 1e-3,2e-3] \\
            -- --model smollm2-135m --keep 0.8 --heal-steps 400 ... (compress's own arguments)
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shlex
 import sys
@@ -44,6 +46,7 @@ def main() -> None:
                                      "those the checkpoint was made with and --heal-steps N")
     parser.add_argument("checkpoint", help="a compressed checkpoint that was not healed")
     parser.add_argument("--schedules", default="constant,linear")
+    parser.add_argument("--lrs", default=None, help="relative healing rates, comma-separated (default: --heal-lr)")
     parser.add_argument("--windows", type=int, default=40, help="evaluation windows of 512 tokens per text")
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
@@ -52,16 +55,22 @@ def main() -> None:
     unknown = [s for s in schedules if s not in SCHEDULES]
     if unknown:
         raise SystemExit(f"unknown schedule {unknown[0]!r}; known: {', '.join(SCHEDULES)}")
+    try:
+        lrs = [float(lr) for lr in args.lrs.split(",")] if args.lrs else None
+    except ValueError:
+        raise SystemExit(f"--lrs takes comma-separated numbers, got {args.lrs!r}") from None
+    if lrs and min(lrs) <= 0:
+        raise SystemExit(f"--lrs must be positive, got {args.lrs!r}")
     print("command: python benchmarks/heal_schedule.py " + shlex.join(sys.argv[1:]))
     print(f"machine: {environment(torch.device('cpu'))['device_label']}, {torch.get_num_threads()} threads")
     parsed, config, tokenizer, targets = _healing_targets(compress_args)
     texts = {name: cli._eval_tokens(path, tokenizer) for name, path in TEXTS.items()}
-    for schedule in schedules:
+    for schedule, lr in itertools.product(schedules, lrs or [parsed.heal_lr]):
         model = load_compressed(args.checkpoint, pack=False)
-        heal_config = HealConfig(steps=parsed.heal_steps, lr=parsed.heal_lr, batch_size=parsed.heal_batch,
+        heal_config = HealConfig(steps=parsed.heal_steps, lr=lr, batch_size=parsed.heal_batch,
                                  compute_dtype=config.compute_dtype, decay=SCHEDULES[schedule])
         report = heal(model, *targets, heal_config)
-        row = {"schedule": schedule, "steps": parsed.heal_steps, "steps_run": report.steps_run,
+        row = {"schedule": schedule, "relative_lr": lr, "steps": parsed.heal_steps, "steps_run": report.steps_run,
                "best_step": report.best_step, "held_kl_before": round(report.held_before, 6),
                "held_kl_after": round(report.held_after, 6), "healing_seconds": round(report.seconds, 1)}
         for name, tokens in texts.items():

@@ -1,6 +1,6 @@
 """The scripts in benchmarks/: plots from a kernel JSON (new and old names), the quality suite's commands,
-the GPU session script's guard, the loss anatomy's restored layers, the healing schedules' refusals and the
-healing step timer's two paths."""
+the GPU session script's guard, the loss anatomy's restored layers, the healing schedules' refusals, the
+healing step timer's paths and the held-out perplexity."""
 
 import importlib.util
 import json
@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -147,8 +148,10 @@ def test_loss_anatomy_puts_back_exactly_the_dense_layers_of_the_named_types(tmp_
 @pytest.mark.parametrize("argv, message", [
     (["ckpt", "--schedules", "cosine", "--", "--model", "m", "--heal-steps", "4"], "unknown schedule 'cosine'"),
     (["ckpt", "--", "--model", "m", "--keep", "0.8"], "pass --heal-steps N"),
+    (["ckpt", "--lrs", "1e-3,fast", "--", "--model", "m", "--heal-steps", "4"], "comma-separated numbers"),
+    (["ckpt", "--lrs", "1e-3,0", "--", "--model", "m", "--heal-steps", "4"], "--lrs must be positive"),
 ])
-def test_heal_schedule_refuses_unknown_schedules_and_runs_without_healing(monkeypatch, capsys, argv, message):
+def test_heal_schedule_refuses_bad_schedules_rates_and_runs_without_healing(monkeypatch, capsys, argv, message):
     monkeypatch.setattr("sys.argv", ["heal_schedule.py", *argv])
     with pytest.raises(SystemExit, match=message):
         _script("heal_schedule").main()
@@ -174,3 +177,25 @@ def test_heal_step_times_three_paths_of_the_same_loss(tmp_path, monkeypatch, cap
     assert losses["fused"] == pytest.approx(losses["plain"], rel=1e-5)
     assert losses["healing"] == pytest.approx(losses["fused"], rel=rel)
     assert re.search(r"^plain / fused: [\d.]+x, fused / healing: [\d.]+x$", out, re.M)
+
+
+def test_held_perplexity_scores_only_the_part_compress_never_fits(tiny_model_dir, tiny_text, capsys):
+    """Against a float64 reference computed by hand on the last tenth of the cleaned, tokenized text."""
+    import math
+
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowrank_infer.data import clean_calibration_text, tokenize_text
+
+    rows = _script("held_perplexity").main([str(tiny_model_dir), "--calib-file", str(tiny_text), "--seq-len", "16",
+                                            "--windows", "3"])
+    ids = tokenize_text(AutoTokenizer.from_pretrained(tiny_model_dir), clean_calibration_text(tiny_text.read_text()))
+    held = ids[ids.numel() - int(ids.numel() * 0.1):][:3 * 16].view(3, 16)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        logits = model(held).logits[:, :-1].double()
+    reference = math.exp(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), held[:, 1:].reshape(-1)).item())
+    assert rows == [{"checkpoint": str(tiny_model_dir), "held_perplexity": pytest.approx(reference, abs=1e-3),
+                     "windows": 3}]
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["windows"] == 3
