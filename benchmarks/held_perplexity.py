@@ -17,14 +17,9 @@ import sys
 import torch
 
 from lowrank_infer.bench.output import environment
-from lowrank_infer.data import clean_calibration_text, load_text, split_held_out, tokenize_text
+from lowrank_infer.data import calibration_split
 from lowrank_infer.evaluate import perplexity
 from lowrank_infer.models import load_model
-
-
-def held_tokens(calib_file: str, tokenizer) -> torch.Tensor:
-    """The held-out tokens of ``calib_file``, as compress's calibration cuts them."""
-    return split_held_out(tokenize_text(tokenizer, clean_calibration_text(load_text(calib_file, split="calib"))))[1]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -39,7 +34,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for checkpoint in args.checkpoints:
         model, tokenizer, _ = load_model(checkpoint)
-        tokens = held_tokens(args.calib_file, tokenizer)
+        tokens = calibration_split(args.calib_file, tokenizer)[1]
         result = perplexity(model, tokens, seq_len=args.seq_len, max_windows=args.windows, batch_size=1, progress=False)
         rows.append({"checkpoint": checkpoint, "held_perplexity": round(result["perplexity"], 3),
                      "windows": result["windows"]})

@@ -19,7 +19,7 @@ from lowrank_infer.compress import analyze, compress, config_for, needs_calibrat
 from lowrank_infer.calib_source import CalibSource
 from lowrank_infer.calibration import module_on
 from lowrank_infer.data import (
-    GENERATED, HELD_OUT_FRACTION, generated_ids, clean_calibration_text, load_text, shared_data_file, split_held_out, tokenize_text,
+    GENERATED, HELD_OUT_FRACTION, calibration_split, generated_ids, load_text, shared_data_file, tokenize_text,
 )
 from lowrank_infer.distributed import Ranks, process_group
 from lowrank_infer.evaluate import check_seq_len, perplexity
@@ -328,7 +328,7 @@ def _calib_source(args, tokenizer, config, plan, model, device) -> CalibSource |
 
     text = None
     if fraction < 1.0:
-        text = split_held_out(tokenize_text(tokenizer, clean_calibration_text(load_text(args.calib_file, split="calib"))))
+        text = calibration_split(args.calib_file, tokenizer)
     return CalibSource(text, fraction, sample if fraction > 0.0 else None,
                        pool_size=round(fraction * args.calib_samples), pool_len=args.seq_len, seed=args.seed,
                        sample_len=args.calib_sample_len)

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from lowrank_infer.sampling import sample_windows
 
-__all__ = ["DATASETS", "GENERATED", "HELD_OUT_FRACTION", "generated_ids", "PYDOC_MODULES", "calibration_ids", "clean_calibration_text", "load_text",
+__all__ = ["DATASETS", "GENERATED", "HELD_OUT_FRACTION", "generated_ids", "PYDOC_MODULES", "calibration_ids", "calibration_split", "clean_calibration_text", "load_text",
            "python_docstrings", "shared_data_file", "split_held_out", "tokenize_text"]
 
 # name -> (datasets.load_dataset positional args, keyword args, split for evaluation, split for
@@ -137,6 +137,12 @@ def split_held_out(tokens: torch.Tensor, fraction: float = HELD_OUT_FRACTION) ->
         raise ValueError(f"held-out fraction must be in (0, 1), got {fraction}")
     cut = tokens.numel() - int(tokens.numel() * fraction)
     return tokens[:cut], tokens[cut:]
+
+
+def calibration_split(source: str, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(fit, held_out)`` tokens of a calibration text, cleaned of ``<unk>`` markers and split
+    as compress does it: nothing is fitted on the held-out part."""
+    return split_held_out(tokenize_text(tokenizer, clean_calibration_text(load_text(source, split="calib"))))
 
 
 # The calibration source that needs no data: the model writes its own windows.
