@@ -64,6 +64,24 @@ def test_every_window_start_can_be_drawn():
     assert calibration_ids(torch.arange(10), 3, 10).tolist() == [list(range(10))] * 3
 
 
+def test_windows_do_not_overlap_while_the_stream_has_room():
+    tokens = torch.arange(1000)
+    for seed in range(5):
+        starts = calibration_ids(tokens, 19, 50, seed=seed)[:, 0].sort().values
+        assert (starts.diff() >= 50).all() and starts[-1] <= 950
+    # The order is shuffled, not the stream's.
+    assert any(not torch.equal(s := calibration_ids(tokens, 19, 50, seed=k)[:, 0], s.sort().values) for k in range(3))
+
+
+def test_more_windows_than_room_come_in_disjoint_rounds():
+    """25 windows of 10 from 100 tokens: rounds of 10, 10 and 5, each round's windows disjoint, so
+    every token is covered at least twice."""
+    ids = calibration_ids(torch.arange(100), 25, 10, seed=1)
+    assert ids.shape == (25, 10)
+    assert torch.bincount(ids.flatten(), minlength=100).min() >= 2
+    assert torch.bincount(ids.flatten(), minlength=100).max() <= 3
+
+
 def test_python_docstrings_are_an_evaluation_text_only():
     text = load_text("python-docs")
     assert text == load_text("python-docs")  # a fixed order: the same text every time
