@@ -1,5 +1,7 @@
 """Healing schedules compared on one checkpoint: the same dense targets, windows and factors to
-start from, healed under each schedule and rate, then scored on WikiText-2 test and Python's docstrings.
+start from, healed under each schedule and rate, then scored on WikiText-2 test and Python's docstrings,
+and on the held-out part of ``--calib-file`` (``held``: the score to choose by, as compress never fits
+there; see ``held_perplexity.py``).
 
 The checkpoint is a compressed model that was not healed (compress without --heal-steps); the
 compress arguments after ``--`` are the ones it was made with plus the healing to compare, so that
@@ -31,14 +33,16 @@ SCHEDULES = {"constant": False, "linear": True}
 
 
 def _healing_targets(compress_args: list[str]):
-    """The dense targets of compress's healing windows, and the parsed arguments."""
+    """The parsed arguments, the dense targets of compress's healing windows, and the held-out part
+    of the calibration text (None when every window is generated)."""
     args = cli.build_parser().parse_args(["compress", "--out", "unused", *compress_args])
     if not args.heal_steps:
         raise SystemExit("pass --heal-steps N among compress's arguments (after --)")
     config = cli._method_config(args)
     model, tokenizer, _ = cli._load_for_analysis(args)
     source = cli._calib_source(args, tokenizer, config, None, model, "cpu")
-    return args, config, tokenizer, cli._dense_targets(args, model, source, "cpu", config.compute_dtype)
+    held = source.text[1] if source.text is not None else None
+    return args, config, tokenizer, cli._dense_targets(args, model, source, "cpu", config.compute_dtype), held
 
 
 def main() -> None:
@@ -63,8 +67,10 @@ def main() -> None:
         raise SystemExit(f"--lrs must be positive, got {args.lrs!r}")
     print("command: python benchmarks/heal_schedule.py " + shlex.join(sys.argv[1:]))
     print(f"machine: {environment(torch.device('cpu'))['device_label']}, {torch.get_num_threads()} threads")
-    parsed, config, tokenizer, targets = _healing_targets(compress_args)
+    parsed, config, tokenizer, targets, held = _healing_targets(compress_args)
     texts = {name: cli._eval_tokens(path, tokenizer) for name, path in TEXTS.items()}
+    if held is not None:
+        texts["held"] = held
     for schedule, lr in itertools.product(schedules, lrs or [parsed.heal_lr]):
         model = load_compressed(args.checkpoint, pack=False)
         heal_config = HealConfig(steps=parsed.heal_steps, lr=lr, batch_size=parsed.heal_batch,

@@ -1,6 +1,6 @@
 """The scripts in benchmarks/: plots from a kernel JSON (new and old names), the quality suite's commands,
-the GPU session script's guard, the loss anatomy's restored layers, the healing schedules' refusals, the
-healing step timer's paths and the held-out perplexity."""
+the GPU session script's guard, the loss anatomy's restored layers, the healing schedules' refusals and
+held-out score, the healing step timer's paths and the held-out perplexity."""
 
 import importlib.util
 import json
@@ -199,3 +199,36 @@ def test_held_perplexity_scores_only_the_part_compress_never_fits(tiny_model_dir
     assert rows == [{"checkpoint": str(tiny_model_dir), "held_perplexity": pytest.approx(reference, abs=1e-3),
                      "windows": 3}]
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["windows"] == 3
+
+
+def test_heal_schedule_also_scores_the_held_out_part_of_the_calibration_text(tiny_model_dir, tiny_text, monkeypatch,
+                                                                            capsys):
+    """The held-out text it scores is compress's own split of --calib-file (the part nothing fits)."""
+    from transformers import AutoTokenizer
+
+    from lowrank_infer import UniformConfig, compress, save_compressed
+    from lowrank_infer.data import calibration_split
+    from lowrank_infer.healing import HealReport
+    from tiny_models import tiny_model
+
+    compressed = tiny_model("llama")
+    compress(compressed, UniformConfig(keep=0.5, whiten=False), progress=False)
+    save_compressed(compressed, tiny_model_dir.parent / "ck")
+    script = _script("heal_schedule")
+    scored = {}
+
+    def perplexity(model, tokens, **kwargs):
+        scored[len(scored)] = tokens
+        return {"perplexity": float(len(scored))}
+
+    monkeypatch.setattr(script, "TEXTS", {"text": str(tiny_text)})
+    monkeypatch.setattr(script, "perplexity", perplexity)
+    monkeypatch.setattr(script, "heal", lambda *args, **kwargs: HealReport(2, 0, 1.0, 1.0, 0.0))
+    monkeypatch.setattr("sys.argv", ["heal_schedule.py", str(tiny_model_dir.parent / "ck"), "--schedules", "linear",
+                                     "--", "--model", str(tiny_model_dir), "--keep", "0.5", "--method", "uniform",
+                                     "--seq-len", "16", "--heal-steps", "2", "--calib-file", str(tiny_text)])
+    script.main()
+    row = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (row["text"], row["held"]) == (1.0, 2.0)
+    held = calibration_split(str(tiny_text), AutoTokenizer.from_pretrained(tiny_model_dir))[1]
+    torch.testing.assert_close(scored[1], held, rtol=0, atol=0)
