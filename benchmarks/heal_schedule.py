@@ -7,9 +7,11 @@ The checkpoint is a compressed model that was not healed (compress without --hea
 compress arguments after ``--`` are the ones it was made with plus the healing to compare, so that
 the healing windows (and their dense targets) are those that ``compress --heal-steps`` would use.
 A schedule is ``constant`` or ``linear`` (the rate decayed to nothing over the run); ``--lrs``
-lists relative rates to try under each (default: compress's ``--heal-lr``).
+lists relative rates to try under each (default: compress's ``--heal-lr``), and ``--top-ks`` how
+many of the dense model's most likely tokens the loss matches (default: compress's
+``--heal-top-k``; the targets are recorded once, at the largest, and cut to each).
 
-usage: python benchmarks/heal_schedule.py CHECKPOINT --schedules constant,linear [--lrs 1e-3,2e-3] \\
+usage: python benchmarks/heal_schedule.py CHECKPOINT --schedules constant,linear [--lrs 1e-3,2e-3] [--top-ks 64,256] \\
            -- --model smollm2-135m --keep 0.8 --heal-steps 400 ... (compress's own arguments)
 """
 from __future__ import annotations
@@ -32,10 +34,12 @@ TEXTS = {"wikitext2": "../shared/data/wikitext2/test.raw.txt", "python-docs": "p
 SCHEDULES = {"constant": False, "linear": True}
 
 
-def _healing_targets(compress_args: list[str]):
-    """The parsed arguments, the dense targets of compress's healing windows, and the held-out part
-    of the calibration text (None when every window is generated)."""
+def _healing_targets(compress_args: list[str], top_k: int | None = None):
+    """The parsed arguments, the dense targets of compress's healing windows (``top_k`` tokens a
+    position, default its ``--heal-top-k``), and the held-out part of the calibration text (None
+    when every window is generated)."""
     args = cli.build_parser().parse_args(["compress", "--out", "unused", *compress_args])
+    args.heal_top_k = top_k or args.heal_top_k
     if not args.heal_steps:
         raise SystemExit("pass --heal-steps N among compress's arguments (after --)")
     config = cli._method_config(args)
@@ -45,12 +49,24 @@ def _healing_targets(compress_args: list[str]):
     return args, config, tokenizer, cli._dense_targets(args, model, source, "cpu", config.compute_dtype), held
 
 
+def _numbers(text: str | None, flag: str, kind) -> list | None:
+    try:
+        values = [kind(v) for v in text.split(",")] if text else None
+    except ValueError:
+        raise SystemExit(f"{flag} takes comma-separated numbers, got {text!r}") from None
+    if values and min(values) <= 0:
+        raise SystemExit(f"{flag} must be positive, got {text!r}")
+    return values
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="after --: compress's own arguments, "
                                      "those the checkpoint was made with and --heal-steps N")
     parser.add_argument("checkpoint", help="a compressed checkpoint that was not healed")
     parser.add_argument("--schedules", default="constant,linear")
     parser.add_argument("--lrs", default=None, help="relative healing rates, comma-separated (default: --heal-lr)")
+    parser.add_argument("--top-ks", default=None, help="dense tokens matched per position, comma-separated "
+                        "(default: --heal-top-k)")
     parser.add_argument("--windows", type=int, default=40, help="evaluation windows of 512 tokens per text")
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
@@ -59,24 +75,19 @@ def main() -> None:
     unknown = [s for s in schedules if s not in SCHEDULES]
     if unknown:
         raise SystemExit(f"unknown schedule {unknown[0]!r}; known: {', '.join(SCHEDULES)}")
-    try:
-        lrs = [float(lr) for lr in args.lrs.split(",")] if args.lrs else None
-    except ValueError:
-        raise SystemExit(f"--lrs takes comma-separated numbers, got {args.lrs!r}") from None
-    if lrs and min(lrs) <= 0:
-        raise SystemExit(f"--lrs must be positive, got {args.lrs!r}")
+    lrs, top_ks = _numbers(args.lrs, "--lrs", float), _numbers(args.top_ks, "--top-ks", int)
     print("command: python benchmarks/heal_schedule.py " + shlex.join(sys.argv[1:]))
     print(f"machine: {environment(torch.device('cpu'))['device_label']}, {torch.get_num_threads()} threads")
-    parsed, config, tokenizer, targets, held = _healing_targets(compress_args)
+    parsed, config, tokenizer, targets, held = _healing_targets(compress_args, max(top_ks) if top_ks else None)
     texts = {name: cli._eval_tokens(path, tokenizer) for name, path in TEXTS.items()}
     if held is not None:
         texts["held"] = held
-    for schedule, lr in itertools.product(schedules, lrs or [parsed.heal_lr]):
+    for schedule, lr, top_k in itertools.product(schedules, lrs or [parsed.heal_lr], top_ks or [parsed.heal_top_k]):
         model = load_compressed(args.checkpoint, pack=False)
         heal_config = HealConfig(steps=parsed.heal_steps, lr=lr, batch_size=parsed.heal_batch,
                                  compute_dtype=config.compute_dtype, decay=SCHEDULES[schedule])
-        report = heal(model, *targets, heal_config)
-        row = {"schedule": schedule, "relative_lr": lr, "steps": parsed.heal_steps, "steps_run": report.steps_run,
+        report = heal(model, *(t.top(top_k) for t in targets), heal_config)
+        row = {"schedule": schedule, "relative_lr": lr, "top_k": top_k, "steps": parsed.heal_steps, "steps_run": report.steps_run,
                "best_step": report.best_step, "held_kl_before": round(report.held_before, 6),
                "held_kl_after": round(report.held_after, 6), "healing_seconds": round(report.seconds, 1)}
         for name, tokens in texts.items():

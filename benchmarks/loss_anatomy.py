@@ -1,7 +1,7 @@
 """Where a compressed checkpoint loses to its dense model, on one text, in one process:
 
 - perplexity by position in the window (does the loss grow with context?);
-- the next tokens inside and outside the dense model's 64 most likely (healing's targets) and the
+- the next tokens inside and outside the dense model's 64 most likely and the
   probability each model leaves outside them;
 - perplexity with one group of layer types put back to the dense weights (which compressions cost
   the most);

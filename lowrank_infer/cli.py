@@ -23,7 +23,7 @@ from lowrank_infer.data import (
 )
 from lowrank_infer.distributed import Ranks, process_group
 from lowrank_infer.evaluate import check_seq_len, perplexity
-from lowrank_infer.healing import HealConfig, check_heal_memory, heal, teacher_targets
+from lowrank_infer.healing import TOP_K as HEAL_TOP_K, HealConfig, check_heal_memory, heal, teacher_targets
 from lowrank_infer.harness import lm_eval_results, results_table, write_results
 from lowrank_infer.io import PLAN_FILE, attach_plan, is_compressed_checkpoint, save_compressed
 from lowrank_infer.models import ALIASES, load_model
@@ -183,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heal-seq-len", type=_positive_int, default=None,
                    help="tokens per healing window (default: --seq-len): shorter windows never teach the factors "
                    "what the dense model does with longer context")
+    p.add_argument("--heal-top-k", type=_positive_int, default=HEAL_TOP_K,
+                   help=f"the dense model's most likely next tokens that --heal-steps matches at every position "
+                   f"(default {HEAL_TOP_K}); the rest of the vocabulary is one bucket. Its targets take 8 bytes a "
+                   f"token per position and window (1 MiB a 512-token window at {HEAL_TOP_K}; 256 matched "
+                   f"held-out calibration text better than 64 on SmolLM2 and as well as 1024)")
     p.add_argument("--heal-batch", type=_positive_int, default=HEAL_BATCH,
                    help=f"healing windows per step (default {HEAL_BATCH}, sized for a CPU); a GPU trains on "
                    f"16 or more in about the time of {HEAL_BATCH}, so each step sees more text")
@@ -358,8 +363,8 @@ def _select_ids(args, source: CalibSource | None, config, plan):
 # time. Generated windows train once each, the text fills the rest of their share: cycled ten
 # times over a 330-step run, SmolLM2's 16 taught less than fresh text, on the docstrings too
 # (quality_smollm2_v19_heal330_noreuse against v19_heal330). At most HEAL_MAX_WINDOWS distinct
-# training windows (their dense targets: 64 tokens' log-probabilities and ids per position,
-# 256 KiB a 512-token window) are recorded; longer runs cycle.
+# training windows (their dense targets: --heal-top-k tokens' log-probabilities and ids per
+# position, 1 MiB a 512-token window at the default) are recorded; longer runs cycle.
 HEAL_BATCH, HEAL_HELD_WINDOWS, HEAL_MAX_WINDOWS = 1, 8, 1024
 
 
@@ -476,7 +481,8 @@ def _compress(args, plan, device: str, config, ranks: Ranks) -> int:
     if healed is not None:
         result.seconds["healing"] = healed.seconds
         result.plan.params["heal"] = {"steps": args.heal_steps, "batch": args.heal_batch, "relative_lr": args.heal_lr,
-                                      "schedule": args.heal_schedule, "compute_dtype": config.compute_dtype,
+                                      "schedule": args.heal_schedule, "top_k": args.heal_top_k,
+                                      "compute_dtype": config.compute_dtype,
                                       "steps_run": healed.steps_run,
                                       "best_step": healed.best_step, "held_kl_before": round(healed.held_before, 6),
                                       "held_kl_after": round(healed.held_after, 6)}
@@ -530,7 +536,8 @@ def _dense_targets(args, model, source: CalibSource, device, compute_dtype: str)
     """The dense model's targets on the healing windows, recorded before compression changes it."""
     train, held = _heal_windows(args, source)
     with module_on(model, device), _heap_for_training():
-        return [teacher_targets(model, ids, compute_dtype=compute_dtype, progress=True) for ids in (train, held)]
+        return [teacher_targets(model, ids, top_k=args.heal_top_k, compute_dtype=compute_dtype, progress=True)
+                for ids in (train, held)]
 
 
 def _heal(args, model, targets, device, compute_dtype: str):

@@ -147,6 +147,22 @@ def test_heal_batch_sets_the_windows_per_step_and_the_windows_recorded(tiny_mode
     assert recorded == [4, cli_module.HEAL_HELD_WINDOWS]
 
 
+def test_heal_top_k_sets_the_dense_tokens_matched_and_is_recorded(tiny_model_dir, tiny_text, tmp_path, monkeypatch):
+    import lowrank_infer.cli as cli_module
+    shapes = []
+    real_heal = cli_module.heal
+    monkeypatch.setattr(cli_module, "heal", lambda model, train, held, config, **kw: shapes.append(
+        (train.logp.shape[-1], held.index.shape[-1])) or real_heal(model, train, held, config, **kw))
+    for top_k, out in ((None, tmp_path / "a"), (7, tmp_path / "b")):
+        extra = () if top_k is None else ("--heal-top-k", top_k)
+        assert main(list(map(str, _compress_args(tiny_model_dir, tiny_text, out, "--keep", 0.5, "--heal-steps", 2,
+                                                 "--heal-seq-len", 32, *extra)))) == 0
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    assert shapes == [(min(cli_module.HEAL_TOP_K, vocab),) * 2, (7, 7)]  # never more tokens than the vocabulary
+    assert [RankPlan.load(tmp_path / d / "rank_plan.json").params["heal"]["top_k"] for d in "ab"] == [
+        cli_module.HEAL_TOP_K, 7]
+
+
 def test_heal_schedule_sets_whether_the_rate_falls_and_is_recorded(tiny_model_dir, tiny_text, tmp_path, monkeypatch):
     import lowrank_infer.cli as cli_module
     configs = []

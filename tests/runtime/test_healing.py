@@ -44,6 +44,17 @@ def test_teacher_targets_are_the_float64_top_k(dense_and_compressed):
     torch.testing.assert_close(targets.logp.double(), values, rtol=1e-5, atol=1e-5)
 
 
+def test_the_top_of_recorded_targets_is_what_a_smaller_top_k_records(dense_and_compressed):
+    dense, _ = dense_and_compressed
+    wide, narrow = teacher_targets(dense, TRAIN, top_k=20), teacher_targets(dense, TRAIN, top_k=6)
+    cut = wide.top(6)
+    assert torch.equal(cut.ids, narrow.ids) and torch.equal(cut.index, narrow.index)
+    torch.testing.assert_close(cut.logp, narrow.logp, rtol=0, atol=1e-6)
+    for k in (0, 21):
+        with pytest.raises(ValueError, match=f"top {k} of targets that hold 20 tokens"):
+            wide.top(k)
+
+
 def test_bfloat16_teacher_targets_are_float32_and_close_to_the_float64_distribution(dense_and_compressed):
     """Under bfloat16 the recorded log-probabilities stay float32 and within bfloat16's rounding of
     float64 math at the tokens they name; nearly all of the float64 top-k is found."""
