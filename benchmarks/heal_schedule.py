@@ -86,7 +86,8 @@ def main() -> None:
         model = load_compressed(args.checkpoint, pack=False)
         heal_config = HealConfig(steps=parsed.heal_steps, lr=lr, batch_size=parsed.heal_batch,
                                  compute_dtype=config.compute_dtype, decay=SCHEDULES[schedule])
-        report = heal(model, *(t.top(top_k) for t in targets), heal_config)
+        # min: a vocabulary smaller than top_k was recorded whole (teacher_targets caps it)
+        report = heal(model, *(t.top(min(top_k, t.logp.shape[-1])) for t in targets), heal_config)
         row = {"schedule": schedule, "relative_lr": lr, "top_k": top_k, "steps": parsed.heal_steps, "steps_run": report.steps_run,
                "best_step": report.best_step, "held_kl_before": round(report.held_before, 6),
                "held_kl_after": round(report.held_after, 6), "healing_seconds": round(report.seconds, 1)}

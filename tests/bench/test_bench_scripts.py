@@ -229,12 +229,13 @@ def test_heal_schedule_also_scores_the_held_out_part_of_the_calibration_text(tin
     monkeypatch.setattr(script, "heal", lambda model, train, held, config: healed.append(
         (train.logp.shape[-1], held.index.shape[-1])) or HealReport(2, 0, 1.0, 1.0, 0.0))
     monkeypatch.setattr("sys.argv", ["heal_schedule.py", str(tiny_model_dir.parent / "ck"), "--schedules", "linear",
-                                     "--top-ks", "5,3",
+                                     "--top-ks", "5,3,999",  # 999: more than the tiny vocabulary
                                      "--", "--model", str(tiny_model_dir), "--keep", "0.5", "--method", "uniform",
                                      "--seq-len", "16", "--heal-steps", "2", "--calib-file", str(tiny_text)])
     script.main()
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()[-2:]]
-    assert [(row["top_k"], row["text"], row["held"]) for row in rows] == [(5, 1.0, 2.0), (3, 3.0, 4.0)]
-    assert healed == [(5, 5), (3, 3)]
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()[-3:]]
+    assert [(row["top_k"], row["text"], row["held"]) for row in rows] == [(5, 1.0, 2.0), (3, 3.0, 4.0), (999, 5.0, 6.0)]
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    assert healed == [(5, 5), (3, 3), (min(999, vocab),) * 2]
     held = calibration_split(str(tiny_text), AutoTokenizer.from_pretrained(tiny_model_dir))[1]
     torch.testing.assert_close(scored[1], held, rtol=0, atol=0)
