@@ -225,3 +225,20 @@ def test_ara_trains_on_the_kl_loss_and_refuses_an_unknown_one(tiny_model_and_spe
     assert plan.params["loss"] == "kl" and plan.keep_achieved == pytest.approx(0.6, abs=0.005)
     with pytest.raises(ValueError, match="ARA's loss must be one of ce, kl, got 'mse'"):
         ARAConfig(keep=0.6, loss="mse")
+
+
+def test_training_rows_are_the_windows_cut_into_pieces_heads_first():
+    from lowrank_infer.allocation.ara import _training_ids
+
+    ids = torch.arange(6 * 40).reshape(6, 40)  # 2 pieces of 16 per row, 8 tokens left over
+    rows = _training_ids(ids, ARAConfig(samples=100, seq_len=16))
+    expected = [ids[r, p * 16:(p + 1) * 16] for p in range(2) for r in range(6)]
+    torch.testing.assert_close(rows, torch.stack(expected), rtol=0, atol=0)
+    torch.testing.assert_close(_training_ids(ids, ARAConfig(samples=6, seq_len=16)), ids[:, :16], rtol=0, atol=0)
+    torch.testing.assert_close(_training_ids(ids, ARAConfig(samples=4, seq_len=64)), ids[:4], rtol=0, atol=0)
+
+
+def test_the_plan_records_the_pieces_it_trained_on(tiny_model_and_spectra):
+    model, ids, spectra = tiny_model_and_spectra  # 8 rows of 32 tokens
+    params = _ara(model, spectra, ids, 0.6, samples=100, seq_len=8).params
+    assert (params["samples"], params["seq_len"]) == (8 * 4, 8)
