@@ -36,7 +36,7 @@ Where this implementation deviates from the paper and its official code, and why
   to ``samples`` of them, each row's first piece before any row's second: the default trains on
   the first 128 tokens of 32 held-out windows (100 steps cycle over them about three times);
   ``samples=128`` trains on 100 distinct pieces of the same windows at the same cost, which on
-  SmolLM2 moved the perplexity of single runs both ways by up to 4 % (the README), so it is not
+  SmolLM2 moved single runs both ways, by up to 4.1 % (the README), so it is not
   the default. ``compress`` passes windows held out from the whitening ones (``select_ids``; the
   CLI takes them from the last 10 % of the calibration text), so the masks are not trained on the
   windows the whitening was fitted to. The official code draws separate training samples (C4 by
