@@ -37,9 +37,12 @@ Where this implementation deviates from the paper and its official code, and why
   the first 128 tokens of 32 held-out windows (100 steps cycle over them about three times);
   ``samples=128`` trains on 100 distinct pieces of the same windows at the same cost, which on
   SmolLM2 moved single runs both ways, by up to 4.1 % (the README), so it is not
-  the default. ``compress`` passes windows held out from the whitening ones (``select_ids``; the
-  CLI takes them from the last 10 % of the calibration text), so the masks are not trained on the
-  windows the whitening was fitted to. The official code draws separate training samples (C4 by
+  the default. Likewise ``batch_size=2`` cuts the disagreement between two row orders' plans by
+  about a third (``benchmarks/ara_batch_spread.py``) at twice the time, but did not lower
+  perplexity over four seeds (the README), so one row a step stays the default. ``compress``
+  passes windows held out from the whitening ones (``select_ids``; the CLI takes them from the
+  last 10 % of the calibration text), so the masks are not trained on the windows the whitening
+  was fitted to. The official code draws separate training samples (C4 by
   default).
 - **Optional KL loss.** ``loss="kl"`` trains against the dense model's whole next-token
   distribution (computed each step with the masks off) instead of the text's one-hot next token.

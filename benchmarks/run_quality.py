@@ -48,7 +48,7 @@ VARIANTS = {"plain": ["--no-whiten"], "shrink": ["--shrinkage", "0.1"], "shrinka
             "fp32": ["--compute-dtype", "float32"]}
 # Stages that change what the allocator sees or trains on: the committed plans (made on text alone,
 # ARA on cross-entropy) do not apply.
-RANK_VARIANTS = {"mix", "short", "kl", "seed", "calib", "arasteps", "araseq", "arasamples"}
+RANK_VARIANTS = {"mix", "short", "kl", "seed", "calib", "arasteps", "araseq", "arasamples", "arabatch"}
 # Stages with a count: the bare name takes the default, a number after it overrides it ("heal400",
 # "araseq512": ARA trains on the first 512 tokens of each held-out window instead of 128). "batch"
 # after "mix" overrides its batch size (the last --batch-size wins).
@@ -60,6 +60,8 @@ COUNTED = {"refine": ("--refine-steps", "{}", 32), "heal": ("--heal-steps", "{}"
            "arasteps": ("--param", "steps={}", 100), "araseq": ("--param", "seq_len={}", 128),
            # "arasamples128": ARA trains on 128 pieces of 128 tokens, the held-out windows whole.
            "arasamples": ("--param", "samples={}", 32),
+           # "arabatch2": ARA averages each step's gradient over 2 rows (half the steps' noise, twice the time).
+           "arabatch": ("--param", "batch_size={}", 1),
            # Another draw of every set of windows ("seed1"; the suite's other rows use compress's seed 0).
            "seed": ("--seed", "{}", 0)}
 

@@ -1,0 +1,56 @@
+"""How much ARA's plan depends on the order of its training rows, at one and two rows a step.
+
+One analysis of SmolLM2-135M (32 windows of WikiText-2 validation for the whitening, 32 held-out
+windows for ARA, keep 0.8, bfloat16), then ARA four times on the same spectra: batch 1 and 2,
+row orders 0 and 1. Each plan's next-token loss on 12 other windows of the fitting part (the
+whitened factors at the plan's ranks, before any compensation or healing), its dense-layer count,
+and the mean absolute difference of the two orders' per-layer parameter ratios.
+
+usage: python benchmarks/ara_batch_spread.py   (from the repository root; about 9 minutes on 2 cores)
+"""
+
+import time
+
+import torch
+
+from lowrank_infer.models import load_model
+from lowrank_infer.data import calibration_split, calibration_ids
+from lowrank_infer.compress import analyze, config_for, _plan_loss
+from lowrank_infer.precision import autocast
+import lowrank_infer.allocation.ara as ara
+
+
+def dist(a, b):
+    """Mean over layers of the absolute difference of two plans' parameter ratios (dense = 1)."""
+    d = []
+    for la, lb in zip(a.layers, b.layers):
+        ra, rb = la.rank, lb.rank
+        m, k = la.out_features, la.in_features
+        fa = 1.0 if ra is None else ra*(m+k)/(m*k); fb = 1.0 if rb is None else rb*(m+k)/(m*k)
+        d.append(abs(min(fa,1)-min(fb,1)))
+    return sum(d)/len(d)
+
+
+def main():
+    r = load_model("smollm2-135m"); model, tok = r[0], r[1]
+    fit, held = calibration_split("../shared/data/wikitext2/valid.tokens.txt", tok)
+    calib = calibration_ids(fit, 32, 512, seed=0)
+    select = calibration_ids(held, 32, 512, seed=5)
+    evalids = calibration_ids(fit, 12, 512, seed=11)
+    cfg = config_for("ara", keep=0.8, compute_dtype="bfloat16")
+    _, spectra, _ = analyze(model, cfg, calib_ids=calib, select_ids=select, batch_size=32, progress=False)
+    score = _plan_loss(model, spectra, evalids)
+    plans = {}
+    for bs, seed in ((1,0),(1,1),(2,0),(2,1)):
+        t = time.perf_counter()
+        p = ara.ara_plan(model, spectra, select, cfg.replace(seed=seed, batch_size=bs), progress=False)
+        el = time.perf_counter()-t
+        with torch.no_grad(), autocast("bfloat16", torch.device("cpu")):
+            loss = score(p)
+        plans[(bs,seed)] = p
+        print(f"batch {bs} order {seed}: ara {el:.0f}s  fit-window loss {loss:.4f}  dense {sum(1 for l in p.layers if l.rank is None)}", flush=True)
+    print("order disagreement batch1:", round(dist(plans[(1,0)], plans[(1,1)]),4), " batch2:", round(dist(plans[(2,0)], plans[(2,1)]),4))
+
+
+if __name__ == "__main__":
+    main()
