@@ -60,7 +60,7 @@ COUNTED = {"refine": ("--refine-steps", "{}", 32), "heal": ("--heal-steps", "{}"
            "arasteps": ("--param", "steps={}", 100), "araseq": ("--param", "seq_len={}", 128),
            # "arasamples128": ARA trains on 128 pieces of 128 tokens, the held-out windows whole.
            "arasamples": ("--param", "samples={}", 32),
-           # "arabatch2": ARA averages each step's gradient over 2 rows (half the steps' noise, twice the time).
+           # "arabatch2": ARA averages each step's gradient over 2 rows (half its variance, twice the time).
            "arabatch": ("--param", "batch_size={}", 1),
            # Another draw of every set of windows ("seed1"; the suite's other rows use compress's seed 0).
            "seed": ("--seed", "{}", 0)}
