@@ -13,26 +13,27 @@ import time
 
 import torch
 
-from lowrank_infer.models import load_model
-from lowrank_infer.data import calibration_split, calibration_ids
-from lowrank_infer.compress import analyze, config_for, _plan_loss
-from lowrank_infer.precision import autocast
 import lowrank_infer.allocation.ara as ara
+from lowrank_infer.compress import _plan_loss, analyze, config_for
+from lowrank_infer.cost import layer_params
+from lowrank_infer.data import calibration_ids, calibration_split
+from lowrank_infer.models import load_model
+from lowrank_infer.precision import autocast
 
 
-def dist(a, b):
-    """Mean over layers of the absolute difference of two plans' parameter ratios (dense = 1)."""
-    d = []
-    for la, lb in zip(a.layers, b.layers):
-        ra, rb = la.rank, lb.rank
-        m, k = la.out_features, la.in_features
-        fa = 1.0 if ra is None else ra*(m+k)/(m*k); fb = 1.0 if rb is None else rb*(m+k)/(m*k)
-        d.append(abs(min(fa,1)-min(fb,1)))
-    return sum(d)/len(d)
+def _ratio(layer) -> float:
+    """A plan layer's parameters over its dense weight's (1 when dense)."""
+    m, n = layer.out_features, layer.in_features
+    return min(layer_params(m, n, layer.rank) / layer_params(m, n, None), 1.0)
+
+
+def dist(a, b) -> float:
+    """Mean over layers of the absolute difference of two plans' parameter ratios."""
+    return sum(abs(_ratio(x) - _ratio(y)) for x, y in zip(a.layers, b.layers)) / len(a.layers)
 
 
 def main():
-    r = load_model("smollm2-135m"); model, tok = r[0], r[1]
+    model, tok = load_model("smollm2-135m")[:2]
     fit, held = calibration_split("../shared/data/wikitext2/valid.tokens.txt", tok)
     calib = calibration_ids(fit, 32, 512, seed=0)
     select = calibration_ids(held, 32, 512, seed=5)
