@@ -48,7 +48,8 @@ VARIANTS = {"plain": ["--no-whiten"], "shrink": ["--shrinkage", "0.1"], "shrinka
             "fp32": ["--compute-dtype", "float32"]}
 # Stages that change what the allocator sees or trains on: the committed plans (made on text alone,
 # ARA on cross-entropy) do not apply.
-RANK_VARIANTS = {"mix", "short", "kl", "seed", "calib", "arasteps", "araseq", "arasamples", "arabatch"}
+RANK_VARIANTS = {"mix", "short", "kl", "seed", "calib", "arasteps", "araseq", "arasamples", "arabatch",
+                 "araorders"}
 # Stages with a count: the bare name takes the default, a number after it overrides it ("heal400",
 # "araseq512": ARA trains on the first 512 tokens of each held-out window instead of 128). "batch"
 # after "mix" overrides its batch size (the last --batch-size wins).
@@ -62,6 +63,8 @@ COUNTED = {"refine": ("--refine-steps", "{}", 32), "heal": ("--heal-steps", "{}"
            "arasamples": ("--param", "samples={}", 32),
            # "arabatch2": ARA averages each step's gradient over 2 rows (half its variance, twice the time).
            "arabatch": ("--param", "batch_size={}", 1),
+           # "araorders2": ARA from two row orders, the plan with the lower calibration loss kept.
+           "araorders": ("--param", "orders={}", 1),
            # Another draw of every set of windows ("seed1"; the suite's other rows use compress's seed 0).
            "seed": ("--seed", "{}", 0)}
 

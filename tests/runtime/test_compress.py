@@ -45,6 +45,35 @@ def test_drank_auto_picks_the_beta_with_the_lowest_loss(keep):
     assert plan.ranks == drank_plan(spectra, keep, beta=best).ranks
 
 
+def test_ara_orders_keeps_the_row_order_whose_plan_has_the_lowest_loss():
+    from lowrank_infer.allocation import ara_plan
+
+    model = tiny_model("llama").eval()
+    fast = {"steps": 6, "samples": 8, "seq_len": 12, "lr": 0.5}
+    plan, spectra, _ = analyze(model, ARAConfig(keep=0.5, orders=3, seed=4, **fast), calib_ids=IDS, progress=False)
+    each = {s: ara_plan(model, spectra, IDS, ARAConfig(keep=0.5, seed=s, **fast), progress=False) for s in (4, 5, 6)}
+    assert len({tuple(p.ranks.items()) for p in each.values()}) > 1  # the orders really differ
+    losses = {s: _reference_loss(model, spectra, IDS[:SCORE_WINDOWS], p) for s, p in each.items()}
+    best = min(losses, key=losses.get)
+    assert plan.params["seed"] == best and plan.ranks == each[best].ranks
+    assert plan.params["order_selection"]["seeds"] == [4, 5, 6]
+    assert plan.params["order_selection"]["calibration_loss"] == pytest.approx([losses[s] for s in (4, 5, 6)], rel=1e-4)
+
+
+def test_ara_orders_needs_a_score_and_one_order_records_no_selection():
+    from lowrank_infer.allocation import AllocationInputs
+
+    model = tiny_model("llama").eval()
+    config = ARAConfig(keep=0.5, orders=2, steps=2, samples=4, seq_len=12)
+    _, spectra, _ = analyze(model, config, calib_ids=IDS, progress=False)
+    with pytest.raises(ValueError, match="ARA orders=2 keeps the plan with the lowest calibration loss; nothing scores"):
+        config.allocate(AllocationInputs(spectra, model=model, calib_ids=IDS, progress=False))
+    plan = config.replace(orders=1).allocate(AllocationInputs(spectra, model=model, calib_ids=IDS, progress=False))
+    assert "order_selection" not in plan.params and plan.params["orders"] == 1
+    with pytest.raises(ValueError, match="ARA needs orders >= 1, got 0"):
+        ARAConfig(orders=0)
+
+
 def test_scoring_plans_leaves_the_model_unchanged():
     model = tiny_model("llama").eval()
     with torch.no_grad():

@@ -59,3 +59,43 @@ def test_decay_lowers_the_rate_linearly_to_one_step_of_it_at_the_end():
 def test_decay_must_be_a_bool():
     with pytest.raises(ValueError, match="decay must be True or False"):
         Schedule(steps=3, decay="linear")
+
+
+def _run_with_scores(scores, steps, decay):
+    """Train a scalar for ``steps`` steps, scored every step by ``scores`` (the start first);
+    returns the report and the step whose values were kept (read back from the parameter)."""
+    p = nn.Parameter(torch.zeros((), dtype=torch.float64))
+    it = iter(scores)
+
+    def loss(step):  # a gradient of -1: each step raises p, so p's value tells how far it went
+        return -p
+
+    schedule = Schedule(steps=steps, lr=1.0, eval_every=1, patience=2, decay=decay)
+    report = train_early_stopped([p], loss, lambda: next(it), schedule)
+    return report, float(p)
+
+
+# Start 1.0, best at step 1, worse over steps 2-4, better again from step 5.
+BOUNCE = [1.0, 0.5, 0.6, 0.7, 0.6, 0.4, 0.3, 0.35, 0.2]
+
+
+def test_under_decay_a_bounce_does_not_stop_training():
+    report, _ = _run_with_scores(BOUNCE, steps=8, decay=True)
+    assert (report.steps_run, report.best_step, report.held_after) == (8, 8, 0.2)
+
+
+def test_at_a_constant_rate_the_same_bounce_stops_training():
+    report, _ = _run_with_scores(BOUNCE, steps=8, decay=False)
+    assert (report.steps_run, report.best_step, report.held_after) == (3, 1, 0.5)
+
+
+def test_under_decay_a_run_that_beat_its_start_goes_to_the_end_and_keeps_its_best():
+    report, value = _run_with_scores([1.0, 0.9, 0.95, 0.95, 0.8, 0.85, 0.9, 0.95, 0.99], steps=8, decay=True)
+    assert (report.steps_run, report.best_step, report.held_after) == (8, 4, 0.8)
+    # The values kept are those after step 4: each step moved p up by that step's falling rate.
+    assert value == pytest.approx(sum((8 - s + 1) / 8 for s in range(1, 5)), rel=1e-6)
+
+
+def test_under_decay_a_start_never_beaten_still_stops_early():
+    report, value = _run_with_scores([1.0, 1.1, 1.2, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1], steps=8, decay=True)
+    assert (report.steps_run, report.best_step, report.held_after, value) == (2, 0, 1.0, 0.0)
