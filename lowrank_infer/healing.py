@@ -75,9 +75,7 @@ class HealConfig(Schedule):
     Scored every 10 steps, a long run at one window a step stops on an early bounce of the
     held-out loss, well before it stops improving. The rate falls linearly to zero over the run
     by default: on SmolLM2 it reached a lower held-out loss than a constant rate in 250 steps and
-    the same in 400 (``benchmarks/heal_schedule.py``). Under that falling rate a run whose held-out
-    loss has beaten the start goes to its end, the best values kept (see
-    :func:`~lowrank_infer.training._counts_toward_patience`)."""
+    the same in 400 (``benchmarks/heal_schedule.py``)."""
 
     eval_every: int | None = None
     decay: bool = True

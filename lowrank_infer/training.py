@@ -42,8 +42,7 @@ class Schedule:
             its root-mean-square value at the start (``lr`` itself for an all-zero tensor).
         batch_size: windows per step.
         eval_every: steps between held-out scores.
-        patience: held-out scores without improvement before stopping (under ``decay`` only until
-            a score has beaten the start: see :func:`_counts_toward_patience`).
+        patience: held-out scores without improvement before stopping.
         compute_dtype: dtype of the training and held-out forward passes (``"bfloat16"``: under
             autocast, see :mod:`lowrank_infer.precision`); the tensors keep their own dtype
             (those below float32 train through float32 copies, see the module docstring).
@@ -140,28 +139,13 @@ def _train(params, original, train_loss, held_loss, schedule: Schedule, progress
         if current < best:
             best, best_step, waited = current, step, 0
             best_values = [p.detach().clone() for p in params]
-        elif _counts_toward_patience(schedule, step, best_step):
+        else:
             waited += 1
             if waited >= schedule.patience:
                 break
     bar.close()
     _restore(params, best_values)
     return EarlyStopped(steps_run=step, best_step=best_step, held_before=before, held_after=best)
-
-
-def _counts_toward_patience(schedule: Schedule, step: int, best_step: int) -> bool:
-    """Whether a held-out score that did not improve brings the stop nearer.
-
-    Under a falling rate, a held-out loss that rises while the rate is still high is the noise of
-    large steps, not overfitting (each window is seen about once), and the falling rate takes it
-    back: on SmolLM2, healing at one window a step had its best score at step 64 of 320 and stopped
-    at step 160 on three worse ones; run on, its held-out loss fell at every score from step 96
-    (0.467) to step 256 (0.407), where a patience counted only in the second half stopped it just
-    above its best (0.4045), still falling. So once a score has beaten the starting values such a run goes to its end (the best
-    values are still the ones kept); until then, and at a constant rate, patience stops it (a rate
-    too high, a run that only overfits).
-    """
-    return not schedule.decay or best_step == 0
 
 
 def _step(optimizer, params, masters) -> None:
