@@ -223,19 +223,15 @@ class ARAConfig(MethodConfig):
         if self.orders > 1 and inputs.score is None:
             raise ValueError(f"ARA orders={self.orders} keeps the plan with the lowest calibration loss; "
                              "nothing scores plans here (pass calibration token ids, or set orders=1)")
-        scored = []
-        for seed in range(self.seed, self.seed + self.orders):
-            plan = ara_plan(inputs.model, inputs.spectra, inputs.calib_ids, self.replace(seed=seed),
+
+        def plan(seed: int) -> RankPlan:
+            return ara_plan(inputs.model, inputs.spectra, inputs.calib_ids, self.replace(seed=seed),
                             model_id=inputs.model_id, progress=inputs.progress, group=inputs.ranks)
-            loss = inputs.score(plan) if self.orders > 1 else 0.0
-            if not math.isfinite(loss):
-                raise ValueError(f"ARA seed={seed}: calibration loss is {loss}")
-            scored.append((loss, seed, plan))
-        _, _, best = min(scored, key=lambda item: item[0])
-        if self.orders > 1:
-            best.params["order_selection"] = {"seeds": [seed for _, seed, _ in scored],
-                                              "calibration_loss": [round(loss, 6) for loss, _, _ in scored]}
-        return best
+
+        if self.orders == 1:
+            return plan(self.seed)
+        seeds = range(self.seed, self.seed + self.orders)
+        return inputs.lowest_loss(((seed, plan(seed)) for seed in seeds), "ARA", "seed")
 
 
 def ara_plan(

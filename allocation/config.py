@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -50,6 +50,25 @@ class AllocationInputs:
     score: Callable[[RankPlan], float] | None = None
     progress: bool = True
     ranks: Ranks = Ranks()
+
+    def lowest_loss(self, candidates: Iterable[tuple[Any, RankPlan]], method: str, key: str) -> RankPlan:
+        """The candidate plan that ``score`` rates lowest; ``candidates`` yields ``(value of key,
+        plan)`` (lazily: each plan is made only when its turn comes). The winner's params record
+        every candidate value and loss under ``{key}_selection``.
+
+        Raises:
+            ValueError: a loss is not finite (naming ``method`` and ``key=value``).
+        """
+        scored = []
+        for label, plan in candidates:
+            loss = self.score(plan)
+            if not math.isfinite(loss):
+                raise ValueError(f"{method} {key}={label}: calibration loss is {loss}")
+            scored.append((loss, label, plan))
+        _, _, best = min(scored, key=lambda item: item[0])
+        best.params[f"{key}_selection"] = {"candidates": [label for _, label, _ in scored],
+                                           "calibration_loss": [round(loss, 6) for loss, _, _ in scored]}
+        return best
 
 
 def _is_number(value: Any) -> bool:

@@ -104,17 +104,8 @@ class DRankConfig(MethodConfig):
         if inputs.score is None:
             raise ValueError("D-Rank beta='auto' scores plans on calibration data; pass calibration "
                              "token ids, or fix beta (the paper's value is 0.3)")
-        scored = []
-        for beta in tqdm(self.candidates, desc="D-Rank beta", unit="plan", disable=not inputs.progress):
-            candidate = plan(beta)
-            loss = inputs.score(candidate)
-            if not math.isfinite(loss):
-                raise ValueError(f"D-Rank beta={beta}: calibration loss is {loss}")
-            scored.append((loss, beta, candidate))
-        _, _, best = min(scored, key=lambda item: item[0])
-        best.params["beta_selection"] = {"candidates": [b for _, b, _ in scored],
-                                         "calibration_loss": [round(loss, 6) for loss, _, _ in scored]}
-        return best
+        betas = tqdm(self.candidates, desc="D-Rank beta", unit="plan", disable=not inputs.progress)
+        return inputs.lowest_loss(((beta, plan(beta)) for beta in betas), "D-Rank", "beta")
 
 
 def effective_rank(sigma: torch.Tensor) -> float:

@@ -42,16 +42,17 @@ def main():
     _, spectra, _ = analyze(model, cfg, calib_ids=calib, select_ids=select, batch_size=32, progress=False)
     score = _plan_loss(model, spectra, evalids)
     plans = {}
-    for bs, seed in ((1,0),(1,1),(2,0),(2,1)):
-        t = time.perf_counter()
-        p = ara.ara_plan(model, spectra, select, cfg.replace(seed=seed, batch_size=bs), progress=False)
-        el = time.perf_counter()-t
+    for batch, order in ((1, 0), (1, 1), (2, 0), (2, 1)):
+        start = time.perf_counter()
+        plan = ara.ara_plan(model, spectra, select, cfg.replace(seed=order, batch_size=batch), progress=False)
+        seconds = time.perf_counter() - start
         with torch.no_grad(), autocast("bfloat16", torch.device("cpu")):
-            loss = score(p)
-        plans[(bs,seed)] = p
-        print(f"batch {bs} order {seed}: ara {el:.0f}s  fit-window loss {loss:.4f}  dense {sum(1 for l in p.layers if l.rank is None)}", flush=True)
-    print("order disagreement batch1:", round(dist(plans[(1,0)], plans[(1,1)]),4), " batch2:", round(dist(plans[(2,0)], plans[(2,1)]),4))
-
+            loss = score(plan)
+        plans[batch, order] = plan
+        dense = sum(1 for layer in plan.layers if layer.rank is None)
+        print(f"batch {batch} order {order}: ara {seconds:.0f}s  fit-window loss {loss:.4f}  dense {dense}", flush=True)
+    print("order disagreement batch1:", round(dist(plans[1, 0], plans[1, 1]), 4),
+          " batch2:", round(dist(plans[2, 0], plans[2, 1]), 4))
 
 if __name__ == "__main__":
     main()

@@ -56,8 +56,8 @@ def test_ara_orders_keeps_the_row_order_whose_plan_has_the_lowest_loss():
     losses = {s: _reference_loss(model, spectra, IDS[:SCORE_WINDOWS], p) for s, p in each.items()}
     best = min(losses, key=losses.get)
     assert plan.params["seed"] == best and plan.ranks == each[best].ranks
-    assert plan.params["order_selection"]["seeds"] == [4, 5, 6]
-    assert plan.params["order_selection"]["calibration_loss"] == pytest.approx([losses[s] for s in (4, 5, 6)], rel=1e-4)
+    assert plan.params["seed_selection"]["candidates"] == [4, 5, 6]
+    assert plan.params["seed_selection"]["calibration_loss"] == pytest.approx([losses[s] for s in (4, 5, 6)], rel=1e-4)
 
 
 def test_ara_orders_needs_a_score_and_one_order_records_no_selection():
@@ -69,7 +69,7 @@ def test_ara_orders_needs_a_score_and_one_order_records_no_selection():
     with pytest.raises(ValueError, match="ARA orders=2 keeps the plan with the lowest calibration loss; nothing scores"):
         config.allocate(AllocationInputs(spectra, model=model, calib_ids=IDS, progress=False))
     plan = config.replace(orders=1).allocate(AllocationInputs(spectra, model=model, calib_ids=IDS, progress=False))
-    assert "order_selection" not in plan.params and plan.params["orders"] == 1
+    assert "seed_selection" not in plan.params and plan.params["orders"] == 1
     with pytest.raises(ValueError, match="ARA needs orders >= 1, got 0"):
         ARAConfig(orders=0)
 
