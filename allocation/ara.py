@@ -36,10 +36,10 @@ Where this implementation deviates from the paper and its official code, and why
   to ``samples`` of them, each row's first piece before any row's second: the default trains on
   the first 128 tokens of 32 held-out windows (100 steps cycle over them about three times);
   ``samples=128`` trains on 100 distinct pieces of the same windows at the same cost, which on
-  SmolLM2 moved single runs both ways, by up to 4.1 % (the README), so it is not
-  the default. Likewise ``batch_size=2`` cuts the disagreement between two row orders' plans by
+  SmolLM2 moved single runs both ways, by up to 4.1 % (``benchmarks/results/quality_smollm2_findings.md``),
+  so it is not the default. Likewise ``batch_size=2`` cuts the disagreement between two row orders' plans by
   about a third (``benchmarks/ara_batch_spread.py``) at twice the time, but did not lower
-  perplexity over four seeds (the README), so one row a step stays the default. ``orders=2``
+  perplexity over four seeds (the same file), so one row a step stays the default. ``orders=2``
   trains from two row orders and keeps the plan the pipeline scores lower (8 held-out windows):
   at the seed whose run was worst it kept the default order (loss 4.0567 against 4.0761), so the
   plan and the perplexity (38.27) were the same; untried at other seeds, it stays off. ``compress``

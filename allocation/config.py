@@ -91,7 +91,8 @@ class MethodConfig:
         shrinkage: before whitening, pull each layer's input Gram toward a scaled identity by
             this fraction, in [0, 1) (0 = the calibration statistics as they are): less trust
             in the directions the calibration text leaves quiet. Whether other text gains depends
-            on the ranks (on SmolLM2 it helped ARA's factors and hurt uniform ranks'; README).
+            on the ranks (on SmolLM2 it helped ARA's factors and hurt uniform ranks';
+            ``benchmarks/results/quality_smollm2_findings.md``).
             ``"auto"``: each layer's strength chosen by two-fold cross-validation over the
             calibration windows, at the rank a uniform plan (or the applied plan) gives it.
         include: regexes; when given, only target linears matching one of them are compressed.

@@ -69,7 +69,8 @@ def _add_calibration_options(p: argparse.ArgumentParser) -> None:
         help="fraction of the calibration windows (and of the held-out ones) the model samples itself, the "
         "rest cut from --calib-file; mixing pulls the statistics toward the model's own domain rather than "
         "one corpus's (on SmolLM2 at keep 0.8, 0.5 cut perplexity on other text 3-6.5x, helped ARA on "
-        "WikiText-2 and cost uniform and D-Rank 6-7%% there: README). Costs generation time: the fitting and "
+        "WikiText-2 and cost uniform and D-Rank 6-7%% there: benchmarks/results/quality_smollm2_findings.md). "
+        "Costs generation time: the fitting and "
         "held-out samples, 2 x F x --calib-samples windows, are sampled --batch-size at a time, fastest when "
         "one batch holds them all. --heal-steps trains on each generated fitting window once, on the "
         "text for the rest. Default 0; --calib-file generated = 1")
@@ -77,7 +78,8 @@ def _add_calibration_options(p: argparse.ArgumentParser) -> None:
         "--calib-sample-len", type=_positive_int, default=None, metavar="N",
         help="with --calib-generated: tokens per generated sample; shorter samples, each started afresh, are "
         "joined into --seq-len windows, so the same tokens cover more topics (on SmolLM2 at keep 0.8, 128 "
-        "cut perplexity on off-domain text from 48 to 29-31 and cost 2-3%% on WikiText-2: README). "
+        "cut perplexity on off-domain text from 48 to 29-31 and cost 2-3%% on WikiText-2: "
+        "benchmarks/results/quality_smollm2_findings.md). "
         "Default: one sample per window")
     p.add_argument("--calib-samples", type=_positive_int, default=32, help="calibration windows (default 32)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
@@ -98,7 +100,8 @@ def _add_allocation_options(p: argparse.ArgumentParser) -> None:
         "--shrinkage", type=_shrinkage, default=0.0,
         help="pull each layer's input statistics XᵀX toward a scaled identity (median diagonal) by this "
         "fraction in [0, 1) before whitening, trusting less the directions the calibration text leaves "
-        "quiet; on SmolLM2, 0.1 helped ARA's factors on other text and hurt uniform ranks' (README). 'auto': "
+        "quiet; on SmolLM2, 0.1 helped ARA's factors on other text and hurt uniform ranks' "
+        "(benchmarks/results/quality_smollm2_findings.md). 'auto': "
         "each layer's strength among 0, 0.03, 0.1, 0.3 by two-fold cross-validation over the calibration "
         "windows (about 9 SVDs per layer instead of 1). Default 0")
     p.add_argument(
@@ -170,9 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--heal-steps", type=int, default=0,
         help="after compressing, train the low-rank factors this many steps toward the dense model's "
         "next-token distributions (KL on calibration text), stopping early when held-out calibration "
-        "windows stop improving; 0 (default) = no healing. About 1.5 s a step (one 512-token window, "
-        "its dense targets, the held-out scores) for SmolLM2-135M on 2 CPU cores with native bfloat16 "
-        "(--compute-dtype)")
+        "windows stop improving; 0 (default) = no healing. For SmolLM2-135M on 2 cores of an AMD EPYC "
+        "with AVX512-BF16 a step (one 512-token window, the held-out scores) took 2 s and its window's dense "
+        "targets 1 s; on a Xeon with AMX a step took 1.2 s (--compute-dtype)")
     p.add_argument("--heal-lr", type=float, default=HealConfig.lr,
                    help=f"Adam learning rate of --heal-steps, relative to each factor's scale: a tensor trains at this "
                    f"times its RMS (default {HealConfig.lr:g}, chosen at 100 steps; at 320 steps 2e-3 gave SmolLM2 a lower "
