@@ -10,7 +10,12 @@ compressed checkpoint, three ways that alternate step by step (medians reported)
 Timing only: the windows are random token ids and the targets the checkpoint's own top-64
 distributions at a higher temperature (the work per step does not depend on the text).
 
-usage: python benchmarks/heal_step.py CHECKPOINT [--rounds 8] [--seq-len 512] [--batch 1]
+With ``--breakdown`` it then profiles ``healing`` steps (torch.profiler, self time per operator)
+and prints the share of matrix products, attention and everything else, and the same for the
+dense model's forward pass that records healing's targets (``--dense``): what a faster step would
+have to shrink.
+
+usage: python benchmarks/heal_step.py CHECKPOINT [--rounds 8] [--seq-len 512] [--batch 1] [--breakdown --dense MODEL]
 """
 from __future__ import annotations
 
@@ -21,12 +26,14 @@ import sys
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import lowrank_infer.kernels.lowrank_linear_op as lowrank_op
 from lowrank_infer.bench.output import environment
-from lowrank_infer.healing import _factors
+from lowrank_infer.healing import _factors, teacher_targets
 from lowrank_infer.healing_loss import coarsened_kl, frozen_copy, fusable_head
 from lowrank_infer.io import load_compressed
+from lowrank_infer.models import load_model
 from lowrank_infer.module import LowRankLinear
 from lowrank_infer.precision import autocast, check_compute_dtype, frozen_weights_cast
 
@@ -66,6 +73,29 @@ def _step(model, ids, logp, index, head, compute_dtype, weights: dict, now: bool
     return time.perf_counter() - start, loss.item()
 
 
+# Operators by what they do, matched on profiler names: matrix products, then attention.
+_KINDS = (("matrix products", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear")),
+          ("attention", ("scaled_dot_product", "flash_attention")))
+
+
+def _breakdown(run, rounds: int) -> dict[str, float]:
+    """Seconds per call of ``run`` by kind of operator (self CPU time, ``rounds`` calls profiled)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(rounds):
+            run()
+    seconds = {kind: 0.0 for kind, _ in _KINDS} | {"everything else": 0.0}
+    for event in prof.key_averages():
+        kind = next((k for k, names in _KINDS if any(n in event.key for n in names)), "everything else")
+        seconds[kind] += event.self_cpu_time_total / 1e6 / rounds
+    return seconds
+
+
+def _print_breakdown(what: str, seconds: dict[str, float]) -> None:
+    total = sum(seconds.values())
+    shares = ", ".join(f"{kind} {value:.3f} s ({value / total:.0%})" for kind, value in seconds.items())
+    print(f"{what}: {total:.3f} s profiled: {shares}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a compressed checkpoint")
@@ -73,6 +103,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch", type=int, default=1, help="windows per step")
     parser.add_argument("--compute-dtype", default="bfloat16")
+    parser.add_argument("--breakdown", action="store_true", help="then profile healing steps by kind of operator")
+    parser.add_argument("--dense", metavar="MODEL", help="with --breakdown, also the dense model's target forward")
     args = parser.parse_args()
     check_compute_dtype(args.compute_dtype)
     print("command: python benchmarks/heal_step.py " + shlex.join(sys.argv[1:]))
@@ -104,6 +136,14 @@ def main() -> None:
         print(f"{name}: {median[name]:.3f} s a step (median of {args.rounds}), loss {losses[name]:.6f}")
     print(f"plain / fused: {median['plain'] / median['fused']:.2f}x, fused / healing: "
           f"{median['fused'] / median['healing']:.2f}x")
+    if args.breakdown:
+        healing_head = paths["healing"][0]
+        _print_breakdown("healing step", _breakdown(lambda: _step(model, ids, logp, index, healing_head, args.compute_dtype,
+                                                                  weights["now"], True), max(2, args.rounds // 2)))
+    if args.breakdown and args.dense:
+        dense = load_model(args.dense)[0].eval()
+        _print_breakdown("dense targets of one step's windows", _breakdown(
+            lambda: teacher_targets(dense, ids, compute_dtype=args.compute_dtype), max(2, args.rounds // 2)))
 
 
 if __name__ == "__main__":

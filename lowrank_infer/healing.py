@@ -150,7 +150,7 @@ def teacher_targets(model: nn.Module, ids: torch.Tensor, *, top_k: int = TOP_K, 
     device = next(model.parameters()).device
     logps, indices = [], []
     with autocast(compute_dtype, device):  # one context: autocast keeps its weight casts while it lasts
-        for start in tqdm(range(0, len(ids), batch_size), desc="dense targets", disable=not progress):
+        for start in tqdm(range(0, len(ids), batch_size), desc="dense targets", unit="batch", disable=not progress):
             logits = model(ids[start:start + batch_size].to(device), use_cache=False).logits.float()
             top = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
             logps.append((top.values - logits.logsumexp(-1, keepdim=True)).cpu())  # no vocabulary-wide log_softmax

@@ -118,7 +118,7 @@ def _train(params, original, train_loss, held_loss, schedule: Schedule, progress
     with precision():
         best = before = _checked(held_loss(), "held-out loss before training", what)
     best_step, best_values, waited, step = 0, original, 0, 0
-    bar = tqdm(total=steps, desc=what, disable=not progress, leave=False)
+    bar = tqdm(total=steps, desc=what, unit="step", disable=not progress, leave=False)
     rates = [group["lr"] for group in optimizer.param_groups]
     for step in range(1, steps + 1):
         with precision():

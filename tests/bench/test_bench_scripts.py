@@ -181,6 +181,39 @@ def test_heal_step_times_three_paths_of_the_same_loss(tmp_path, monkeypatch, cap
     assert re.search(r"^plain / fused: [\d.]+x, fused / healing: [\d.]+x$", out, re.M)
 
 
+def test_heal_step_breakdown_sorts_operators_by_kind():
+    """One matrix product alone is all "matrix products"; one attention call alone is all "attention"."""
+    import torch.nn.functional as F
+
+    breakdown = _script("heal_step")._breakdown
+    a = torch.randn(256, 256)
+    q = torch.randn(1, 4, 256, 64)
+    products = breakdown(lambda: a @ a, 3)
+    attention = breakdown(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True), 3)
+    assert products["matrix products"] > 0 and products["attention"] == 0
+    assert products["matrix products"] >= 0.8 * sum(products.values())
+    assert attention["attention"] > 0 and attention["matrix products"] == 0
+    assert attention["attention"] >= 0.8 * sum(attention.values())
+
+
+def test_heal_step_breakdown_prints_both_passes(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    from lowrank_infer import UniformConfig, compress, load_model, save_compressed
+
+    compressed = load_model(str(tiny_model_dir))[0]
+    compress(compressed, UniformConfig(keep=0.3, whiten=False), progress=False)
+    save_compressed(compressed, tmp_path / "ck")
+    monkeypatch.setattr("sys.argv", ["heal_step.py", str(tmp_path / "ck"), "--rounds", "2", "--seq-len", "16",
+                                     "--breakdown", "--dense", str(tiny_model_dir)])
+    _script("heal_step").main()
+    out = capsys.readouterr().out
+    for what in ("healing step", "dense targets of one step's windows"):
+        found = re.search(rf"^{what}: ([\d.]+) s profiled: matrix products ([\d.]+) s \(\d+%\), attention ([\d.]+) s "
+                          rf"\(\d+%\), everything else ([\d.]+) s \(\d+%\)$", out, re.M)
+        assert found, out
+        total, *parts = map(float, found.groups())
+        assert total == pytest.approx(sum(parts), abs=2e-3) and parts[0] > 0
+
+
 def test_held_perplexity_scores_only_the_part_compress_never_fits(tiny_model_dir, tiny_text, capsys):
     """Against a float64 reference computed by hand on the last tenth of the cleaned, tokenized text."""
     import math
