@@ -106,6 +106,8 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true", help="then profile healing steps by kind of operator")
     parser.add_argument("--dense", metavar="MODEL", help="with --breakdown, also the dense model's target forward")
     args = parser.parse_args()
+    if args.dense and not args.breakdown:
+        parser.error("--dense profiles the dense targets for --breakdown: pass both")
     check_compute_dtype(args.compute_dtype)
     print("command: python benchmarks/heal_step.py " + shlex.join(sys.argv[1:]))
     print(f"machine: {environment(torch.device('cpu'))['device_label']}, {torch.get_num_threads()} threads")
@@ -140,7 +142,7 @@ def main() -> None:
         healing_head = paths["healing"][0]
         _print_breakdown("healing step", _breakdown(lambda: _step(model, ids, logp, index, healing_head, args.compute_dtype,
                                                                   weights["now"], True), max(2, args.rounds // 2)))
-    if args.breakdown and args.dense:
+    if args.dense:
         dense = load_model(args.dense)[0].eval()
         _print_breakdown("dense targets of one step's windows", _breakdown(
             lambda: teacher_targets(dense, ids, compute_dtype=args.compute_dtype), max(2, args.rounds // 2)))

@@ -212,6 +212,10 @@ def test_heal_step_breakdown_prints_both_passes(tmp_path, tiny_model_dir, monkey
         assert found, out
         total, *parts = map(float, found.groups())
         assert total == pytest.approx(sum(parts), abs=2e-3) and parts[0] > 0
+    monkeypatch.setattr("sys.argv", ["heal_step.py", str(tmp_path / "ck"), "--dense", str(tiny_model_dir)])
+    with pytest.raises(SystemExit):
+        _script("heal_step").main()
+    assert "--dense profiles the dense targets for --breakdown" in capsys.readouterr().err
 
 
 def test_held_perplexity_scores_only_the_part_compress_never_fits(tiny_model_dir, tiny_text, capsys):
