@@ -174,8 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="after compressing, train the low-rank factors this many steps toward the dense model's "
         "next-token distributions (KL on calibration text), stopping early when held-out calibration "
         "windows stop improving; 0 (default) = no healing. For SmolLM2-135M on 2 cores of an AMD EPYC "
-        "with AVX512-BF16 a step (one 512-token window, the held-out scores) took 2 s and its window's dense "
-        "targets 1 s; on a Xeon with AMX a step took 1.2 s (--compute-dtype)")
+        "with AVX512-BF16 a step (one 512-token window, the held-out scores) took 1.7-2 s and its window's dense "
+        "targets 0.8 s (benchmarks/results/cpu/heal_step_breakdown_smollm2_epyc.txt); on a Xeon with AMX a step "
+        "took 1.2 s (--compute-dtype)")
     p.add_argument("--heal-lr", type=float, default=HealConfig.lr,
                    help=f"Adam learning rate of --heal-steps, relative to each factor's scale: a tensor trains at this "
                    f"times its RMS (default {HealConfig.lr:g}, chosen at 100 steps; at 320 steps 2e-3 gave SmolLM2 a lower "
