@@ -70,6 +70,7 @@ from lowrank_infer.allocation.budget import captured_energy, fit_budget, spectra
 from lowrank_infer.allocation.config import AllocationInputs, MethodConfig
 from lowrank_infer.allocation.plan import RankPlan, plan_from_ranks
 from lowrank_infer.cost import layer_params, use_dense
+from lowrank_infer.cpu_attention import steering_attention
 from lowrank_infer.distributed import Ranks
 from lowrank_infer.factorize import Spectrum
 from lowrank_infer.precision import autocast
@@ -367,7 +368,7 @@ def _train(lm, masked, regularizer, ids, config: ARAConfig, finalize, progress, 
         return ARATrainingError(message, finalize(fractions), step)
 
     bar = tqdm(range(config.steps), desc="ARA", unit="step", disable=not progress)
-    with torch.enable_grad():
+    with torch.enable_grad(), steering_attention(lm, config.compute_dtype):
         for step in bar:
             batch = ids[order[step * size : (step + 1) * size]]
             with autocast(config.compute_dtype, device):

@@ -1,11 +1,13 @@
 """Seconds per healing step (forward and backward of one batch of windows), side by side on one
-compressed checkpoint, three ways that alternate step by step (medians reported):
+compressed checkpoint, four ways that alternate step by step (medians reported):
 
 * ``plain``: the vocabulary-wide logits under autograd, the low-rank layers through the op's float32
   intermediate, every frozen weight cast by autocast at every step;
 * ``fused``: the loss fused through the output layer (lowrank_infer.healing_loss), otherwise as ``plain``;
-* ``healing``: as :func:`lowrank_infer.healing.heal` runs a step: fused, the low-rank layers as two
-  autocast linears (bfloat16 intermediate), frozen weights and output layer cast once.
+* ``healing, SDPA``: fused, the low-rank layers as two autocast linears (bfloat16 intermediate),
+  frozen weights and output layer cast once, attention through PyTorch's SDPA;
+* ``healing``: as :func:`lowrank_infer.healing.heal` runs a step: as ``healing, SDPA``, with the
+  attention of :mod:`lowrank_infer.cpu_attention` where it applies (bfloat16 on a CPU).
 
 Timing only: the windows are random token ids and the targets the checkpoint's own top-64
 distributions at a higher temperature (the work per step does not depend on the text).
@@ -30,6 +32,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import lowrank_infer.kernels.lowrank_linear_op as lowrank_op
 from lowrank_infer.bench.output import environment
+from lowrank_infer.cpu_attention import steering_attention
 from lowrank_infer.healing import _factors, teacher_targets
 from lowrank_infer.healing_loss import coarsened_kl, frozen_copy, fusable_head
 from lowrank_infer.io import load_compressed
@@ -60,12 +63,12 @@ def _weights(model, compute_dtype) -> dict[str, dict]:
     return {"before": before, "now": now}
 
 
-def _step(model, ids, logp, index, head, compute_dtype, weights: dict, now: bool) -> tuple[float, float]:
+def _step(model, ids, logp, index, head, compute_dtype, weights: dict, now: bool, attention: bool) -> tuple[float, float]:
     for p in model.parameters():
         p.data = weights[id(p)]
     lowrank_op._two_autocast_linears = _TWO_LINEARS if now else _float32_intermediate
     start = time.perf_counter()
-    with autocast(compute_dtype, ids.device):
+    with autocast(compute_dtype, ids.device), steering_attention(model, compute_dtype if attention else "float32"):
         loss = coarsened_kl(model, ids, logp, index, head)
     loss.backward()
     for p in _factors(model):
@@ -73,9 +76,10 @@ def _step(model, ids, logp, index, head, compute_dtype, weights: dict, now: bool
     return time.perf_counter() - start, loss.item()
 
 
-# Operators by what they do, matched on profiler names: matrix products, then attention.
-_KINDS = (("matrix products", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear")),
-          ("attention", ("scaled_dot_product", "flash_attention")))
+# Operators by what they do, matched on profiler names. Only attention multiplies batches of
+# matrices and takes a softmax (lowrank_infer.cpu_attention's chunks).
+_KINDS = (("matrix products", ("aten::mm", "aten::addmm", "aten::baddbmm", "aten::linear")),
+          ("attention", ("scaled_dot_product", "flash_attention", "_CausalAttention", "aten::bmm", "softmax")))
 
 
 def _breakdown(run, rounds: int) -> dict[str, float]:
@@ -121,14 +125,16 @@ def main() -> None:
     if head is None:
         raise SystemExit("this model's logits are not its output layer's: healing uses the plain path only")
     weights = _weights(model, args.compute_dtype)
-    paths = {"plain": (None, "before"), "fused": (head, "before"), "healing": (frozen_copy(head, args.compute_dtype), "now")}
+    healing_head = frozen_copy(head, args.compute_dtype)
+    paths = {"plain": (None, "before", False), "fused": (head, "before", False),
+             "healing, SDPA": (healing_head, "now", False), "healing": (healing_head, "now", True)}
     times = {name: [] for name in paths}
     losses = {}
     try:
         for round_ in range(args.rounds + 1):
-            for name, (path_head, which) in paths.items():
+            for name, (path_head, which, attention) in paths.items():
                 seconds, losses[name] = _step(model, ids, logp, index, path_head, args.compute_dtype, weights[which],
-                                              which == "now")
+                                              which == "now", attention)
                 if round_:  # the first round warms up
                     times[name].append(seconds)
     finally:
@@ -136,12 +142,14 @@ def main() -> None:
     median = {name: statistics.median(t) for name, t in times.items()}
     for name in paths:
         print(f"{name}: {median[name]:.3f} s a step (median of {args.rounds}), loss {losses[name]:.6f}")
-    print(f"plain / fused: {median['plain'] / median['fused']:.2f}x, fused / healing: "
-          f"{median['fused'] / median['healing']:.2f}x")
+    print(f"plain / fused: {median['plain'] / median['fused']:.2f}x, fused / healing, SDPA: "
+          f"{median['fused'] / median['healing, SDPA']:.2f}x, healing, SDPA / healing: "
+          f"{median['healing, SDPA'] / median['healing']:.2f}x")
     if args.breakdown:
-        healing_head = paths["healing"][0]
-        _print_breakdown("healing step", _breakdown(lambda: _step(model, ids, logp, index, healing_head, args.compute_dtype,
-                                                                  weights["now"], True), max(2, args.rounds // 2)))
+        for name in ("healing, SDPA", "healing"):
+            _print_breakdown(f"{name} step", _breakdown(lambda: _step(model, ids, logp, index, healing_head, args.compute_dtype,
+                                                                      weights["now"], True, paths[name][2]),
+                                                        max(2, args.rounds // 2)))
     if args.dense:
         dense = load_model(args.dense)[0].eval()
         _print_breakdown("dense targets of one step's windows", _breakdown(

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowrank_infer.cpu_attention import steering_attention
 from lowrank_infer.healing_loss import coarsened_kl, frozen_copy, fusable_head
 from lowrank_infer.module import LowRankLinear
 from lowrank_infer.precision import autocast, frozen_weights_cast
@@ -149,7 +150,8 @@ def teacher_targets(model: nn.Module, ids: torch.Tensor, *, top_k: int = TOP_K, 
         raise ValueError(f"teacher targets need [windows, seq_len] token ids, got shape {list(ids.shape)}")
     device = next(model.parameters()).device
     logps, indices = [], []
-    with autocast(compute_dtype, device):  # one context: autocast keeps its weight casts while it lasts
+    # One context: autocast keeps its weight casts while it lasts.
+    with autocast(compute_dtype, device), steering_attention(model, compute_dtype):
         for start in tqdm(range(0, len(ids), batch_size), desc="dense targets", unit="batch", disable=not progress):
             logits = model(ids[start:start + batch_size].to(device), use_cache=False).logits.float()
             top = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
@@ -213,7 +215,8 @@ def heal(model: nn.Module, train: TeacherTargets, held: TeacherTargets, config: 
             first = ((step - 1) * config.batch_size) % windows
             return _kl(model, train.batch(slice(first, first + config.batch_size)), device, head)
 
-        with frozen_weights_cast(model, config.compute_dtype, (nn.Linear, LowRankLinear)):
+        with (frozen_weights_cast(model, config.compute_dtype, (nn.Linear, LowRankLinear)),
+              steering_attention(model, config.compute_dtype)):
             result = train_early_stopped(factors, train_loss, lambda: _held_loss(model, held, device, config.batch_size, head),
                                          config, progress=progress)
     finally:

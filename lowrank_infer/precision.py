@@ -7,7 +7,8 @@ autocast, and the dense model's own next-token distribution moves by a KL of und
 (SmolLM2-135M: 0.0006, against 0.3 for the compression itself). The calibration statistics
 (``XᵀX``, float64), the closed-form refits, the factorizations, the sampling of generated
 calibration windows (so that they do not depend on the compute dtype or the hardware) and every evaluation stay in the model's dtype or wider: this module is only entered
-around the passes listed above.
+around the passes listed above. On a CPU their causal attention then runs through
+:mod:`lowrank_infer.cpu_attention`.
 """
 
 from __future__ import annotations

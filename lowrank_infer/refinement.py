@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank_infer.calibration import run_block
+from lowrank_infer.cpu_attention import steering_attention
 from lowrank_infer.training import EarlyStopped, Schedule, train_early_stopped
 
 __all__ = ["BlockBatches", "Factored", "KeptDense", "RefineConfig", "refine_block"]
@@ -129,7 +130,7 @@ def refine_block(
     try:
         for p in block.parameters():
             p.requires_grad_(id(p) in trained)
-        with torch.enable_grad():
+        with torch.enable_grad(), steering_attention(block, config.compute_dtype):
             return train_early_stopped(params, train_loss, lambda: _held_error(block, held), config)
     finally:
         for p, flag in flags.items():

@@ -13,10 +13,11 @@ PACKAGES = {"lowrank_infer": "lowrank_infer", "kernels": "lowrank_infer.kernels"
 
 # Leaves may be imported by anything and import only leaves: the kernels (the op every stage
 # runs), the parameter-cost rule, the plan format, model structure, atomic files, the
-# process group, weights kept on disk, early-stopped training and the compute dtype.
+# process group, weights kept on disk, early-stopped training, the compute dtype and the attention
+# of the passes that run under it.
 LEAVES = ("lowrank_infer.kernels", "lowrank_infer.cost", "lowrank_infer.allocation.plan", "lowrank_infer.structure",
           "lowrank_infer.atomic", "lowrank_infer.distributed", "lowrank_infer.offload", "lowrank_infer.training",
-          "lowrank_infer.precision")
+          "lowrank_infer.precision", "lowrank_infer.cpu_attention")
 # The pipeline in data-flow order; a stage may import leaves, itself and earlier stages.
 # Everything else (compress, evaluate, data, models, the CLI, bench, the package root)
 # orchestrates and may import anything.

@@ -160,7 +160,7 @@ def test_heal_schedule_refuses_bad_schedules_rates_and_runs_without_healing(monk
 
 
 @pytest.mark.parametrize("compute_dtype, rel", [("float32", 1e-5), ("bfloat16", 2e-2)])
-def test_heal_step_times_three_paths_of_the_same_loss(tmp_path, monkeypatch, capsys, compute_dtype, rel):
+def test_heal_step_times_four_paths_of_the_same_loss(tmp_path, monkeypatch, capsys, compute_dtype, rel):
     import copy
 
     from lowrank_infer import UniformConfig, compress, save_compressed
@@ -174,26 +174,34 @@ def test_heal_step_times_three_paths_of_the_same_loss(tmp_path, monkeypatch, cap
     _script("heal_step").main()
     out = capsys.readouterr().out
     losses = {name: float(loss) for name, loss in
-              re.findall(r"^(plain|fused|healing): [\d.]+ s a step .*loss ([\d.]+)$", out, re.M)}
-    assert set(losses) == {"plain", "fused", "healing"} and losses["plain"] > 0
+              re.findall(r"^(plain|fused|healing, SDPA|healing): [\d.]+ s a step .*loss ([\d.]+)$", out, re.M)}
+    assert set(losses) == {"plain", "fused", "healing, SDPA", "healing"} and losses["plain"] > 0
     assert losses["fused"] == pytest.approx(losses["plain"], rel=1e-5)
-    assert losses["healing"] == pytest.approx(losses["fused"], rel=rel)
-    assert re.search(r"^plain / fused: [\d.]+x, fused / healing: [\d.]+x$", out, re.M)
+    assert losses["healing, SDPA"] == pytest.approx(losses["fused"], rel=rel)
+    assert losses["healing"] == pytest.approx(losses["healing, SDPA"], rel=rel)
+    assert re.search(r"^plain / fused: [\d.]+x, fused / healing, SDPA: [\d.]+x, healing, SDPA / healing: [\d.]+x$",
+                     out, re.M)
 
 
 def test_heal_step_breakdown_sorts_operators_by_kind():
-    """One matrix product alone is all "matrix products"; one attention call alone is all "attention"."""
+    """One matrix product alone is all "matrix products"; one attention call alone, SDPA's or the
+    chunked one's (forward and backward), is all "attention"."""
     import torch.nn.functional as F
+
+    from lowrank_infer.cpu_attention import causal_attention
 
     breakdown = _script("heal_step")._breakdown
     a = torch.randn(256, 256)
     q = torch.randn(1, 4, 256, 64)
     products = breakdown(lambda: a @ a, 3)
     attention = breakdown(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True), 3)
+    trained = q.to(torch.bfloat16).requires_grad_()
+    chunked = breakdown(lambda: causal_attention(trained, trained, trained, 0.125).sum().backward(), 3)
     assert products["matrix products"] > 0 and products["attention"] == 0
     assert products["matrix products"] >= 0.8 * sum(products.values())
-    assert attention["attention"] > 0 and attention["matrix products"] == 0
-    assert attention["attention"] >= 0.8 * sum(attention.values())
+    for kinds in (attention, chunked):
+        assert kinds["attention"] > 0 and kinds["matrix products"] == 0
+        assert kinds["attention"] >= 0.7 * sum(kinds.values()), kinds
 
 
 def test_heal_step_breakdown_prints_both_passes(tmp_path, tiny_model_dir, monkeypatch, capsys):
@@ -206,7 +214,7 @@ def test_heal_step_breakdown_prints_both_passes(tmp_path, tiny_model_dir, monkey
                                      "--breakdown", "--dense", str(tiny_model_dir)])
     _script("heal_step").main()
     out = capsys.readouterr().out
-    for what in ("healing step", "dense targets of one step's windows"):
+    for what in ("healing, SDPA step", "healing step", "dense targets of one step's windows"):
         found = re.search(rf"^{what}: ([\d.]+) s profiled: matrix products ([\d.]+) s \(\d+%\), attention ([\d.]+) s "
                           rf"\(\d+%\), everything else ([\d.]+) s \(\d+%\)$", out, re.M)
         assert found, out
@@ -276,3 +284,22 @@ def test_heal_schedule_also_scores_the_held_out_part_of_the_calibration_text(tin
     assert healed == [(5, 5), (3, 3), (min(999, vocab),) * 2]
     held = calibration_split(str(tiny_text), AutoTokenizer.from_pretrained(tiny_model_dir))[1]
     torch.testing.assert_close(scored[1], held, rtol=0, atol=0)
+
+
+def test_attention_chunks_times_sdpa_beside_each_chunk_size_and_restores_the_default(monkeypatch, capsys):
+    import lowrank_infer.cpu_attention as cpu_attention
+
+    default = cpu_attention.CHUNK_ROWS
+    monkeypatch.setattr("sys.argv", ["attention_chunks.py", "--heads", "4", "--kv-heads", "2", "--head-dim", "8",
+                                     "--seq-len", "24", "--chunks", "8", "24", "--rounds", "2"])
+    _script("attention_chunks").main()
+    out = capsys.readouterr().out
+    rows = re.findall(r"^(SDPA|chunks of \d+): [\d.]+ ms forward and backward \(median of 2\), SDPA / this ([\d.]+)x$",
+                      out, re.M)
+    assert [name for name, _ in rows] == ["SDPA", "chunks of 8", "chunks of 24"]
+    assert float(rows[0][1]) == 1.0
+    assert cpu_attention.CHUNK_ROWS == default
+    monkeypatch.setattr("sys.argv", ["attention_chunks.py", "--heads", "5", "--kv-heads", "2"])
+    with pytest.raises(SystemExit):
+        _script("attention_chunks").main()
+    assert "--heads a multiple of --kv-heads" in capsys.readouterr().err
