@@ -56,8 +56,8 @@ class _CausalAttention(torch.autograd.Function):
         queries = (q * scale).reshape(batch * kv, groups, length, dim)
         keys, values = k.reshape(batch * kv, length, dim), v.reshape(batch * kv, length, dim)
         out = q.new_empty(batch * kv, groups, length, dim)
-        saved = []
-        for start, end in _chunks(length):
+        saved, ctx.chunks = [], _chunks(length)  # the backward pass walks the forward's chunks
+        for start, end in ctx.chunks:
             rows = queries[:, :, start:end].reshape(batch * kv, groups * (end - start), dim)
             scores = torch.bmm(rows, keys[:, :end].transpose(1, 2)).view(batch * kv, groups, end - start, end)
             scores[..., start:].masked_fill_(_upper(end - start), float("-inf"))
@@ -76,7 +76,7 @@ class _CausalAttention(torch.autograd.Function):
         grad_q = torch.empty_like(grad_out)
         grad_k = keys.new_zeros(batch * kv, length, dim, dtype=torch.float32)
         grad_v = torch.zeros_like(grad_k)
-        for (start, end), rows, probs in zip(_chunks(length), saved[::2], saved[1::2]):
+        for (start, end), rows, probs in zip(ctx.chunks, saved[::2], saved[1::2]):
             grad_rows = grad_out[:, :, start:end].reshape(batch * kv, groups * (end - start), dim)
             grad_v[:, :end] += torch.bmm(probs.transpose(1, 2), grad_rows)
             grad_probs = torch.bmm(grad_rows, values[:, :end].transpose(1, 2))
