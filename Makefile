@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   compress the packaged SmolLM2-135M at keep 0.8 (ARA ranks, calibration half
 #               WikiText, half the model's own samples; block refinement) and report perplexity before/after;
-#               HEAL=400 adds healing: the best setting (about 28 minutes on 2 cores)
+#               HEAL=400 adds healing: the best setting (21-23 minutes on 2 EPYC cores)
 #   make test   run the test suite
 # Both create ./.venv on first use (CPU torch unless TORCH_SPEC says otherwise).
 #   make test-vllm  the vLLM plugin's tests, in ./.venv-vllm (vLLM pins its own torch and
@@ -42,7 +42,7 @@ demo: install
 	$(BIN)/lowrank-infer compress --model smollm2-135m --keep $(KEEP) --method $(METHOD) \
 	    --calib-file $(DATA)/wikitext2/valid.tokens.txt --calib-generated $(GENERATED) --calib-samples 32 \
 	    $(if $(filter-out 0 0.0,$(GENERATED)),--calib-sample-len $(SAMPLE_LEN)) \
-	    --seq-len 512 --batch-size 32 --refine-steps $(REFINE) \
+	    --seq-len 512 --batch-size 128 --refine-steps $(REFINE) \
 	    $(if $(filter-out 0,$(HEAL)),--heal-steps $(HEAL) --heal-lr $(HEAL_LR)) --eval-file $(DATA)/wikitext2/test.raw.txt --eval-windows $(WINDOWS) \
 	    --out runs/smollm2-135m-$(METHOD)-keep$(KEEP) --overwrite
 

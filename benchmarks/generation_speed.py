@@ -1,7 +1,9 @@
 """Time the generated calibration windows: the project's sampler against ``model.generate`` with
-the same nucleus sampling (both seeded, one after the other in one process).
+the same nucleus sampling (both seeded, one after the other in one process), or, with
+``--batch-sizes``, the project's sampler at several batch sizes one after the other (what
+``compress --batch-size`` chooses for ``--calib-generated``).
 
-usage: python benchmarks/generation_speed.py [--samples 32] [--seq-len 512] [--batch-size 32]
+usage: python benchmarks/generation_speed.py [--samples 32] [--seq-len 512] [--batch-size 32 | --batch-sizes 32,128]
 """
 from __future__ import annotations
 
@@ -30,22 +32,29 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-sizes", type=lambda s: [int(b) for b in s.split(",")],
+                        help="comma-separated: time the project's sampler at each of these batch sizes instead")
     args = parser.parse_args()
     model, tokenizer, model_id = cli._load_for_analysis(cli.build_parser().parse_args(
         ["compress", "--model", "smollm2-135m", "--keep", "0.8", "--out", "unused"]))
     model.eval()
+    if args.batch_sizes:
+        runs = {f"generated_ids, batch {b}": (b, lambda b=b: generated_ids(model, tokenizer, args.samples, args.seq_len,
+                                                                          batch_size=b)) for b in args.batch_sizes}
+    else:
+        runs = {"lowrank_infer.data.generated_ids": (args.batch_size, lambda: generated_ids(
+                    model, tokenizer, args.samples, args.seq_len, batch_size=args.batch_size)),
+                "transformers generate": (args.batch_size, lambda: hf_generate(
+                    model, tokenizer, args.samples, args.seq_len, args.batch_size))}
     seconds = {}
-    for name, run in (("lowrank_infer.data.generated_ids", lambda: generated_ids(
-            model, tokenizer, args.samples, args.seq_len, batch_size=args.batch_size)),
-                      ("transformers generate", lambda: hf_generate(
-            model, tokenizer, args.samples, args.seq_len, args.batch_size))):
+    for name, (batch, run) in runs.items():
         began = time.perf_counter()
         with torch.no_grad():
             ids = run()
         seconds[name] = time.perf_counter() - began
         assert ids.shape == (args.samples, args.seq_len)
         print(f"{name}: {seconds[name]:.1f} s for {args.samples} x {args.seq_len} tokens "
-              f"(batch {args.batch_size}, {model_id}, {torch.get_num_threads()} threads)", flush=True)
+              f"(batch {batch}, {model_id}, {torch.get_num_threads()} threads)", flush=True)
     names = list(seconds)
     print(f"ratio {names[1]} / {names[0]}: {seconds[names[1]] / seconds[names[0]]:.2f}")
 

@@ -83,7 +83,9 @@ def _add_calibration_options(p: argparse.ArgumentParser) -> None:
         "Default: one sample per window")
     p.add_argument("--calib-samples", type=_positive_int, default=32, help="calibration windows (default 32)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="calibration windows per forward pass (default 8)")
+    p.add_argument("--batch-size", type=_positive_int, default=8,
+                   help="calibration windows per forward pass, and rows per sampling batch with --calib-generated "
+                   "(default 8; SmolLM2's 128 samples took 66 s on 2 cores in one batch of 128, 88 s in four of 32)")
     p.add_argument("--seed", type=int, default=0, help="seed for picking calibration windows")
 
 

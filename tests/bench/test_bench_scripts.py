@@ -1,6 +1,6 @@
 """The scripts in benchmarks/: plots from a kernel JSON (new and old names), the quality suite's commands,
 the GPU session script's guard, the loss anatomy's restored layers, the healing schedules' refusals and
-held-out score, the healing step timer's paths and the held-out perplexity."""
+held-out score, the healing step timer's paths, the held-out perplexity and the sampler's batch timer."""
 
 import importlib.util
 import json
@@ -303,3 +303,18 @@ def test_attention_chunks_times_sdpa_beside_each_chunk_size_and_restores_the_def
     with pytest.raises(SystemExit):
         _script("attention_chunks").main()
     assert "--heads a multiple of --kv-heads" in capsys.readouterr().err
+
+
+def test_generation_speed_times_the_sampler_at_each_batch_size(monkeypatch, capsys):
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    from lowrank_infer import cli
+
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    monkeypatch.setattr(cli, "_load_for_analysis", lambda args: (model, tokenizer, "tiny"))
+    monkeypatch.setattr("sys.argv", ["generation_speed.py", "--samples", "5", "--seq-len", "6", "--batch-sizes", "5,2"])
+    _script("generation_speed").main()
+    out = capsys.readouterr().out
+    batches = re.findall(r"^generated_ids, batch (\d+): [\d.]+ s for 5 x 6 tokens \(batch (\d+), tiny", out, re.M)
+    assert batches == [("5", "5"), ("2", "2")]
+    assert re.search(r"^ratio generated_ids, batch 2 / generated_ids, batch 5: [\d.]+$", out, re.M)

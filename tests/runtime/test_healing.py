@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowrank_infer import LowRankLinear, UniformConfig, compress
+from lowrank_infer import LowRankLinear, UniformConfig, compress, healing
 from lowrank_infer.data import clean_calibration_text, split_held_out
 from lowrank_infer.healing import HealConfig, _held_loss, check_heal_memory, heal, healing_bytes, teacher_targets
 
@@ -34,8 +34,11 @@ def _others(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if not n.endswith((".U", ".V"))}
 
 
-def test_teacher_targets_are_the_float64_top_k(dense_and_compressed):
+@pytest.mark.parametrize("chunk_rows", [None, 7])  # 7: chunks that cut windows of 24 positions anywhere
+def test_teacher_targets_are_the_float64_top_k(dense_and_compressed, monkeypatch, chunk_rows):
     dense, _ = dense_and_compressed
+    if chunk_rows:
+        monkeypatch.setattr(healing, "_TARGET_ROWS", chunk_rows)
     targets = teacher_targets(dense, TRAIN, top_k=5, batch_size=3)
     with torch.no_grad():
         logp = dense(TRAIN).logits.double().log_softmax(-1)
