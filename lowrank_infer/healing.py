@@ -162,15 +162,14 @@ def teacher_targets(model: nn.Module, ids: torch.Tensor, *, top_k: int = TOP_K, 
 
 # Positions whose float32 log-probabilities are formed at once (25 MiB for SmolLM2's vocabulary),
 # not a whole batch's (400 MiB for four 512-token windows). The ranking is taken on the logits as
-# they come and the normalizer in log_softmax's one fused pass: a top-k over a float32 copy and a
-# separate logsumexp took about half as long again on a CPU.
+# they come and the normalizer in log_softmax's one fused pass, rather than a top-k over a float32
+# copy and a separate logsumexp pass.
 _TARGET_ROWS = 128
 
 
 def _top_log_probs(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``top_k`` largest float32 log-probabilities of each row of ``logits`` and their tokens,
-    a chunk of rows at a time. The ranking is that of the logits themselves (in their own dtype,
-    which float32 represents exactly)."""
+    a chunk of rows at a time. The ranking is that of the logits themselves, in their own dtype."""
     values, tokens = [], []
     for start in range(0, logits.shape[0], _TARGET_ROWS):
         chunk = logits[start:start + _TARGET_ROWS]
