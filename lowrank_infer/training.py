@@ -48,6 +48,8 @@ class Schedule:
             (those below float32 train through float32 copies, see the module docstring).
         decay: lower the rate linearly over the run, step ``s`` of ``steps`` at
             ``lr·(steps − s + 1)/steps`` (off here, on for healing: :class:`~lowrank_infer.healing.HealConfig`).
+        warmup: steps over which the rate first rises linearly, step ``s`` at ``s/warmup`` of what
+            it would be (0: none); it multiplies ``decay``'s factor.
     """
 
     steps: int
@@ -57,6 +59,7 @@ class Schedule:
     patience: int = 3
     compute_dtype: str = "float32"
     decay: bool = False
+    warmup: int = 0
 
     what: ClassVar[str] = "training"  # names the settings in error messages
 
@@ -70,6 +73,13 @@ class Schedule:
         check_compute_dtype(self.compute_dtype)
         if not isinstance(self.decay, bool):
             raise ValueError(f"{self.what} decay must be True or False, got {self.decay!r}")
+        if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or not 0 <= self.warmup <= self.steps:
+            raise ValueError(f"{self.what} warmup must be an integer from 0 to steps ({self.steps}), got {self.warmup!r}")
+
+    def rate_factor(self, step: int) -> float:
+        """The share of ``lr`` that step ``step`` (from 1) takes: warmup's rise times decay's fall."""
+        rise = min(1.0, step / self.warmup) if self.warmup else 1.0
+        return rise * ((self.steps - step + 1) / self.steps if self.decay else 1.0)
 
 
 @dataclass(frozen=True)
@@ -126,9 +136,8 @@ def _train(params, original, train_loss, held_loss, schedule: Schedule, progress
         _checked(loss.item(), f"training loss at step {step}", what)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if schedule.decay:
-            for group, rate in zip(optimizer.param_groups, rates):
-                group["lr"] = rate * (steps - step + 1) / steps
+        for group, rate in zip(optimizer.param_groups, rates):
+            group["lr"] = rate * schedule.rate_factor(step)
         _step(optimizer, params, masters)
         bar.update()
         if step % schedule.eval_every and step != steps:

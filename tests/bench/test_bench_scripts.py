@@ -91,15 +91,15 @@ def test_quality_suite_stacks_variants_and_refuses_unknown_ones(tmp_path, capsys
                   "--work-dir", str(tmp_path), "--dry-run"])
     command = [line for line in capsys.readouterr().out.splitlines() if line.startswith("+ ")][0]
     assert command.endswith("--method drank --shrinkage 0.1 --sequential --refine-steps 32 --heal-steps 100")
-    quality.main(["--methods", "ara-mix-batch128-calib128-araseq512-arasamples64-arabatch2-araorders2-refine64-heal400-healbatch16-heallr30-healseq512-healtopk256", "--keeps", "0.8",
+    quality.main(["--methods", "ara-mix-batch128-calib128-araseq512-arasamples64-arabatch2-araorders2-refine64-heal400-healbatch16-heallr30-healseq512-healtopk256-healwarm100", "--keeps", "0.8",
                   "--text-file", "t.txt", "--no-dense", "--work-dir", str(tmp_path), "--plans", str(tmp_path),
                   "--dry-run"])
     command = [line for line in capsys.readouterr().out.splitlines() if line.startswith("+ ")][0]
     assert command.endswith("--method ara --calib-generated 0.5 --batch-size 32 --batch-size 128 --calib-samples 128 "
                             "--param seq_len=512 --param samples=64 --param batch_size=2 --param orders=2 --refine-steps 64 --heal-steps 400 --heal-batch 16 --heal-lr 30e-4 "
-                            "--heal-seq-len 512 --heal-top-k 256")
+                            "--heal-seq-len 512 --heal-top-k 256 --heal-warmup 100")
     known = ("plain, shrink, shrinkauto, seq, mix, short, kl, fp32, refine[N], heal[N], healbatch[N], heallr[N], "
-             "healseq[N], healtopk[N], calib[N], batch[N], arasteps[N], araseq[N], arasamples[N], arabatch[N], araorders[N], seed[N]")
+             "healseq[N], healtopk[N], healwarm[N], calib[N], batch[N], arasteps[N], araseq[N], arasamples[N], arabatch[N], araorders[N], seed[N]")
     with pytest.raises(SystemExit, match=re.escape(f"unknown variant 'fast' in 'ara-fast'; known: {known}")):
         quality.main(["--methods", "ara-fast", "--keeps", "0.8", "--text-file", "t.txt", "--no-dense",
                       "--work-dir", str(tmp_path), "--dry-run"])
@@ -152,6 +152,7 @@ def test_loss_anatomy_puts_back_exactly_the_dense_layers_of_the_named_types(tmp_
     (["ckpt", "--lrs", "1e-3,0", "--", "--model", "m", "--heal-steps", "4"], "--lrs must be positive"),
     (["ckpt", "--top-ks", "64,1.5", "--", "--model", "m", "--heal-steps", "4"], "--top-ks takes comma-separated"),
     (["ckpt", "--top-ks", "0", "--", "--model", "m", "--heal-steps", "4"], "--top-ks must be positive"),
+    (["ckpt", "--warmups", "0,-2", "--", "--model", "m", "--heal-steps", "4"], "--warmups must be non-negative"),
 ])
 def test_heal_schedule_refuses_bad_schedules_rates_and_runs_without_healing(monkeypatch, capsys, argv, message):
     monkeypatch.setattr("sys.argv", ["heal_schedule.py", *argv])
@@ -272,16 +273,17 @@ def test_heal_schedule_also_scores_the_held_out_part_of_the_calibration_text(tin
     monkeypatch.setattr(script, "perplexity", perplexity)
     healed = []
     monkeypatch.setattr(script, "heal", lambda model, train, held, config: healed.append(
-        (train.logp.shape[-1], held.index.shape[-1])) or HealReport(2, 0, 1.0, 1.0, 0.0))
+        (train.logp.shape[-1], held.index.shape[-1], config.warmup)) or HealReport(2, 0, 1.0, 1.0, 0.0))
     monkeypatch.setattr("sys.argv", ["heal_schedule.py", str(tiny_model_dir.parent / "ck"), "--schedules", "linear",
-                                     "--top-ks", "5,3,999",  # 999: more than the tiny vocabulary
+                                     "--top-ks", "5,3,999", "--warmups", "1",  # 999: more than the tiny vocabulary
                                      "--", "--model", str(tiny_model_dir), "--keep", "0.5", "--method", "uniform",
                                      "--seq-len", "16", "--heal-steps", "2", "--calib-file", str(tiny_text)])
     script.main()
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()[-3:]]
     assert [(row["top_k"], row["text"], row["held"]) for row in rows] == [(5, 1.0, 2.0), (3, 3.0, 4.0), (999, 5.0, 6.0)]
+    assert {row["warmup"] for row in rows} == {1}
     vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
-    assert healed == [(5, 5), (3, 3), (min(999, vocab),) * 2]
+    assert healed == [(5, 5, 1), (3, 3, 1), (min(999, vocab), min(999, vocab), 1)]
     held = calibration_split(str(tiny_text), AutoTokenizer.from_pretrained(tiny_model_dir))[1]
     torch.testing.assert_close(scored[1], held, rtol=0, atol=0)
 

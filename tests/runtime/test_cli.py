@@ -178,6 +178,18 @@ def test_heal_schedule_sets_whether_the_rate_falls_and_is_recorded(tiny_model_di
                                                                                                          "constant"]
 
 
+def test_heal_warmup_reaches_the_schedule_and_is_recorded(tiny_model_dir, tiny_text, tmp_path, monkeypatch):
+    import lowrank_infer.cli as cli_module
+    configs = []
+    real_heal = cli_module.heal
+    monkeypatch.setattr(cli_module, "heal", lambda model, train, held, config, **kw: configs.append(config) or
+                        real_heal(model, train, held, config, **kw))
+    assert main(list(map(str, _compress_args(tiny_model_dir, tiny_text, tmp_path / "a", "--keep", 0.5, "--heal-steps",
+                                             3, "--heal-warmup", 2, "--heal-seq-len", 32)))) == 0
+    assert [c.warmup for c in configs] == [2]
+    assert RankPlan.load(tmp_path / "a" / "rank_plan.json").params["heal"]["warmup"] == 2
+
+
 def test_healing_windows_are_as_long_as_the_calibration_windows_by_default(tiny_model_dir, tiny_text, tmp_path,
                                                                             monkeypatch):
     import lowrank_infer.cli as cli_module
@@ -276,6 +288,9 @@ def test_plan_refuses_the_stages_that_change_factors_only(cli, tiny_model_dir, t
     (("--heal-steps", -1), "--heal-steps must be >= 0"),
     (("--heal-steps", 2, "--weights-on-disk"), "--heal-steps trains the whole model"),
     (("--heal-steps", 2, "--heal-seq-len", 4000), "fewer than 8 windows of 4000 tokens (--heal-seq-len)"),
+    (("--heal-steps", 2, "--heal-warmup", 3), "--heal-warmup must be from 0 to --heal-steps (2), got 3"),
+    (("--heal-warmup", 1), "--heal-warmup must be from 0 to --heal-steps (0), got 1"),
+    (("--heal-steps", 2, "--heal-warmup", -1), "--heal-warmup must be from 0 to --heal-steps (2), got -1"),
 ])
 def test_bad_heal_settings(cli, tiny_model_dir, tiny_text, tmp_path, extra, words):
     _one_line_error(*cli(*_compress_args(tiny_model_dir, tiny_text, tmp_path / "ck", *extra)), words)

@@ -56,6 +56,29 @@ def test_decay_lowers_the_rate_linearly_to_one_step_of_it_at_the_end():
     assert moves == pytest.approx(expected, rel=1e-6)
 
 
+def test_warmup_raises_the_rate_linearly_and_multiplies_the_decay():
+    p = nn.Parameter(torch.full((4,), 2.0, dtype=torch.float64))
+    seen = []
+
+    def loss(step):
+        seen.append(p.detach().clone())
+        return p.sum()
+
+    steps, warmup, lr = 6, 3, 1e-2
+    train_early_stopped([p], loss, lambda: float(p.sum()),
+                        Schedule(steps=steps, lr=lr, eval_every=1, decay=True, warmup=warmup))
+    seen.append(p.detach().clone())
+    moves = [float((a - b).mean()) for a, b in zip(seen, seen[1:])]
+    expected = [lr * 2.0 * min(1, s / warmup) * (steps - s + 1) / steps for s in range(1, steps + 1)]
+    assert moves == pytest.approx(expected, rel=1e-5)  # the fused Adam rounds its step size
+
+
+@pytest.mark.parametrize("warmup", [-1, 4, 1.5, True])
+def test_warmup_must_be_a_step_count_within_the_run(warmup):
+    with pytest.raises(ValueError, match="warmup must be an integer from 0 to steps"):
+        Schedule(steps=3, warmup=warmup)
+
+
 def test_decay_must_be_a_bool():
     with pytest.raises(ValueError, match="decay must be True or False"):
         Schedule(steps=3, decay="linear")
