@@ -163,31 +163,22 @@ def test_heal_top_k_sets_the_dense_tokens_matched_and_is_recorded(tiny_model_dir
         cli_module.HEAL_TOP_K, 7]
 
 
-def test_heal_schedule_sets_whether_the_rate_falls_and_is_recorded(tiny_model_dir, tiny_text, tmp_path, monkeypatch):
+def test_heal_schedule_and_warmup_reach_the_schedule_and_are_recorded(tiny_model_dir, tiny_text, tmp_path,
+                                                                      monkeypatch):
     import lowrank_infer.cli as cli_module
     configs = []
     real_heal = cli_module.heal
     monkeypatch.setattr(cli_module, "heal", lambda model, train, held, config, **kw: configs.append(config) or
                         real_heal(model, train, held, config, **kw))
-    for schedule, out in ((None, tmp_path / "a"), ("constant", tmp_path / "b")):
-        extra = () if schedule is None else ("--heal-schedule", schedule)
-        assert main(list(map(str, _compress_args(tiny_model_dir, tiny_text, out, "--keep", 0.5, "--heal-steps", 2,
+    runs = ((), ("--heal-schedule", "constant", "--heal-warmup", 2))
+    for extra, out in zip(runs, (tmp_path / "a", tmp_path / "b")):
+        assert main(list(map(str, _compress_args(tiny_model_dir, tiny_text, out, "--keep", 0.5, "--heal-steps", 3,
                                                  "--heal-seq-len", 32, *extra)))) == 0
     assert [c.decay for c in configs] == [True, False]
-    assert [RankPlan.load(tmp_path / d / "rank_plan.json").params["heal"]["schedule"] for d in "ab"] == ["linear",
-                                                                                                         "constant"]
-
-
-def test_heal_warmup_reaches_the_schedule_and_is_recorded(tiny_model_dir, tiny_text, tmp_path, monkeypatch):
-    import lowrank_infer.cli as cli_module
-    configs = []
-    real_heal = cli_module.heal
-    monkeypatch.setattr(cli_module, "heal", lambda model, train, held, config, **kw: configs.append(config) or
-                        real_heal(model, train, held, config, **kw))
-    assert main(list(map(str, _compress_args(tiny_model_dir, tiny_text, tmp_path / "a", "--keep", 0.5, "--heal-steps",
-                                             3, "--heal-warmup", 2, "--heal-seq-len", 32)))) == 0
-    assert [c.warmup for c in configs] == [2]
-    assert RankPlan.load(tmp_path / "a" / "rank_plan.json").params["heal"]["warmup"] == 2
+    assert [c.warmup for c in configs] == [0, 2]
+    heal = [RankPlan.load(tmp_path / d / "rank_plan.json").params["heal"] for d in "ab"]
+    assert [h["schedule"] for h in heal] == ["linear", "constant"]
+    assert [h["warmup"] for h in heal] == [0, 2]
 
 
 def test_healing_windows_are_as_long_as_the_calibration_windows_by_default(tiny_model_dir, tiny_text, tmp_path,
