@@ -56,7 +56,7 @@ RANK_VARIANTS = {"mix", "short", "kl", "seed", "calib", "arasteps", "araseq", "a
 COUNTED = {"refine": ("--refine-steps", "{}", 32), "heal": ("--heal-steps", "{}", 100),
            "healbatch": ("--heal-batch", "{}", 2), "heallr": ("--heal-lr", "{}e-4", 10),  # heallr30: 3e-3
            "healseq": ("--heal-seq-len", "{}", 256), "healtopk": ("--heal-top-k", "{}", 256),
-           "healwarm": ("--heal-warmup", "{}", 0),
+           "healwarm": ("--heal-warmup", "{}", 0), "healwin": ("--heal-windows", "{}", 200),
            "calib": ("--calib-samples", "{}", 32),
            "batch": ("--batch-size", "{}", 8),
            "arasteps": ("--param", "steps={}", 100), "araseq": ("--param", "seq_len={}", 128),

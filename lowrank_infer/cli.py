@@ -202,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heal-batch", type=_positive_int, default=HEAL_BATCH,
                    help=f"healing windows per step (default {HEAL_BATCH}, sized for a CPU); a GPU trains on "
                    f"16 or more in about the time of {HEAL_BATCH}, so each step sees more text")
+    p.add_argument("--heal-windows", type=_positive_int, default=None, metavar="N",
+                   help=f"distinct healing windows whose dense targets are recorded; the steps cycle through them "
+                   f"(default: one per window trained on, --heal-steps x --heal-batch, at most {HEAL_MAX_WINDOWS}). "
+                   "Fewer windows save the targets' forward passes (0.5-0.7 s a 512-token window for SmolLM2 on 2 "
+                   "EPYC cores) but can overfit: in the best setting's 400 steps, 200 windows read twice matched 400 "
+                   "at one draw and at another stopped early on a rising held-out loss (37.07 against 36.02; "
+                   "benchmarks/results/quality_smollm2_findings.md)")
     p.set_defaults(run=cmd_compress)
 
     p = sub.add_parser("plan", help="compute a rank plan (JSON) without compressing", description="Run an allocation method and write its rank plan.")
@@ -375,7 +382,8 @@ def _select_ids(args, source: CalibSource | None, config, plan):
 # times over a 330-step run, SmolLM2's 16 taught less than fresh text, on the docstrings too
 # (quality_smollm2_v19_heal330_noreuse against v19_heal330). At most HEAL_MAX_WINDOWS distinct
 # training windows (their dense targets: --heal-top-k tokens' log-probabilities and ids per
-# position, 1 MiB a 512-token window at the default) are recorded; longer runs cycle.
+# position, 1 MiB a 512-token window at the default) are recorded, or --heal-windows of them;
+# longer runs cycle.
 HEAL_BATCH, HEAL_HELD_WINDOWS, HEAL_MAX_WINDOWS = 1, 8, 1024
 
 
@@ -388,8 +396,8 @@ def _heal_windows(args, source: CalibSource) -> tuple[torch.Tensor, torch.Tensor
     if real and source.text[1].numel() < real * seq_len:
         raise ValueError(f"healing holds out the last {HELD_OUT_FRACTION:.0%} of --calib-file ({source.text[1].numel():,} "
                          f"tokens), fewer than {real} windows of {seq_len} tokens (--heal-seq-len): pass a longer text")
-    train = source.windows(min(args.heal_steps * args.heal_batch, HEAL_MAX_WINDOWS), seq_len, "fit", seed_offset=1,
-                           what="healing", reuse_generated=False)
+    count = args.heal_windows or min(args.heal_steps * args.heal_batch, HEAL_MAX_WINDOWS)
+    train = source.windows(count, seq_len, "fit", seed_offset=1, what="healing", reuse_generated=False)
     return train, source.windows(HEAL_HELD_WINDOWS, seq_len, "held", seed_offset=2, what="healing")
 
 
@@ -493,7 +501,7 @@ def _compress(args, plan, device: str, config, ranks: Ranks) -> int:
         result.seconds["healing"] = healed.seconds
         result.plan.params["heal"] = {"steps": args.heal_steps, "batch": args.heal_batch, "relative_lr": args.heal_lr,
                                       "schedule": args.heal_schedule, "warmup": args.heal_warmup,
-                                      "top_k": args.heal_top_k,
+                                      "top_k": args.heal_top_k, "windows": len(targets[0].ids),
                                       "compute_dtype": config.compute_dtype,
                                       "steps_run": healed.steps_run,
                                       "best_step": healed.best_step, "held_kl_before": round(healed.held_before, 6),
@@ -575,6 +583,10 @@ def _check_resume(args) -> None:
     warmup = getattr(args, "heal_warmup", 0)
     if not 0 <= warmup <= heal_steps:
         raise ValueError(f"--heal-warmup must be from 0 to --heal-steps ({heal_steps}), got {warmup}")
+    windows, trained = getattr(args, "heal_windows", None), heal_steps * getattr(args, "heal_batch", 1)
+    if windows and windows > trained:
+        raise ValueError(f"--heal-windows {windows} is more than the {trained} windows healing trains on "
+                         "(--heal-steps x --heal-batch): lower it")
 
 
 def _load_for_analysis(args):

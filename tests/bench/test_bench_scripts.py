@@ -91,15 +91,15 @@ def test_quality_suite_stacks_variants_and_refuses_unknown_ones(tmp_path, capsys
                   "--work-dir", str(tmp_path), "--dry-run"])
     command = [line for line in capsys.readouterr().out.splitlines() if line.startswith("+ ")][0]
     assert command.endswith("--method drank --shrinkage 0.1 --sequential --refine-steps 32 --heal-steps 100")
-    quality.main(["--methods", "ara-mix-batch128-calib128-araseq512-arasamples64-arabatch2-araorders2-refine64-heal400-healbatch16-heallr30-healseq512-healtopk256-healwarm100", "--keeps", "0.8",
+    quality.main(["--methods", "ara-mix-batch128-calib128-araseq512-arasamples64-arabatch2-araorders2-refine64-heal400-healbatch16-heallr30-healseq512-healtopk256-healwarm100-healwin200", "--keeps", "0.8",
                   "--text-file", "t.txt", "--no-dense", "--work-dir", str(tmp_path), "--plans", str(tmp_path),
                   "--dry-run"])
     command = [line for line in capsys.readouterr().out.splitlines() if line.startswith("+ ")][0]
     assert command.endswith("--method ara --calib-generated 0.5 --batch-size 32 --batch-size 128 --calib-samples 128 "
                             "--param seq_len=512 --param samples=64 --param batch_size=2 --param orders=2 --refine-steps 64 --heal-steps 400 --heal-batch 16 --heal-lr 30e-4 "
-                            "--heal-seq-len 512 --heal-top-k 256 --heal-warmup 100")
+                            "--heal-seq-len 512 --heal-top-k 256 --heal-warmup 100 --heal-windows 200")
     known = ("plain, shrink, shrinkauto, seq, mix, short, kl, fp32, refine[N], heal[N], healbatch[N], heallr[N], "
-             "healseq[N], healtopk[N], healwarm[N], calib[N], batch[N], arasteps[N], araseq[N], arasamples[N], arabatch[N], araorders[N], seed[N]")
+             "healseq[N], healtopk[N], healwarm[N], healwin[N], calib[N], batch[N], arasteps[N], araseq[N], arasamples[N], arabatch[N], araorders[N], seed[N]")
     with pytest.raises(SystemExit, match=re.escape(f"unknown variant 'fast' in 'ara-fast'; known: {known}")):
         quality.main(["--methods", "ara-fast", "--keeps", "0.8", "--text-file", "t.txt", "--no-dense",
                       "--work-dir", str(tmp_path), "--dry-run"])

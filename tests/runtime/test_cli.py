@@ -193,6 +193,20 @@ def test_healing_windows_are_as_long_as_the_calibration_windows_by_default(tiny_
     assert shapes == [(2 * cli_module.HEAL_BATCH, 32), (cli_module.HEAL_HELD_WINDOWS, 32)]  # --seq-len 32
 
 
+def test_heal_windows_records_that_many_targets_and_is_recorded(tiny_model_dir, tiny_text, tmp_path, monkeypatch):
+    import lowrank_infer.cli as cli_module
+    calls = []
+    real_heal = cli_module.heal
+    monkeypatch.setattr(cli_module, "heal", lambda model, train, held, config, **kw: calls.append((train, config)) or
+                        real_heal(model, train, held, config, **kw))
+    assert main(list(map(str, _compress_args(tiny_model_dir, tiny_text, tmp_path / "ck", "--keep", 0.5,
+                                             "--heal-steps", 5, "--heal-windows", 2)))) == 0
+    [(train, config)] = calls
+    assert train.ids.shape == (2, 32) and len({tuple(w.tolist()) for w in train.ids}) == 2
+    assert config.steps == 5  # the steps cycle through the 2 windows (test_healing checks the order)
+    assert RankPlan.load(tmp_path / "ck" / "rank_plan.json").params["heal"]["windows"] == 2
+
+
 def test_healing_trains_on_each_generated_window_once_and_on_text_for_the_rest(tiny_model_dir, tiny_text, tmp_path,
                                                                               monkeypatch):
     """``--calib-generated 0.5 --calib-samples 4``: the model samples 2 fitting windows; 6 healing
@@ -282,9 +296,16 @@ def test_plan_refuses_the_stages_that_change_factors_only(cli, tiny_model_dir, t
     (("--heal-steps", 2, "--heal-warmup", 3), "--heal-warmup must be from 0 to --heal-steps (2), got 3"),
     (("--heal-warmup", 1), "--heal-warmup must be from 0 to --heal-steps (0), got 1"),
     (("--heal-steps", 2, "--heal-warmup", -1), "--heal-warmup must be from 0 to --heal-steps (2), got -1"),
+    (("--heal-steps", 2, "--heal-windows", 3), "--heal-windows 3 is more than the 2 windows healing trains on"),
 ])
 def test_bad_heal_settings(cli, tiny_model_dir, tiny_text, tmp_path, extra, words):
     _one_line_error(*cli(*_compress_args(tiny_model_dir, tiny_text, tmp_path / "ck", *extra)), words)
+
+
+def test_heal_windows_must_be_positive(capsys, tiny_model_dir, tiny_text, tmp_path):
+    _usage_error(capsys, _compress_args(tiny_model_dir, tiny_text, tmp_path / "ck", "--heal-steps", 2,
+                                        "--heal-windows", 0),
+                 "argument --heal-windows: invalid _positive_int value: '0'")
 
 
 def test_existing_output_needs_overwrite(cli, tiny_model_dir, tiny_text, tmp_path):

@@ -188,6 +188,22 @@ def test_a_worse_model_is_never_kept(dense_and_compressed, monkeypatch):
     assert all(torch.equal(p, factors[n]) for n, p in compressed.named_parameters() if n in factors)
 
 
+def test_a_run_longer_than_its_windows_cycles_through_them_in_order(dense_and_compressed, monkeypatch):
+    dense, compressed = dense_and_compressed
+    train, held = teacher_targets(dense, TRAIN[:3]), teacher_targets(dense, HELD)
+    trained = []
+    real_kl = healing._kl
+
+    def recording_kl(model, targets, device, head=None):
+        if torch.is_grad_enabled():  # a training step (held-out scores run without gradients)
+            trained.append([next(i for i, w in enumerate(TRAIN) if torch.equal(w, row)) for row in targets.ids])
+        return real_kl(model, targets, device, head)
+
+    monkeypatch.setattr(healing, "_kl", recording_kl)
+    heal(compressed, train, held, HealConfig(steps=7, lr=1e-3, batch_size=1, eval_every=7))
+    assert trained == [[0], [1], [2], [0], [1], [2], [0]]
+
+
 class _Poison(torch.optim.SGD):
     """An optimizer whose second step leaves a NaN in the factors (as a diverging run would)."""
 
