@@ -193,7 +193,8 @@ def test_healing_windows_are_as_long_as_the_calibration_windows_by_default(tiny_
     assert shapes == [(2 * cli_module.HEAL_BATCH, 32), (cli_module.HEAL_HELD_WINDOWS, 32)]  # --seq-len 32
 
 
-def test_heal_windows_records_that_many_targets_and_is_recorded(tiny_model_dir, tiny_text, tmp_path, monkeypatch):
+def test_heal_windows_sets_how_many_windows_get_targets_and_is_recorded(tiny_model_dir, tiny_text, tmp_path,
+                                                                        monkeypatch):
     import lowrank_infer.cli as cli_module
     calls = []
     real_heal = cli_module.heal
