@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heal-windows", type=_positive_int, default=None, metavar="N",
                    help=f"distinct healing windows whose dense targets are recorded; the steps cycle through them "
                    f"(default: one per window trained on, --heal-steps x --heal-batch, at most {HEAL_MAX_WINDOWS}). "
-                   "Fewer windows save the targets' forward passes (0.5-0.7 s a 512-token window for SmolLM2 on 2 "
+                   "Fewer windows save the targets' forward passes (0.5-0.75 s a 512-token window for SmolLM2 on 2 "
                    "EPYC cores) but can overfit: in the best setting's 400 steps, 200 windows read twice matched 400 "
                    "at one draw and at another stopped early on a rising held-out loss (37.07 against 36.02; "
                    "benchmarks/results/quality_smollm2_findings.md)")
