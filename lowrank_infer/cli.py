@@ -126,7 +126,8 @@ def _add_allocation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compute-dtype", choices=("auto", *COMPUTE_DTYPES), default="auto",
         help="dtype of the forward passes that record the dense model's healing targets and train (ARA, "
-        "--refine-steps, --heal-steps): bfloat16 runs them under autocast, 1.2-1.8x faster on hardware with "
+        "--refine-steps with the block streams it reads unless --sequential fits on them, --heal-steps): "
+        "bfloat16 runs them under autocast, 1.2-1.8x faster on hardware with "
         "native bfloat16 matmuls; calibration statistics, refits and factorizations stay float64, and the "
         "model samples its calibration windows in its own dtype, either way. auto (default): bfloat16 on a GPU "
         "that has it or a CPU with AVX512-BF16/AMX, else float32")

@@ -20,16 +20,19 @@ their weights here; block refinement, when asked for, trains them with the facto
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from lowrank_infer.allocation.plan import RankPlan
-from lowrank_infer.calibration import block_linears, block_stream, module_on, run_block
+from lowrank_infer.calibration import block_linears, block_stream, module_on, run_block, symmetric_gram
+from lowrank_infer.cpu_attention import steering_attention
 from lowrank_infer.factorize import whitened_svd
+from lowrank_infer.precision import autocast
 from lowrank_infer.refinement import BlockBatches, Factored, KeptDense, RefineConfig, refine_block
 from lowrank_infer.structure import replace_module, target_linears
 from lowrank_infer.training import EarlyStopped
@@ -124,6 +127,18 @@ def _dense_inputs(block: nn.Module, calls: list, hidden: list, linears: Mapping[
     return outputs, inputs
 
 
+@contextmanager
+def _stream_precision(block: nn.Module, refine: RefineConfig | None, initial) -> Iterator[None]:
+    """Both streams in refinement's compute dtype where they only steer it (the factors given, no
+    closed form fitted on them; :mod:`lowrank_infer.precision`), else in the model's own."""
+    if refine is None or initial is None:
+        yield
+        return
+    dtype = refine.compute_dtype
+    with autocast(dtype, next(block.parameters()).device), steering_attention(block, dtype):
+        yield
+
+
 def _refit_block(block, calls, dense_hidden, comp_hidden, planned, kept, plan, ridge, prefix_of, fit_batches, refine,
                  initial):
     """Refit every planned layer of one block, group by group, on the first ``fit_batches``
@@ -131,7 +146,8 @@ def _refit_block(block, calls, dense_hidden, comp_hidden, planned, kept, plan, r
     ``kept`` dense layers too) stopping on the rest; returns the factors, the refined dense
     weights, the refinement's report and both streams' outputs."""
     # Starting from given factors, no closed form needs the dense layers' inputs.
-    dense_out, dense_in = _dense_inputs(block, calls, dense_hidden, {} if initial is not None else planned)
+    with _stream_precision(block, refine, initial):
+        dense_out, dense_in = _dense_inputs(block, calls, dense_hidden, {} if initial is not None else planned)
     pending, factored, swapped, report = dict(planned), {}, {}, None
     try:
         if initial is not None:
@@ -145,7 +161,7 @@ def _refit_block(block, calls, dense_hidden, comp_hidden, planned, kept, plan, r
             def collect(batch, name, x):
                 xd = dense_in[name][batch].reshape(-1, x.shape[-1]).to(torch.float64)
                 xc = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-                stats["gram"] = stats.get("gram", 0) + xc.T @ xc
+                stats["gram"] = stats.get("gram", 0) + symmetric_gram(xc)
                 stats["cross"] = stats.get("cross", 0) + xd.T @ xc
 
             group = _GroupCapture(pending, collect).run(block, calls[:fit_batches], comp_hidden[:fit_batches])
@@ -164,7 +180,8 @@ def _refit_block(block, calls, dense_hidden, comp_hidden, planned, kept, plan, r
             fit = BlockBatches(calls[:fit_batches], comp_hidden[:fit_batches], dense_out[:fit_batches])
             held = BlockBatches(calls[fit_batches:], comp_hidden[fit_batches:], dense_out[fit_batches:])
             report = refine_block(block, factored, fit, held, refine)
-        comp_out = run_block(block, calls, comp_hidden)
+        with _stream_precision(block, refine, initial):
+            comp_out = run_block(block, calls, comp_hidden)
     finally:
         for name, linear in swapped.items():
             replace_module(block, name, linear)

@@ -1,6 +1,7 @@
 """The dtype of the forward passes that train or record training targets; statistics never change dtype.
 
-Recording the dense model's healing targets, ARA's mask training, block refinement and healing
+Recording the dense model's healing targets, ARA's mask training, block refinement (with the
+dense and compressed block streams it reads, where no closed form is fitted on them) and healing
 spend nearly all their time in matmuls whose results only steer (a gradient step, a held-out
 score). On hardware with native bfloat16 matmuls they run 1.2-1.8x faster under bfloat16
 autocast, and the dense model's own next-token distribution moves by a KL of under 0.001 nats

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lowrank_infer.calibration import calibrate
+from lowrank_infer.calibration import calibrate, symmetric_gram
 from lowrank_infer.structure import target_linears
 
 from tiny_models import ARCHS, tiny_model
@@ -32,6 +32,15 @@ def test_blockwise_statistics_equal_full_forward(arch):
     for name in want:
         assert got[name].dtype == torch.float64
         torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 7, 64])
+def test_symmetric_gram_equals_the_plain_product_and_is_exactly_symmetric(n):
+    x = torch.randn(50, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    got = symmetric_gram(x)
+    want = torch.einsum("ti,tj->ij", x, x)  # an independent reduction over the tokens
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(got, got.T)
 
 
 def test_shared_inputs_share_one_statistic():

@@ -185,3 +185,35 @@ def test_compress_puts_the_trained_dense_weights_in_the_model_and_counts_them():
     for name in KEPT:
         layer = model.get_submodule(name)
         assert type(layer) is torch.nn.Linear and torch.equal(layer.weight, reference.weights[name])
+
+
+def test_closed_form_statistics_stay_float32_whatever_refinements_dtype():
+    model = tiny_model("llama").eval()
+    ids, held = torch.randint(3, 128, (8, 16), generator=GEN), torch.randint(3, 128, (2, 16), generator=GEN)
+    plan = uniform_plan(target_shapes(model), 0.5)
+    closed = compensated_factors(model, plan, ids, batch_size=2, progress=False)
+    # A rate this small leaves every factor where the closed form put it, to float32 rounding.
+    refined = compensated_factors(model, plan, ids, held_ids=held, progress=False,
+                                  refine=RefineConfig(steps=2, lr=1e-12, compute_dtype="bfloat16"))
+    for name, (U, V) in closed.factors.items():  # block 1's closed form reads block 0's stream
+        torch.testing.assert_close(refined.factors[name][0] @ refined.factors[name][1].T, U @ V.T, rtol=1e-5, atol=1e-6)
+
+
+def test_streams_that_only_steer_refinement_run_in_its_compute_dtype():
+    from lowrank_infer.compensation import _stream_precision
+
+    model = tiny_model("llama").eval()
+    ids = torch.randint(3, 128, (4, 16), generator=GEN)
+    given = lambda name: None  # noqa: E731  (only whether factors are given matters here)
+    with torch.no_grad(), block_stream(model, ids, batch_size=2, device="cpu") as stream:
+        block, calls, hidden = stream.blocks[0], stream.calls[0], stream.hidden
+        outputs = {}
+        for what, refine, initial in (("float32", RefineConfig(steps=2, compute_dtype="bfloat16"), None),
+                                      ("no refinement", None, given),
+                                      ("bfloat16", RefineConfig(steps=2, compute_dtype="bfloat16"), given)):
+            with _stream_precision(block, refine, initial):
+                outputs[what] = torch.cat(run_block(block, calls, hidden))
+        reference = torch.cat(run_block(block, calls, hidden))
+    assert torch.equal(outputs["float32"], reference) and torch.equal(outputs["no refinement"], reference)
+    assert outputs["bfloat16"].dtype == torch.float32 and not torch.equal(outputs["bfloat16"], reference)
+    assert (outputs["bfloat16"] - reference).norm() / reference.norm() < 1e-2
