@@ -18,27 +18,16 @@ import time
 
 import torch
 
-import lowrank_infer.calibration as calibration
 from lowrank_infer.bench.output import environment
+from lowrank_infer.calibration import _GRAM_BANDS, symmetric_gram
 
 BANDS = (2, 4, 8)
 
 
-def _seconds(run, rounds: int) -> list[float]:
-    times = []
-    for _ in range(rounds):
-        began = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - began)
-    return times
-
-
-def _banded(x: torch.Tensor, bands: int) -> torch.Tensor:
-    default, calibration._GRAM_BANDS = calibration._GRAM_BANDS, bands
-    try:
-        return calibration.symmetric_gram(x)
-    finally:
-        calibration._GRAM_BANDS = default
+def _seconds(run) -> float:
+    began = time.perf_counter()
+    run()
+    return time.perf_counter() - began
 
 
 def main() -> None:
@@ -49,18 +38,18 @@ def main() -> None:
     args = parser.parse_args()
     print("command: python benchmarks/gram_speed.py " + shlex.join(sys.argv[1:]))
     print(f"machine: {environment(torch.device('cpu'))['device_label']}, {torch.get_num_threads()} threads; "
-          f"default bands: {calibration._GRAM_BANDS}")
+          f"default bands: {_GRAM_BANDS}")
     for n in args.features:
         x = torch.randn(args.tokens, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
         plain = x.T @ x
-        ways = {"plain": lambda: x.T @ x} | {f"{b} bands": (lambda b=b: _banded(x, b)) for b in BANDS}
+        ways = {"plain": lambda: x.T @ x} | {f"{b} bands": (lambda b=b: symmetric_gram(x, b)) for b in BANDS}
         times = {name: [] for name in ways}
         for _ in range(args.rounds + 1):  # the first round warms up
             for name, run in ways.items():
-                times[name] += _seconds(run, 1)
+                times[name].append(_seconds(run))
         median = {name: statistics.median(t[1:]) for name, t in times.items()}
         line = ", ".join(f"{name} {median[name]:.3f} s ({median['plain'] / median[name]:.2f}x)" for name in ways)
-        diff = max(float((_banded(x, b) - plain).abs().max() / plain.abs().max()) for b in BANDS)
+        diff = max(float((symmetric_gram(x, b) - plain).abs().max() / plain.abs().max()) for b in BANDS)
         print(f"[{args.tokens}, {n}] float64: {line}; largest difference from plain, relative: {diff:.1e}")
 
 

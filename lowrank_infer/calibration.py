@@ -32,11 +32,12 @@ __all__ = ["BlockStream", "block_grams", "block_linears", "block_stream", "calib
 _GRAM_BANDS = 4
 
 
-def symmetric_gram(x: torch.Tensor) -> torch.Tensor:
+def symmetric_gram(x: torch.Tensor, bands: int = _GRAM_BANDS) -> torch.Tensor:
     """``xᵀx`` of ``[tokens, n]`` ``x`` in its dtype, exactly symmetric: each entry is the same
-    dot product over the tokens as in ``x.T @ x``, computed once for both triangles."""
+    dot product over the tokens as in ``x.T @ x``, computed once for both triangles, ``bands``
+    row blocks at a time."""
     n = x.shape[-1]
-    edges = [n * i // _GRAM_BANDS for i in range(_GRAM_BANDS + 1)]
+    edges = [n * i // bands for i in range(bands + 1)]
     out = x.new_empty(n, n)
     for lo, hi in zip(edges, edges[1:]):
         if lo == hi:
