@@ -24,12 +24,6 @@ from lowrank_infer.calibration import _GRAM_BANDS, symmetric_gram
 BANDS = (2, 4, 8)
 
 
-def _seconds(run) -> float:
-    began = time.perf_counter()
-    run()
-    return time.perf_counter() - began
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=16384)
@@ -46,7 +40,9 @@ def main() -> None:
         times = {name: [] for name in ways}
         for _ in range(args.rounds + 1):  # the first round warms up
             for name, run in ways.items():
-                times[name].append(_seconds(run))
+                began = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - began)
         median = {name: statistics.median(t[1:]) for name, t in times.items()}
         line = ", ".join(f"{name} {median[name]:.3f} s ({median['plain'] / median[name]:.2f}x)" for name in ways)
         diff = max(float((symmetric_gram(x, b) - plain).abs().max() / plain.abs().max()) for b in BANDS)
